@@ -1,0 +1,15 @@
+//! Tandem's sans-IO core.
+//!
+//! Everything in this crate is pure: it never opens a file or socket, never
+//! reads a clock and never spawns a task. Callers feed it bytes (and, where a
+//! decision depends on time, `now`) and get back decoded values or bytes to
+//! write. That keeps the protocol and format logic deterministic, fuzzable and
+//! usable from the daemon, the simulator and the tests alike.
+//!
+//! * [`nbd`] — the NBD (network block device) protocol: handshake options,
+//!   transmission requests and replies, and request validation against an
+//!   export's limits.
+//! * [`superblock`] — the on-disk volume superblock and metadata layout.
+
+pub mod nbd;
+pub mod superblock;

@@ -1,0 +1,134 @@
+//! The admin API: JSON lines over a root-only unix socket.
+//!
+//! Request: one JSON object per line, e.g. `{"cmd":"status"}`.
+//! Response: one JSON object per line, `{"ok":true,...}` or
+//! `{"ok":false,"error":"..."}`. `tandemctl` is the client.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use crate::export::{ExportStatus, Exports};
+use crate::nbd::server::{bind_unix, Shutdown};
+
+/// An admin request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum AdminRequest {
+    /// Status of every export.
+    Status,
+}
+
+/// Daemon-wide status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// Daemon version.
+    pub version: String,
+    /// Listener addresses.
+    pub listeners: Vec<String>,
+    /// Exports.
+    pub exports: Vec<ExportStatus>,
+}
+
+/// An admin response.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdminResponse {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Error text when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Status, for `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+/// Binds the admin socket with mode 0600.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    let l = bind_unix(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("{}: chmod 0600", path.display()))?;
+    Ok(l)
+}
+
+/// Serves admin requests until `shutdown`.
+pub async fn serve(
+    listener: UnixListener,
+    exports: Arc<Exports>,
+    listeners: Vec<String>,
+    shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let exports = exports.clone();
+                    let listeners = listeners.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle(stream, &exports, &listeners).await {
+                            debug!("admin connection: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, exports: &Exports, listeners: &[String]) -> Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await? {
+        let resp = match serde_json::from_str::<AdminRequest>(&line) {
+            Ok(AdminRequest::Status) => AdminResponse {
+                ok: true,
+                error: None,
+                status: Some(Status {
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    listeners: listeners.to_vec(),
+                    exports: exports.iter().map(|e| e.status()).collect(),
+                }),
+            },
+            Err(e) => AdminResponse {
+                ok: false,
+                error: Some(format!("bad request: {e}")),
+                status: None,
+            },
+        };
+        let mut out = serde_json::to_vec(&resp)?;
+        out.push(b'\n');
+        w.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Client side: sends one request and returns the response.
+pub async fn call(path: &Path, req: &AdminRequest) -> Result<AdminResponse> {
+    let stream = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "connecting to the admin socket {} (is tandemd running? try --admin-socket)",
+            path.display()
+        )
+    })?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut lines = BufReader::new(r).lines();
+    let resp = lines
+        .next_line()
+        .await?
+        .context("tandemd closed the admin connection without answering")?;
+    serde_json::from_str(&resp).context("malformed admin response")
+}

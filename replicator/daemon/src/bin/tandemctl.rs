@@ -1,0 +1,215 @@
+//! `tandemctl`: create and inspect volumes, query a running tandemd.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tandem_core::superblock::{self, Superblock, SUPERBLOCK_SIZE};
+use tandem_daemon::admin::{self, AdminRequest};
+use tandem_daemon::config::DEFAULT_ADMIN_SOCKET;
+use tandem_daemon::storage::{sync::SyncEngine, Backing, BackingKind, DirectIo};
+
+/// Tandem control tool.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Format a backing file or block device as a new volume.
+    Create {
+        /// Backing path (a file is created or extended; a block device is used whole).
+        backing: PathBuf,
+        /// Data size (e.g. 10G). Default for a block device: all of it minus metadata.
+        #[arg(long, value_parser = tandem_daemon::parse_size)]
+        size: Option<u64>,
+        /// Volume name (at most 64 bytes).
+        #[arg(long)]
+        name: String,
+        /// Logical block size: 512 or 4096.
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+        /// Volume UUID (default: random). Replicas of one volume share it.
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Overwrite an existing Tandem volume.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a backing's superblock.
+    Inspect {
+        /// Backing path.
+        backing: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a running tandemd's exports and counters.
+    Status {
+        /// Admin socket of the daemon.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tandemctl: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(real_main(cli)) {
+        eprintln!("tandemctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Create {
+            backing,
+            size,
+            name,
+            block_size,
+            uuid,
+            force,
+        } => {
+            let uuid = match uuid {
+                Some(u) => superblock::parse_uuid(&u)
+                    .with_context(|| format!("--uuid {u:?} is not a UUID"))?,
+                None => *uuid::Uuid::new_v4().as_bytes(),
+            };
+            let is_blockdev = std::fs::metadata(&backing)
+                .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+                .unwrap_or(false);
+            let size = match (size, is_blockdev) {
+                (Some(s), _) => s,
+                (None, true) => {
+                    let b = Backing::open(&backing, DirectIo::Off, true, 512)?;
+                    let len = b.len();
+                    // Largest size whose metadata area still fits.
+                    let mut s = len.saturating_sub(superblock::metadata_area_size(len));
+                    s -= s % u64::from(block_size);
+                    s
+                }
+                (None, false) => bail!("--size is required for a file backing"),
+            };
+            let size = size.div_ceil(u64::from(block_size)) * u64::from(block_size);
+            let sb = Superblock::new(
+                uuid,
+                &name,
+                size,
+                block_size,
+                tandem_daemon::demo::unix_now(),
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", backing.display()))?;
+            if !is_blockdev {
+                Backing::create_file(&backing, sb.backing_len())?;
+            }
+            let b = Backing::open(&backing, DirectIo::Off, false, block_size)?;
+            if b.kind() == BackingKind::BlockDevice && b.len() < sb.backing_len() {
+                bail!(
+                    "{}: device has {} bytes, the volume needs {}",
+                    backing.display(),
+                    b.len(),
+                    sb.backing_len()
+                );
+            }
+            let engine = SyncEngine::new(b);
+            let sb = tandem_daemon::volume::create(&engine, &backing, sb, force).await?;
+            println!(
+                "created volume {:?} {} on {}: {} bytes, block size {}, data offset {}",
+                sb.name,
+                sb.uuid_string(),
+                backing.display(),
+                sb.size,
+                sb.block_size,
+                sb.data_offset
+            );
+        }
+        Cmd::Inspect { backing, json } => {
+            use std::io::Read;
+            let mut buf = vec![0u8; 2 * SUPERBLOCK_SIZE];
+            std::fs::File::open(&backing)
+                .and_then(|mut f| f.read_exact(&mut buf))
+                .with_context(|| format!("{}: reading superblocks", backing.display()))?;
+            let sel = superblock::select(&buf[..SUPERBLOCK_SIZE], &buf[SUPERBLOCK_SIZE..])
+                .map_err(|e| anyhow::anyhow!("{}: {e}", backing.display()))?;
+            let sb = &sel.superblock;
+            let other = sel.other_error.as_ref().map(|e| e.to_string());
+            if json {
+                let v = serde_json::json!({
+                    "name": sb.name, "uuid": sb.uuid_string(), "size": sb.size,
+                    "block_size": sb.block_size, "data_offset": sb.data_offset,
+                    "format_version": sb.format_version, "seq": sb.seq,
+                    "created_unix_secs": sb.created_unix_secs,
+                    "copy_in_use": if sel.index == 0 { "A" } else { "B" }, "other_copy_error": other,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("volume:        {}", sb.name);
+                println!("uuid:          {}", sb.uuid_string());
+                println!("size:          {} bytes ({} MiB)", sb.size, sb.size >> 20);
+                println!("block size:    {}", sb.block_size);
+                println!("data offset:   {}", sb.data_offset);
+                println!(
+                    "format:        version {}, sequence {}",
+                    sb.format_version, sb.seq
+                );
+                println!("copy in use:   {}", ["A", "B"][sel.index]);
+                println!("other copy:    {}", other.as_deref().unwrap_or("ok"));
+            }
+        }
+        Cmd::Status { admin_socket, json } => {
+            let resp = admin::call(&admin_socket, &AdminRequest::Status).await?;
+            if !resp.ok {
+                bail!("tandemd: {}", resp.error.unwrap_or_default());
+            }
+            let st = resp.status.context("tandemd sent no status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+                return Ok(());
+            }
+            println!(
+                "tandemd {}  listening on {}",
+                st.version,
+                st.listeners.join(", ")
+            );
+            for e in &st.exports {
+                println!(
+                    "{} role:Primary disk:UpToDate{}  size:{} MiB  engine:{}  backing:{}",
+                    e.name,
+                    if e.read_only { " read-only" } else { "" },
+                    e.size >> 20,
+                    e.engine,
+                    e.backing
+                );
+                println!(
+                    "  connections:{} reads:{} ({} MiB) writes:{} ({} MiB) flushes:{} discards:{} invalid:{} io-errors:{}",
+                    e.connections,
+                    e.reads,
+                    e.read_bytes >> 20,
+                    e.writes,
+                    e.write_bytes >> 20,
+                    e.flushes,
+                    e.discards,
+                    e.invalid,
+                    e.io_errors
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! `tandemd`: the Tandem daemon.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tandem_daemon::config::{Config, Overrides};
+use tandem_daemon::demo::DemoArgs;
+
+/// Tandem block replication daemon: serves volumes over NBD.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the configured exports until SIGINT/SIGTERM.
+    Run(Overrides),
+    /// Run the self-contained demo: create, serve, write, restart, verify.
+    Demo(DemoArgs),
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = real_main(cli) {
+        eprintln!("tandemd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("tandemd")
+        .build()?;
+    match cli.command {
+        Cmd::Run(o) => {
+            let config = Config::from_overrides(&o)?;
+            init_logging(&config.log.level);
+            rt.block_on(tandem_daemon::daemon::run(config))
+        }
+        Cmd::Demo(args) => {
+            init_logging("warn");
+            rt.block_on(tandem_daemon::demo::run(args))
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! `tandemd` configuration: a TOML file plus command-line overrides, validated
+//! once at start. Every error names the source (file or command line), the
+//! field and what is wrong.
+//!
+//! ```toml
+//! [nbd]
+//! unix = "/run/tandem/nbd.sock"      # at least one of unix / tcp
+//! tcp = "127.0.0.1:10809"
+//!
+//! [admin]
+//! socket = "/run/tandem/admin.sock"  # root-only unix socket for tandemctl
+//!
+//! [log]
+//! level = "info"                     # tracing filter, e.g. "info,tandem_daemon=debug"
+//!
+//! [[export]]
+//! name = "vm1"                       # NBD export name
+//! backing = "/var/lib/tandem/vm1.img"
+//! volume = "vm1"                     # optional: superblock name must match
+//! uuid = "…"                         # optional: superblock UUID must match
+//! engine = "uring"                   # uring (default) | sync | memory
+//! direct = "auto"                    # auto (default) | on | off: O_DIRECT
+//! read_only = false
+//! queue_depth = 256                  # io_uring entries
+//! ```
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::storage::DirectIo;
+
+/// Default admin socket path.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tandem/admin.sock";
+
+/// A configuration error: where, which field, what.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {field}: {message}")]
+pub struct ConfigError {
+    /// The file path or "command line".
+    pub source_name: String,
+    /// Dotted field path, e.g. `export[1].uuid`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Storage engine choice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// io_uring (default).
+    #[default]
+    Uring,
+    /// pread/pwrite on a thread pool.
+    Sync,
+    /// In memory; the backing file is read at start and never written (tests only).
+    Memory,
+}
+
+/// `[nbd]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    /// Unix socket to listen on.
+    pub unix: Option<PathBuf>,
+    /// TCP address to listen on.
+    pub tcp: Option<SocketAddr>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin unix socket (mode 0600).
+    #[serde(default = "default_admin_socket")]
+    pub socket: PathBuf,
+}
+
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_ADMIN_SOCKET)
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            socket: default_admin_socket(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter directive.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_level(),
+        }
+    }
+}
+
+/// One `[[export]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// NBD export name.
+    pub name: String,
+    /// Backing file or block device.
+    pub backing: PathBuf,
+    /// Expected volume name in the superblock.
+    pub volume: Option<String>,
+    /// Expected volume UUID in the superblock.
+    pub uuid: Option<String>,
+    /// Description for NBD_OPT_LIST.
+    #[serde(default)]
+    pub description: String,
+    /// Storage engine.
+    #[serde(default)]
+    pub engine: EngineKind,
+    /// O_DIRECT policy.
+    #[serde(default)]
+    pub direct: DirectIo,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// io_uring queue depth.
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: u32,
+}
+
+fn default_queue_depth() -> u32 {
+    256
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// NBD listeners.
+    #[serde(default)]
+    pub nbd: NbdConfig,
+    /// Admin API.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Exports.
+    #[serde(default, rename = "export")]
+    pub exports: Vec<ExportConfig>,
+}
+
+/// Command-line overrides (see `tandemd run --help`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Serve NBD on this unix socket (overrides [nbd].unix).
+    #[arg(long, value_name = "PATH")]
+    pub nbd_unix: Option<PathBuf>,
+    /// Serve NBD on this TCP address (overrides [nbd].tcp).
+    #[arg(long, value_name = "ADDR")]
+    pub nbd_tcp: Option<String>,
+    /// Admin socket path (overrides [admin].socket).
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Add an export: NAME=BACKING (repeatable).
+    #[arg(long = "export", value_name = "NAME=BACKING")]
+    pub exports: Vec<String>,
+    /// Storage engine for --export exports.
+    #[arg(long, value_enum, default_value_t = EngineKind::Uring)]
+    pub engine: EngineKind,
+    /// O_DIRECT for --export exports: auto, on or off.
+    #[arg(long, default_value = "auto")]
+    pub direct: String,
+    /// Log filter (overrides [log].level), e.g. "debug".
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+fn err(source: &str, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        source_name: source.to_string(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Parses TOML text; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "toml".into());
+            err(source, field, e.message().to_string())
+        })
+    }
+
+    /// Loads a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(&source, "file", format!("cannot read: {e}")))?;
+        Config::parse(&text, &source)
+    }
+
+    /// Builds the effective configuration from an optional file and flags, then validates it.
+    pub fn from_overrides(o: &Overrides) -> Result<Config, ConfigError> {
+        let mut c = match &o.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        let cli = "command line";
+        if let Some(u) = &o.nbd_unix {
+            c.nbd.unix = Some(u.clone());
+        }
+        if let Some(t) = &o.nbd_tcp {
+            let addr = t.parse().map_err(|e| {
+                err(
+                    cli,
+                    "--nbd-tcp",
+                    format!("{t:?} is not an address like 127.0.0.1:10809: {e}"),
+                )
+            })?;
+            c.nbd.tcp = Some(addr);
+        }
+        if let Some(a) = &o.admin_socket {
+            c.admin.socket = a.clone();
+        }
+        if let Some(l) = &o.log_level {
+            c.log.level = l.clone();
+        }
+        let direct = match o.direct.as_str() {
+            "auto" => DirectIo::Auto,
+            "on" => DirectIo::On,
+            "off" => DirectIo::Off,
+            other => {
+                return Err(err(
+                    cli,
+                    "--direct",
+                    format!("{other:?} is not auto, on or off"),
+                ))
+            }
+        };
+        for spec in &o.exports {
+            let Some((name, backing)) = spec.split_once('=') else {
+                return Err(err(
+                    cli,
+                    "--export",
+                    format!("{spec:?} is not NAME=BACKING"),
+                ));
+            };
+            c.exports.push(ExportConfig {
+                name: name.to_string(),
+                backing: PathBuf::from(backing),
+                volume: None,
+                uuid: None,
+                description: String::new(),
+                engine: o.engine,
+                direct,
+                read_only: false,
+                queue_depth: default_queue_depth(),
+            });
+        }
+        let source = o
+            .config
+            .as_ref()
+            .map_or_else(|| cli.to_string(), |p| p.display().to_string());
+        c.validate(&source)?;
+        Ok(c)
+    }
+
+    /// Checks cross-field rules.
+    pub fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        if self.nbd.unix.is_none() && self.nbd.tcp.is_none() {
+            return Err(err(
+                source,
+                "nbd",
+                "no listener: set nbd.unix and/or nbd.tcp (or --nbd-unix/--nbd-tcp)",
+            ));
+        }
+        if self.exports.is_empty() {
+            return Err(err(
+                source,
+                "export",
+                "no exports: add an [[export]] table (or --export NAME=BACKING)",
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(err(
+                source,
+                "log.level",
+                format!("{:?} is not a tracing filter: {e}", self.log.level),
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, e) in self.exports.iter().enumerate() {
+            let f = |field: &str| format!("export[{i}].{field}");
+            if e.name.is_empty() || e.name.len() > 4096 {
+                return Err(err(source, f("name"), "must be 1 to 4096 bytes"));
+            }
+            if !names.insert(e.name.as_str()) {
+                return Err(err(
+                    source,
+                    f("name"),
+                    format!("{:?} is used by another export", e.name),
+                ));
+            }
+            if e.backing.as_os_str().is_empty() {
+                return Err(err(source, f("backing"), "empty path"));
+            }
+            if let Some(u) = &e.uuid {
+                if tandem_core::superblock::parse_uuid(u).is_none() {
+                    return Err(err(source, f("uuid"), format!("{u:?} is not a UUID")));
+                }
+            }
+            if let Some(v) = &e.volume {
+                if v.len() > tandem_core::superblock::MAX_NAME_LEN {
+                    return Err(err(source, f("volume"), "longer than 64 bytes"));
+                }
+            }
+            if !(1..=4096).contains(&e.queue_depth) || !e.queue_depth.is_power_of_two() {
+                return Err(err(
+                    source,
+                    f("queue_depth"),
+                    format!("{} is not a power of two from 1 to 4096", e.queue_depth),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::parse(
+            r#"
+            [nbd]
+            unix = "/tmp/x.sock"
+            [[export]]
+            name = "a"
+            backing = "/tmp/a.img"
+            engine = "sync"
+            direct = "off"
+            uuid = "01234567-89ab-cdef-0123-456789abcdef"
+            "#,
+            "t.toml",
+        )
+        .unwrap();
+        c.validate("t.toml").unwrap();
+        assert_eq!(c.exports[0].engine, EngineKind::Sync);
+        assert_eq!(c.exports[0].direct, DirectIo::Off);
+        assert_eq!(c.admin.socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    }
+
+    #[test]
+    fn errors_name_file_field_and_problem() {
+        let e = Config::parse("[nbd]\nunix = 3\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("f.toml: line 2:"), "{e}");
+        let e = Config::parse("[nbd]\nbogus = 1\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let c = Config::parse(
+            "[nbd]\nunix='/s'\n[[export]]\nname='a'\nbacking='/a'\nuuid='nope'\n",
+            "f.toml",
+        )
+        .unwrap();
+        let e = c.validate("f.toml").unwrap_err().to_string();
+        assert_eq!(e, "f.toml: export[0].uuid: \"nope\" is not a UUID");
+        let c = Config::parse("[[export]]\nname='a'\nbacking='/a'\n", "f.toml").unwrap();
+        assert!(c
+            .validate("f.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("f.toml: nbd: no listener"));
+        let c = Config::parse(
+            "[nbd]\nunix='/s'\n[[export]]\nname='a'\nbacking='/a'\n[[export]]\nname='a'\nbacking='/b'\n",
+            "f.toml",
+        )
+        .unwrap();
+        assert!(c
+            .validate("f.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("export[1].name"));
+    }
+
+    #[test]
+    fn overrides_add_exports() {
+        let o = Overrides {
+            nbd_unix: Some("/s".into()),
+            exports: vec!["v=/tmp/v.img".into()],
+            direct: "off".into(),
+            ..Default::default()
+        };
+        let c = Config::from_overrides(&o).unwrap();
+        assert_eq!(c.exports[0].name, "v");
+        assert_eq!(c.exports[0].direct, DirectIo::Off);
+        let bad = Overrides {
+            exports: vec!["novalue".into()],
+            ..o
+        };
+        let e = Config::from_overrides(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("command line: --export:"), "{e}");
+    }
+}

@@ -1,0 +1,191 @@
+//! Running `tandemd`: open every export, listen, serve until a signal.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tandem_core::superblock::{self, SUPERBLOCK_SIZE};
+use tokio::net::TcpListener;
+use tracing::{error, info};
+
+use crate::config::{Config, EngineKind, ExportConfig};
+use crate::export::{Export, Exports};
+use crate::nbd::server::{self, Shutdown};
+use crate::storage::{
+    memory::MemoryEngine, sync::SyncEngine, uring::UringEngine, Backing, Engine, IoBuf,
+};
+use crate::volume::{Expect, Volume};
+
+/// Reads the block size from a backing's superblock with plain file I/O, so
+/// the engine can pick direct I/O knowing the smallest request it will see.
+/// Any problem yields 512 (the smallest); the volume open reports real errors.
+fn peek_block_size(path: &Path) -> u32 {
+    use std::io::Read;
+    let mut buf = vec![0u8; 2 * SUPERBLOCK_SIZE];
+    let ok = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .is_ok();
+    if !ok {
+        return 512;
+    }
+    superblock::select(&buf[..SUPERBLOCK_SIZE], &buf[SUPERBLOCK_SIZE..])
+        .map_or(512, |s| s.superblock.block_size)
+}
+
+/// Opens the storage engine for an export.
+pub async fn open_engine(e: &ExportConfig) -> Result<Arc<dyn Engine>> {
+    let path = &e.backing;
+    let min_align = peek_block_size(path);
+    Ok(match e.engine {
+        EngineKind::Uring => {
+            let b = Backing::open(path, e.direct, e.read_only, min_align)?;
+            Arc::new(UringEngine::new(b, e.queue_depth)?)
+        }
+        EngineKind::Sync => {
+            let b = Backing::open(path, e.direct, e.read_only, min_align)?;
+            Arc::new(SyncEngine::new(b))
+        }
+        EngineKind::Memory => {
+            let data = std::fs::read(path)
+                .with_context(|| format!("{}: reading into memory", path.display()))?;
+            let m = MemoryEngine::new(data.len() as u64);
+            let (_, res) = m.write(0, IoBuf::from_slice(&data), false).await;
+            res?;
+            Arc::new(m)
+        }
+    })
+}
+
+/// Opens one export's volume, checking its superblock against the config.
+pub async fn open_export(e: &ExportConfig) -> Result<Arc<Export>> {
+    let engine = open_engine(e).await?;
+    let expect = Expect {
+        name: e.volume.clone(),
+        uuid: e.uuid.as_deref().and_then(superblock::parse_uuid),
+    };
+    let volume = Volume::open(engine, &e.backing, &expect, e.read_only).await?;
+    let sb = volume.superblock();
+    info!(
+        export = %e.name, volume = %sb.name, uuid = %sb.uuid_string(), size = sb.size,
+        block_size = sb.block_size, engine = volume.engine().kind(),
+        alignment = volume.engine().alignment(), backing = %e.backing.display(),
+        "export ready"
+    );
+    Ok(Arc::new(Export::new(
+        e.name.clone(),
+        e.description.clone(),
+        Arc::new(volume),
+    )))
+}
+
+/// A running NBD + admin server (used by `tandemd run` and the demo).
+pub struct Running {
+    /// The exports.
+    pub exports: Arc<Exports>,
+    /// Cancels every listener and connection.
+    pub shutdown: Shutdown,
+    /// Listener descriptions.
+    pub listeners: Vec<String>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sockets: Vec<std::path::PathBuf>,
+}
+
+impl Running {
+    /// Stops listening, closes connections, flushes every volume, removes socket files.
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let mut failed = None;
+        for e in self.exports.iter() {
+            if let Err(err) = e.volume.flush().await {
+                error!(export = %e.name, error = %err, "final flush failed");
+                failed = Some(err);
+            }
+        }
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Opens every export and starts the listeners. `admin`: bind the admin socket.
+pub async fn start(config: &Config, admin: bool) -> Result<Running> {
+    let mut list = Vec::new();
+    for e in &config.exports {
+        list.push(
+            open_export(e)
+                .await
+                .with_context(|| format!("export {:?}", e.name))?,
+        );
+    }
+    let exports = Arc::new(Exports::new(list));
+    let shutdown = Shutdown::default();
+    let mut tasks = Vec::new();
+    let mut listeners = Vec::new();
+    let mut sockets = Vec::new();
+    if let Some(p) = &config.nbd.unix {
+        let l = server::bind_unix(p)?;
+        listeners.push(format!("nbd+unix:///?socket={}", p.display()));
+        sockets.push(p.clone());
+        tasks.push(tokio::spawn(server::serve_unix(
+            l,
+            exports.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if let Some(a) = config.nbd.tcp {
+        let l = TcpListener::bind(a)
+            .await
+            .with_context(|| format!("binding NBD TCP listener {a}"))?;
+        let local = l.local_addr()?;
+        listeners.push(format!("nbd://{local}/"));
+        tasks.push(tokio::spawn(server::serve_tcp(
+            l,
+            exports.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if admin {
+        let p = &config.admin.socket;
+        let l = crate::admin::bind(p)?;
+        sockets.push(p.clone());
+        tasks.push(tokio::spawn(crate::admin::serve(
+            l,
+            exports.clone(),
+            listeners.clone(),
+            shutdown.clone(),
+        )));
+    }
+    for l in &listeners {
+        info!(listener = %l, "serving NBD");
+    }
+    Ok(Running {
+        exports,
+        shutdown,
+        listeners,
+        tasks,
+        sockets,
+    })
+}
+
+/// `tandemd run`: serve until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let running = start(&config, true).await?;
+    info!(admin = %config.admin.socket.display(), "tandemd ready");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    running.stop().await?;
+    info!("stopped; all volumes flushed");
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Exports: volumes served over NBD, with their advertised limits and counters.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tandem_core::nbd::{tflag, BlockSizes, ExportCatalog, ExportInfo, ExportLimits};
+
+use crate::volume::Volume;
+
+/// Largest READ/WRITE payload advertised (NBD_INFO_BLOCK_SIZE maximum).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// Per-export counters (monotonic, except `connections`).
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Open connections in transmission.
+    pub connections: AtomicU64,
+    /// Completed reads.
+    pub reads: AtomicU64,
+    /// Completed writes.
+    pub writes: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Completed flushes.
+    pub flushes: AtomicU64,
+    /// Completed trims and write-zeroes.
+    pub discards: AtomicU64,
+    /// Requests refused as invalid (bad range, alignment, flags, command).
+    pub invalid: AtomicU64,
+    /// Requests failed by the storage.
+    pub io_errors: AtomicU64,
+}
+
+/// A snapshot of an export for `tandemctl status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ExportStatus {
+    /// Export name.
+    pub name: String,
+    /// Volume UUID.
+    pub uuid: String,
+    /// Backing path.
+    pub backing: String,
+    /// Storage engine kind.
+    pub engine: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Read-only export.
+    pub read_only: bool,
+    /// Open connections.
+    pub connections: u64,
+    /// Completed reads.
+    pub reads: u64,
+    /// Completed writes.
+    pub writes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Completed flushes.
+    pub flushes: u64,
+    /// Completed trims and write-zeroes.
+    pub discards: u64,
+    /// Invalid requests refused.
+    pub invalid: u64,
+    /// Storage errors.
+    pub io_errors: u64,
+}
+
+/// One exported volume.
+#[derive(Debug)]
+pub struct Export {
+    /// NBD export name.
+    pub name: String,
+    /// Description shown by `NBD_OPT_LIST`/`INFO`.
+    pub description: String,
+    /// The volume.
+    pub volume: Arc<Volume>,
+    /// Counters.
+    pub stats: ExportStats,
+}
+
+impl Export {
+    /// Wraps a volume.
+    pub fn new(name: String, description: String, volume: Arc<Volume>) -> Self {
+        Export {
+            name,
+            description,
+            volume,
+            stats: ExportStats::default(),
+        }
+    }
+
+    /// What the handshake advertises.
+    pub fn info(&self) -> ExportInfo {
+        let mut flags = tflag::HAS_FLAGS
+            | tflag::SEND_FLUSH
+            | tflag::SEND_FUA
+            | tflag::SEND_TRIM
+            | tflag::SEND_WRITE_ZEROES
+            | tflag::CAN_MULTI_CONN;
+        if self.volume.read_only() {
+            flags |= tflag::READ_ONLY;
+        }
+        let bs = self.volume.block_size();
+        ExportInfo {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            size: self.volume.size(),
+            flags,
+            block_sizes: BlockSizes {
+                minimum: bs,
+                preferred: bs.max(4096),
+                maximum: MAX_PAYLOAD,
+            },
+        }
+    }
+
+    /// What transmission enforces (matches [`Export::info`]).
+    pub fn limits(&self) -> ExportLimits {
+        ExportLimits {
+            size: self.volume.size(),
+            min_block: self.volume.block_size(),
+            max_payload: MAX_PAYLOAD,
+            read_only: self.volume.read_only(),
+        }
+    }
+
+    /// Snapshot for status.
+    pub fn status(&self) -> ExportStatus {
+        let s = &self.stats;
+        let sb = self.volume.superblock();
+        ExportStatus {
+            name: self.name.clone(),
+            uuid: sb.uuid_string(),
+            backing: self.volume.path().display().to_string(),
+            engine: self.volume.engine().kind().to_string(),
+            size: sb.size,
+            block_size: sb.block_size,
+            read_only: self.volume.read_only(),
+            connections: s.connections.load(Relaxed),
+            reads: s.reads.load(Relaxed),
+            writes: s.writes.load(Relaxed),
+            read_bytes: s.read_bytes.load(Relaxed),
+            write_bytes: s.write_bytes.load(Relaxed),
+            flushes: s.flushes.load(Relaxed),
+            discards: s.discards.load(Relaxed),
+            invalid: s.invalid.load(Relaxed),
+            io_errors: s.io_errors.load(Relaxed),
+        }
+    }
+}
+
+/// All exports of a daemon. The first is the default (selected by the empty name).
+#[derive(Debug, Default)]
+pub struct Exports {
+    list: Vec<Arc<Export>>,
+}
+
+impl Exports {
+    /// Builds the set; names must be unique (checked by config validation).
+    pub fn new(list: Vec<Arc<Export>>) -> Self {
+        Exports { list }
+    }
+
+    /// Finds an export by name; "" is the default export.
+    pub fn get(&self, name: &str) -> Option<&Arc<Export>> {
+        if name.is_empty() {
+            return self.list.first();
+        }
+        self.list.iter().find(|e| e.name == name)
+    }
+
+    /// All exports.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.list.iter()
+    }
+}
+
+impl ExportCatalog for Exports {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.get(name).map(|e| e.info())
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.list
+            .iter()
+            .map(|e| (e.name.clone(), e.description.clone()))
+            .collect()
+    }
+}

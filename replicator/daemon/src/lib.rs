@@ -1,0 +1,57 @@
+//! `tandem-daemon`: everything in Tandem that does I/O.
+//!
+//! * [`storage`] — engines over a backing file or block device (io_uring,
+//!   sync, memory).
+//! * [`volume`] — superblock checks and the data area of a backing.
+//! * [`nbd`] — the NBD server (and a small client for the demo and tests).
+//! * [`export`], [`config`], [`admin`], [`daemon`] — what `tandemd` runs.
+//! * [`demo`] — the README's one-command demo.
+
+pub mod admin;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod export;
+pub mod nbd;
+pub mod storage;
+pub mod volume;
+
+/// Parses sizes like `256M`, `1G`, `4096`, `1.5T` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 256M or 1G"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("256M"), Ok(256 << 20));
+        assert_eq!(super::parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert!(super::parse_size("12Q").is_err());
+        assert!(super::parse_size("-1G").is_err());
+    }
+}
