@@ -156,6 +156,12 @@ struct Measurement {
 }
 
 impl Measurement {
+    /// p50 latency of one operation as the application sees it: the write's
+    /// completion latency plus, for the fsync workload, the fsync's p50.
+    fn op_p50_us(&self) -> f64 {
+        self.p50_us + self.sync_p50_us.unwrap_or(0.0)
+    }
+
     fn to_json(&self) -> Value {
         json!({
             "iops": self.iops,
@@ -557,18 +563,21 @@ impl Bench {
                     .arg("--export")
                     .arg(format!("{EXPORT_NAME}={}", self.file.display()))
                     .arg("--nbd-unix")
-                    .arg(&sock);
+                    .arg(&sock)
+                    // Keep the admin socket in the work dir: the default
+                    // (/run/tandem/admin.sock) may belong to a real daemon.
+                    .arg("--admin-socket")
+                    .arg(self.work.join("tandem-admin.sock"));
                 Some(c)
             }
         }
     }
 
     /// Starts an NBD server and waits until `nbdinfo` sees the export with the right size.
-    fn start_server(&self, target: Target, cmd: Command) -> Result<Proc> {
+    fn start_server(&self, target: Target, cmd: Command, log: &Path) -> Result<Proc> {
         let sock = self.socket(target);
         let _ = fs::remove_file(&sock);
-        let log = self.work.join(format!("{}.log", target.name()));
-        let mut server = Proc::spawn(cmd, target.name(), &log)?;
+        let mut server = Proc::spawn(cmd, target.name(), log)?;
         let uri = self.uri(target);
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut last_err = String::from("socket never appeared");
@@ -579,7 +588,7 @@ impl Bench {
                     "{} exited during startup ({st}); log {}:\n{}",
                     target.name(),
                     log.display(),
-                    tail(&log, 20)
+                    tail(log, 20)
                 );
             }
             if sock.exists() {
@@ -604,7 +613,7 @@ impl Bench {
                     "{} not ready after 20 s ({last_err}); log {}:\n{}",
                     target.name(),
                     log.display(),
-                    tail(&log, 20)
+                    tail(log, 20)
                 );
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -656,6 +665,7 @@ impl Bench {
         let base = format!("{}-{}-r{}", w.name, target.name(), round + 1);
         let json_out = self.work.join(format!("{base}.json"));
         let log = self.work.join(format!("{base}.fio.log"));
+        let server_log = self.work.join(format!("{base}.server.log"));
         let mut fio = self.fio_command(target, w);
         fio.arg(format!("--output={}", json_out.display()));
         if round == 0 {
@@ -663,7 +673,7 @@ impl Bench {
         }
 
         let server = match server_cmd {
-            Some(c) => Some(self.start_server(target, c)?),
+            Some(c) => Some(self.start_server(target, c, &server_log)?),
             None => None,
         };
         let result = run_fio(fio, &json_out, &log, self.job_timeout());
@@ -674,7 +684,7 @@ impl Bench {
                 eprintln!(
                     "warning: {} exited with {st} after the job; log {}",
                     target.name(),
-                    self.work.join(format!("{}.log", target.name())).display()
+                    server_log.display()
                 );
             }
         }
@@ -903,7 +913,7 @@ fn real_main() -> Result<()> {
 
     let workloads: Vec<&Workload> = WORKLOADS
         .iter()
-        .filter(|w| args.only.as_deref().map_or(true, |s| w.name.contains(s)))
+        .filter(|w| args.only.as_deref().is_none_or(|s| w.name.contains(s)))
         .collect();
     if workloads.is_empty() {
         let names: Vec<_> = WORKLOADS.iter().map(|w| w.name).collect();
@@ -1118,9 +1128,12 @@ fn real_main() -> Result<()> {
         for (a, b) in pairs {
             if let (Some(ma), Some(mb)) = (get(a), get(b)) {
                 let iops = ma.iops / mb.iops;
-                let p50 = ma.p50_us / mb.p50_us;
+                // With fsync=1 the write's own clat hides the cost (the
+                // fsync is a separate op): compare write + fsync p50 instead.
+                let p50 = ma.op_p50_us() / mb.op_p50_us();
+                let label = if w.fsync { "p50 write+fsync" } else { "p50" };
                 parts.push(format!(
-                    "{}/{}: IOPS {:.2}x, p50 {:.2}x",
+                    "{}/{}: IOPS {:.2}x, {label} {:.2}x",
                     a.name(),
                     b.name(),
                     iops,
@@ -1131,6 +1144,7 @@ fn real_main() -> Result<()> {
                     "ratio": format!("{}/{}", a.name(), b.name()),
                     "iops": iops,
                     "p50": p50,
+                    "p50_basis": if w.fsync { "write clat p50 + fsync p50" } else { "clat p50" },
                 }));
             }
         }

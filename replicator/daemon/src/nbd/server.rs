@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::export::{Export, Exports};
-use crate::storage::{IoBuf, IoError};
+use crate::storage::{IoBuf, IoError, IoResult};
 
 /// Bytes of request payload (and read buffers) one connection may have in
 /// flight; further requests wait. Bounds memory per client.
@@ -357,7 +357,7 @@ where
             break Ok(());
         };
         let payload = if req.command == Command::Write {
-            let mut buf = IoBuf::zeroed(req.length as usize);
+            let mut buf = IoBuf::pooled(req.length as usize);
             if let Err(e) = reader.read_exact(&mut buf).await {
                 break Err(truncated("write payload", e));
             }
@@ -412,8 +412,12 @@ async fn execute(export: &Export, req: Request, payload: Option<IoBuf>) -> Reply
     let result = match req.command {
         Command::Read => {
             let (buf, res) = vol
-                .read(req.offset, IoBuf::zeroed(req.length as usize))
+                .read(req.offset, IoBuf::pooled(req.length as usize))
                 .await;
+            if res.is_err() {
+                buf.recycle();
+                return reply_for(export, &req, res.map(|()| None));
+            }
             res.map(|()| {
                 stats.reads.fetch_add(1, Relaxed);
                 stats.read_bytes.fetch_add(len, Relaxed);
@@ -422,7 +426,8 @@ async fn execute(export: &Export, req: Request, payload: Option<IoBuf>) -> Reply
         }
         Command::Write => match payload {
             Some(buf) => {
-                let (_, res) = vol.write(req.offset, buf, req.fua()).await;
+                let (buf, res) = vol.write(req.offset, buf, req.fua()).await;
+                buf.recycle();
                 res.map(|()| {
                     stats.writes.fetch_add(1, Relaxed);
                     stats.write_bytes.fetch_add(len, Relaxed);
@@ -451,10 +456,14 @@ async fn execute(export: &Export, req: Request, payload: Option<IoBuf>) -> Reply
         // Validation refuses everything else before execution.
         _ => Ok(None),
     };
+    reply_for(export, &req, result)
+}
+
+fn reply_for(export: &Export, req: &Request, result: IoResult<Option<IoBuf>>) -> Reply {
     Reply {
         cookie: req.cookie,
         offset: req.offset,
-        result: result.map_err(|e| storage_error(export, &req, &e)),
+        result: result.map_err(|e| storage_error(export, req, &e)),
         is_read: req.command == Command::Read,
     }
 }
@@ -471,7 +480,7 @@ where
     while let Some(mut reply) = rx.recv().await {
         loop {
             head.clear();
-            match &reply.result {
+            match reply.result {
                 Ok(data) => {
                     if reply.is_read && structured {
                         let n = data.as_ref().map_or(0, |d| d.len()) as u32;
@@ -481,14 +490,15 @@ where
                     }
                     w.write_all(&head).await?;
                     if let Some(d) = data {
-                        w.write_all(d).await?;
+                        w.write_all(&d).await?;
+                        d.recycle();
                     }
                 }
                 Err((err, msg)) => {
                     if reply.is_read && structured {
-                        encode_structured_error(&mut head, reply.cookie, *err, msg);
+                        encode_structured_error(&mut head, reply.cookie, err, &msg);
                     } else {
-                        encode_simple_reply(&mut head, reply.cookie, Some(*err));
+                        encode_simple_reply(&mut head, reply.cookie, Some(err));
                     }
                     w.write_all(&head).await?;
                 }

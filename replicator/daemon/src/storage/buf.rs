@@ -104,6 +104,56 @@ impl Drop for IoBuf {
     }
 }
 
+/// Smallest and largest pooled capacities (powers of two).
+const POOL_MIN_SHIFT: u32 = 12;
+const POOL_MAX_SHIFT: u32 = 25;
+const POOL_CLASSES: usize = (POOL_MAX_SHIFT - POOL_MIN_SHIFT + 1) as usize;
+/// Bytes each size class may keep for reuse.
+const POOL_CLASS_BYTES: usize = 32 << 20;
+
+/// Free lists of buffers by power-of-two capacity, so the data path does not
+/// allocate (and page-fault, and zero) a fresh buffer for every request.
+static POOL: [std::sync::Mutex<Vec<IoBuf>>; POOL_CLASSES] =
+    [const { std::sync::Mutex::new(Vec::new()) }; POOL_CLASSES];
+
+fn pool_class(cap: usize) -> Option<usize> {
+    let shift = cap.trailing_zeros();
+    (cap.is_power_of_two() && (POOL_MIN_SHIFT..=POOL_MAX_SHIFT).contains(&shift))
+        .then(|| (shift - POOL_MIN_SHIFT) as usize)
+}
+
+impl IoBuf {
+    /// A buffer of `len` bytes from the pool (or newly allocated). Its
+    /// contents are unspecified — zeroes or bytes of an earlier request — so
+    /// callers must overwrite all of it (a full read or a full payload)
+    /// before exposing it. Give it back with [`IoBuf::recycle`].
+    pub fn pooled(len: usize) -> IoBuf {
+        let cap = len.max(1 << POOL_MIN_SHIFT).next_power_of_two();
+        if let Some(class) = pool_class(cap) {
+            let reused = POOL[class].lock().unwrap_or_else(|e| e.into_inner()).pop();
+            if let Some(mut b) = reused {
+                b.set_len(len);
+                return b;
+            }
+            let mut b = IoBuf::zeroed(cap);
+            b.set_len(len);
+            return b;
+        }
+        IoBuf::zeroed(len)
+    }
+
+    /// Returns a buffer to the pool (or frees it when its class is full).
+    pub fn recycle(self) {
+        if let Some(class) = pool_class(self.cap) {
+            let keep = (POOL_CLASS_BYTES / self.cap).clamp(2, 256);
+            let mut list = POOL[class].lock().unwrap_or_else(|e| e.into_inner());
+            if list.len() < keep {
+                list.push(self);
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "IoBuf(len={}, cap={})", self.len, self.cap)
@@ -125,5 +175,24 @@ mod tests {
         }
         let b = IoBuf::from_slice(b"abc");
         assert_eq!(&b[..], b"abc");
+    }
+
+    #[test]
+    fn pool_reuses_by_class() {
+        let mut b = IoBuf::pooled(5000);
+        assert_eq!((b.len(), b.capacity()), (5000, 8192));
+        b[0] = 42;
+        let ptr = b.as_ptr();
+        b.recycle();
+        let again = IoBuf::pooled(8000);
+        assert_eq!(again.len(), 8000);
+        assert_eq!(again.as_ptr() as usize % IOBUF_ALIGN, 0);
+        // Another test may have taken it meanwhile; when reused, it is the same allocation.
+        if again.as_ptr() == ptr {
+            assert_eq!(again.capacity(), 8192);
+        }
+        let big = IoBuf::pooled(64 << 20);
+        assert_eq!(big.len(), 64 << 20);
+        big.recycle();
     }
 }
