@@ -3,9 +3,17 @@
 //! protocol client. Build the binaries first:
 //! `cargo build --release --workspace && cargo test --release -p tandem-tests -- --test-threads=1`.
 
+#[path = "nbd_e2e/bad_input.rs"]
 mod bad_input;
+#[path = "nbd_e2e/config_refusal.rs"]
 mod config_refusal;
+#[path = "nbd_e2e/filesystem.rs"]
 mod filesystem;
+#[path = "nbd_e2e/fio_verify.rs"]
 mod fio_verify;
+#[path = "nbd_e2e/interop.rs"]
 mod interop;
+#[path = "nbd_e2e/lifecycle.rs"]
+mod lifecycle;
+#[path = "nbd_e2e/multi_conn.rs"]
 mod multi_conn;

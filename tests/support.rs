@@ -34,7 +34,9 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// `target/<profile>/` of the running test executable.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("test executable has a parent directory");
+    let deps = exe
+        .parent()
+        .expect("test executable has a parent directory");
     // target/<profile>/deps/<test>-<hash> → target/<profile>
     if deps.file_name().is_some_and(|n| n == "deps") {
         deps.parent().expect("deps has a parent").to_path_buf()
@@ -98,7 +100,10 @@ fn on_path(tool: &str) -> bool {
 /// `skipping: <tool> not installed (apt-get install <pkg>)` and returns false
 /// (a failure under `TANDEM_REQUIRE_ALL=1`).
 pub fn require(tool: &str, apt_package: &str) -> bool {
-    on_path(tool) || skip(&format!("{tool} not installed (apt-get install {apt_package})"))
+    on_path(tool)
+        || skip(&format!(
+            "{tool} not installed (apt-get install {apt_package})"
+        ))
 }
 
 /// True when every `(tool, package)` is installed (reports the first missing one).
@@ -120,7 +125,11 @@ pub fn require_loop() -> bool {
     if unsafe { libc::geteuid() } != 0 {
         return skip("loop devices and mount need root");
     }
-    match OpenOptions::new().read(true).write(true).open("/dev/loop-control") {
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+    {
         Ok(_) => true,
         Err(e) => skip(&format!("loop devices unavailable: /dev/loop-control: {e}")),
     }
@@ -298,7 +307,12 @@ pub fn create_volume(path: &Path, name: &str, size: u64, extra: &[&str]) {
 
 /// `tandemctl inspect PATH --json`.
 pub fn inspect(path: &Path) -> Json {
-    let out = run_ok(Command::new(tandemctl()).arg("inspect").arg(path).arg("--json"));
+    let out = run_ok(
+        Command::new(tandemctl())
+            .arg("inspect")
+            .arg(path)
+            .arg("--json"),
+    );
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("tandemctl inspect --json: {e}\n{out}"))
 }
 
@@ -473,7 +487,10 @@ impl Daemon {
 
     /// `nbd://127.0.0.1:PORT/EXPORT` (requires [`DaemonBuilder::tcp`]).
     pub fn tcp_uri(&self, export: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{export}", self.tcp_port.expect("daemon built without .tcp()"))
+        format!(
+            "nbd://127.0.0.1:{}/{export}",
+            self.tcp_port.expect("daemon built without .tcp()")
+        )
     }
 
     /// The TCP port, if any.
@@ -546,9 +563,18 @@ impl Daemon {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(st) = self.child.as_mut().expect("child").try_wait().expect("try_wait") {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .expect("child")
+                .try_wait()
+                .expect("try_wait")
+            {
                 self.child = None;
-                panic!("tandemd exited during start-up with {st}; log:\n{}", self.log());
+                panic!(
+                    "tandemd exited during start-up with {st}; log:\n{}",
+                    self.log()
+                );
             }
             let nbd_ok = UnixStream::connect(&self.nbd_socket).is_ok();
             let admin_ok = UnixStream::connect(&self.admin_socket).is_ok();
@@ -611,7 +637,10 @@ impl Daemon {
             None => {
                 let _ = c.kill();
                 let _ = c.wait();
-                panic!("tandemd did not exit within 30 s of SIGTERM; log:\n{}", self.log());
+                panic!(
+                    "tandemd did not exit within 30 s of SIGTERM; log:\n{}",
+                    self.log()
+                );
             }
         }
     }
@@ -716,8 +745,12 @@ pub fn tandemd_must_refuse(args: &[&str]) -> String {
     let out = child.wait_with_output().expect("wait");
     let stderr = strip_ansi(&String::from_utf8_lossy(&out.stderr));
     match st {
-        None => panic!("tandemd {args:?} kept running instead of refusing to start; stderr:\n{stderr}"),
-        Some(s) if s.success() => panic!("tandemd {args:?} exited 0 instead of refusing; stderr:\n{stderr}"),
+        None => {
+            panic!("tandemd {args:?} kept running instead of refusing to start; stderr:\n{stderr}")
+        }
+        Some(s) if s.success() => {
+            panic!("tandemd {args:?} exited 0 instead of refusing; stderr:\n{stderr}")
+        }
         Some(_) => stderr,
     }
 }
@@ -758,14 +791,19 @@ pub struct RawConn {
 impl RawConn {
     /// Connects and reads/checks the 18-byte newstyle greeting.
     pub fn connect(path: &Path) -> RawConn {
-        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let s =
+            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         let mut c = RawConn { s, cookie: 100 };
         let g = c.read_n(GREETING_LEN);
         assert_eq!(&g[..8], &nbd::NBDMAGIC.to_be_bytes(), "greeting magic");
         assert_eq!(&g[8..16], &nbd::IHAVEOPT.to_be_bytes(), "greeting IHAVEOPT");
         let hflags = u16::from_be_bytes([g[16], g[17]]);
-        assert!(hflags & nbd::FLAG_FIXED_NEWSTYLE != 0, "server must advertise fixed newstyle");
+        assert!(
+            hflags & nbd::FLAG_FIXED_NEWSTYLE != 0,
+            "server must advertise fixed newstyle"
+        );
         c
     }
 
@@ -782,7 +820,9 @@ impl RawConn {
     /// Reads exactly `n` bytes (panics on EOF/timeout).
     pub fn read_n(&mut self, n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];
-        self.s.read_exact(&mut v).unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
+        self.s
+            .read_exact(&mut v)
+            .unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
         v
     }
 
@@ -827,7 +867,11 @@ impl RawConn {
     pub fn option_reply(&mut self) -> OptReply {
         let h = self.read_n(OPTION_REPLY_HEADER_LEN);
         let h = decode_option_reply_header(&h).expect("option reply magic");
-        assert!(h.length <= 1 << 20, "implausible option reply length {}", h.length);
+        assert!(
+            h.length <= 1 << 20,
+            "implausible option reply length {}",
+            h.length
+        );
         let data = self.read_n(h.length as usize);
         OptReply {
             option: h.option,
@@ -873,7 +917,14 @@ impl RawConn {
     }
 
     /// Sends a request header (and payload); returns its cookie.
-    pub fn request(&mut self, command: u16, flags: u16, offset: u64, length: u32, payload: &[u8]) -> u64 {
+    pub fn request(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> u64 {
         self.cookie += 1;
         let r = Request {
             flags,
@@ -900,7 +951,14 @@ impl RawConn {
 
     /// Sends a request and returns the NBD error of its simple reply (0 = ok);
     /// for a successful READ the data is read and returned.
-    pub fn call(&mut self, command: u16, flags: u16, offset: u64, length: u32, payload: &[u8]) -> (u32, Vec<u8>) {
+    pub fn call(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> (u32, Vec<u8>) {
         let cookie = self.request(command, flags, offset, length, payload);
         let r = self.simple_reply();
         assert_eq!(r.cookie, cookie, "reply cookie");
@@ -918,7 +976,10 @@ impl RawConn {
         assert_eq!(e, 0, "WRITE at {offset} failed with NBD error {e}");
         let (e, back) = self.call(0, 0, offset, data.len() as u32, &[]);
         assert_eq!(e, 0, "READ at {offset} failed with NBD error {e}");
-        assert!(back == data, "READ at {offset} returned different data than written");
+        assert!(
+            back == data,
+            "READ at {offset} returned different data than written"
+        );
     }
 }
 

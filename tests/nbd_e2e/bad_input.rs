@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_core::nbd::{cmdflag, opt, rep, Command as Cmd, CLIENT_FLAG_NO_ZEROES, IHAVEOPT, REQUEST_MAGIC};
+use tandem_core::nbd::{
+    cmdflag, opt, rep, Command as Cmd, CLIENT_FLAG_NO_ZEROES, IHAVEOPT, REQUEST_MAGIC,
+};
 use tandem_tests::{block_on, Daemon, RawConn, Rng};
 
 const VOL: u64 = 256 << 20;
@@ -25,11 +27,17 @@ const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 const EOVERFLOW: u32 = 75;
 
+/// (description, command, flags, offset, length, payload, expected NBD error).
+type Case<'a> = (&'a str, u16, u16, u64, u32, &'a [u8], u32);
+
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Background client: random writes (some FUA), read-back verification,
 /// periodic flushes, until told to stop. Returns verified operations.
-fn healthy_client(d: &Daemon, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Result<u64, String>> {
+fn healthy_client(
+    d: &Daemon,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
     let sock = d.socket().to_path_buf();
     std::thread::spawn(move || {
         block_on(async move {
@@ -53,11 +61,15 @@ fn healthy_client(d: &Daemon, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
                     return Err(format!("op {ops}: read-back at {off} (len {len}) differs"));
                 }
                 if ops % 8 == 0 {
-                    c.flush().await.map_err(|e| format!("op {ops}: flush: {e:#}"))?;
+                    c.flush()
+                        .await
+                        .map_err(|e| format!("op {ops}: flush: {e:#}"))?;
                 }
                 ops += 1;
             }
-            c.disconnect().await.map_err(|e| format!("disconnect: {e:#}"))?;
+            c.disconnect()
+                .await
+                .map_err(|e| format!("disconnect: {e:#}"))?;
             Ok(ops)
         })
     })
@@ -84,27 +96,115 @@ fn bad_requests_and_handshakes_are_refused_while_others_keep_working() {
     let ok_data = rng.bytes(8192);
     c.write_read_check(0, &ok_data);
     let big = vec![0x5au8; (33 << 20) as usize];
-    let cases: Vec<(&str, u16, u16, u64, u32, &[u8], u32)> = vec![
+    let cases: Vec<Case> = vec![
         ("READ misaligned offset", READ, 0, 1, 512, &[], EINVAL),
         ("READ misaligned length", READ, 0, 0, 100, &[], EINVAL),
-        ("WRITE misaligned offset", WRITE, 0, 100, 512, &ok_data[..512], EINVAL),
-        ("WRITE misaligned length", WRITE, 0, 0, 100, &ok_data[..100], EINVAL),
+        (
+            "WRITE misaligned offset",
+            WRITE,
+            0,
+            100,
+            512,
+            &ok_data[..512],
+            EINVAL,
+        ),
+        (
+            "WRITE misaligned length",
+            WRITE,
+            0,
+            0,
+            100,
+            &ok_data[..100],
+            EINVAL,
+        ),
         ("READ zero length", READ, 0, 0, 0, &[], EINVAL),
         ("WRITE zero length", WRITE, 0, 0, 0, &[], EINVAL),
         ("TRIM zero length", TRIM, 0, 0, 0, &[], EINVAL),
         ("READ past end", READ, 0, VOL, 4096, &[], EINVAL),
-        ("READ straddling end", READ, 0, VOL - 4096, 8192, &[], EINVAL),
-        ("READ offset near u64::MAX", READ, 0, u64::MAX - 4095, 4096, &[], EINVAL),
-        ("WRITE past end", WRITE, 0, VOL, 4096, &ok_data[..4096], ENOSPC),
-        ("WRITE straddling end", WRITE, 0, VOL - 512, 1024, &ok_data[..1024], ENOSPC),
+        (
+            "READ straddling end",
+            READ,
+            0,
+            VOL - 4096,
+            8192,
+            &[],
+            EINVAL,
+        ),
+        (
+            "READ offset near u64::MAX",
+            READ,
+            0,
+            u64::MAX - 4095,
+            4096,
+            &[],
+            EINVAL,
+        ),
+        (
+            "WRITE past end",
+            WRITE,
+            0,
+            VOL,
+            4096,
+            &ok_data[..4096],
+            ENOSPC,
+        ),
+        (
+            "WRITE straddling end",
+            WRITE,
+            0,
+            VOL - 512,
+            1024,
+            &ok_data[..1024],
+            ENOSPC,
+        ),
         ("TRIM past end", TRIM, 0, VOL, 4096, &[], ENOSPC),
-        ("TRIM offset overflow", TRIM, 0, u64::MAX - 511, 512, &[], ENOSPC),
-        ("WRITE_ZEROES straddling end", WRITE_ZEROES, 0, VOL - 512, 1024, &[], ENOSPC),
-        ("READ of 32 MiB + 4 KiB", READ, 0, 0, MAX + 4096, &[], EOVERFLOW),
+        (
+            "TRIM offset overflow",
+            TRIM,
+            0,
+            u64::MAX - 511,
+            512,
+            &[],
+            ENOSPC,
+        ),
+        (
+            "WRITE_ZEROES straddling end",
+            WRITE_ZEROES,
+            0,
+            VOL - 512,
+            1024,
+            &[],
+            ENOSPC,
+        ),
+        (
+            "READ of 32 MiB + 4 KiB",
+            READ,
+            0,
+            0,
+            MAX + 4096,
+            &[],
+            EOVERFLOW,
+        ),
         ("WRITE of 33 MiB", WRITE, 0, 0, 33 << 20, &big, EOVERFLOW),
         ("unknown command 99", 99, 0, 0, 4096, &[], EINVAL),
-        ("READ with unknown flag 0x8000", READ, 0x8000, 0, 4096, &[], EINVAL),
-        ("WRITE with NO_HOLE (write-zeroes only)", WRITE, cmdflag::NO_HOLE, 0, 512, &ok_data[..512], EINVAL),
+        (
+            "READ with unknown flag 0x8000",
+            READ,
+            0x8000,
+            0,
+            4096,
+            &[],
+            EINVAL,
+        ),
+        (
+            "WRITE with NO_HOLE (write-zeroes only)",
+            WRITE,
+            cmdflag::NO_HOLE,
+            0,
+            512,
+            &ok_data[..512],
+            EINVAL,
+        ),
     ];
     for (i, (what, cmd, flags, off, len, payload, want)) in cases.into_iter().enumerate() {
         let (got, data) = c.call(cmd, flags, off, len, payload);
@@ -123,21 +223,39 @@ fn bad_requests_and_handshakes_are_refused_while_others_keep_working() {
     c.write_read_check(VOL - 512, &ok_data[..512]);
     let max = rng.bytes(MAX as usize);
     c.write_read_check(64 << 20, &max);
-    let (e, _) = c.call(WRITE_ZEROES, cmdflag::NO_HOLE | cmdflag::FUA, 64 << 20, 1 << 20, &[]);
+    let (e, _) = c.call(
+        WRITE_ZEROES,
+        cmdflag::NO_HOLE | cmdflag::FUA,
+        64 << 20,
+        1 << 20,
+        &[],
+    );
     assert_eq!(e, 0, "WRITE_ZEROES NO_HOLE|FUA");
     let (e, z) = c.call(READ, 0, 64 << 20, 1 << 20, &[]);
     assert_eq!(e, 0);
-    assert!(z.iter().all(|&b| b == 0), "WRITE_ZEROES range does not read back as zeroes");
+    assert!(
+        z.iter().all(|&b| b == 0),
+        "WRITE_ZEROES range does not read back as zeroes"
+    );
 
     // ---- Same errors through structured replies (Tandem's own client).
     block_on(async {
         let mut s = d.client("vol").await;
         assert!(s.export.structured, "structured replies negotiated");
-        let e = s.raw(Cmd::Read, 0, VOL, 4096, &[]).await.expect("read past end");
+        let e = s
+            .raw(Cmd::Read, 0, VOL, 4096, &[])
+            .await
+            .expect("read past end");
         assert_eq!(e, EINVAL, "structured READ past end");
-        let e = s.raw(Cmd::Read, 0, 0, MAX + 512, &[]).await.expect("read > max");
+        let e = s
+            .raw(Cmd::Read, 0, 0, MAX + 512, &[])
+            .await
+            .expect("read > max");
         assert_eq!(e, EOVERFLOW, "structured READ > 32 MiB");
-        let e = s.raw(Cmd::Write, 0, VOL, 4096, &ok_data[..4096]).await.expect("write past end");
+        let e = s
+            .raw(Cmd::Write, 0, VOL, 4096, &ok_data[..4096])
+            .await
+            .expect("write past end");
         assert_eq!(e, ENOSPC, "structured WRITE past end");
         let e = s.raw(Cmd::Unknown(99), 0, 0, 0, &[]).await.expect("cmd 99");
         assert_eq!(e, EINVAL, "structured unknown command");
@@ -154,36 +272,54 @@ fn bad_requests_and_handshakes_are_refused_while_others_keep_working() {
     let mut junk = vec![0u8; 28];
     junk[..4].copy_from_slice(&0xdead_beefu32.to_be_bytes());
     g.send(&junk);
-    assert!(g.closed_within(CLOSE_WAIT), "garbage request magic: connection not closed");
+    assert!(
+        g.closed_within(CLOSE_WAIT),
+        "garbage request magic: connection not closed"
+    );
 
     // Truncated request header, then the client closes its side.
     let mut t = transmission(&d);
     t.send(&REQUEST_MAGIC.to_be_bytes());
     t.send(&[0u8; 6]);
     t.s.shutdown(Shutdown::Write).expect("shutdown");
-    assert!(t.closed_within(CLOSE_WAIT), "truncated request: connection not closed");
+    assert!(
+        t.closed_within(CLOSE_WAIT),
+        "truncated request: connection not closed"
+    );
 
     // WRITE whose payload never fully arrives.
     let mut t = transmission(&d);
     t.request(WRITE, 0, 0, 1 << 20, &ok_data[..1000]);
     t.s.shutdown(Shutdown::Write).expect("shutdown");
-    assert!(t.closed_within(CLOSE_WAIT), "truncated WRITE payload: connection not closed");
+    assert!(
+        t.closed_within(CLOSE_WAIT),
+        "truncated WRITE payload: connection not closed"
+    );
 
     // Garbage instead of client flags.
     let mut h = d.raw();
     h.send(b"GARBAGE-GARBAGE-GARBAGE-GARBAGE-GARBAGE-GARBAGE-GARBAGE-GARBAGE!");
-    assert!(h.closed_within(CLOSE_WAIT), "garbage handshake: connection not closed");
+    assert!(
+        h.closed_within(CLOSE_WAIT),
+        "garbage handshake: connection not closed"
+    );
 
     // Client flags without fixed newstyle (old newstyle client).
     let mut h = d.raw();
     h.client_flags(CLIENT_FLAG_NO_ZEROES);
-    assert!(h.closed_within(CLOSE_WAIT), "client without fixed newstyle: connection not closed");
+    assert!(
+        h.closed_within(CLOSE_WAIT),
+        "client without fixed newstyle: connection not closed"
+    );
 
     // Option header with a bad magic.
     let mut h = d.raw();
     h.fixed_newstyle();
     h.send(&[0x42; 16]);
-    assert!(h.closed_within(CLOSE_WAIT), "bad option magic: connection not closed");
+    assert!(
+        h.closed_within(CLOSE_WAIT),
+        "bad option magic: connection not closed"
+    );
 
     // Option announcing ~4 GiB of data: refused without reading (or allocating) it.
     let mut h = d.raw();
@@ -193,13 +329,19 @@ fn bad_requests_and_handshakes_are_refused_while_others_keep_working() {
     hdr.extend_from_slice(&opt::GO.to_be_bytes());
     hdr.extend_from_slice(&0xffff_fff0u32.to_be_bytes());
     h.send(&hdr);
-    assert!(h.closed_within(CLOSE_WAIT), "huge option length: connection not closed");
+    assert!(
+        h.closed_within(CLOSE_WAIT),
+        "huge option length: connection not closed"
+    );
 
     // EXPORT_NAME for an unknown export: no error reply exists, so close.
     let mut h = d.raw();
     h.fixed_newstyle();
     h.send_option(opt::EXPORT_NAME, b"nosuch");
-    assert!(h.closed_within(CLOSE_WAIT), "EXPORT_NAME unknown: connection not closed");
+    assert!(
+        h.closed_within(CLOSE_WAIT),
+        "EXPORT_NAME unknown: connection not closed"
+    );
 
     // Abrupt disconnects at every handshake stage.
     for stage in 0..3 {
@@ -220,14 +362,30 @@ fn bad_requests_and_handshakes_are_refused_while_others_keep_working() {
     assert_eq!(r.len(), 1, "OPT_GO unknown export: {r:?}");
     assert_eq!(r[0].reply, rep::ERR_UNKNOWN, "OPT_GO unknown export: {r:?}");
     let r = n.option(99, &[]);
-    assert_eq!(r.last().unwrap().reply, rep::ERR_UNSUP, "unknown option 99: {r:?}");
+    assert_eq!(
+        r.last().unwrap().reply,
+        rep::ERR_UNSUP,
+        "unknown option 99: {r:?}"
+    );
     let r = n.option(opt::GO, &[0, 0, 0, 9, b'x']); // name length beyond the data
-    assert_eq!(r.last().unwrap().reply, rep::ERR_INVALID, "malformed OPT_GO: {r:?}");
+    assert_eq!(
+        r.last().unwrap().reply,
+        rep::ERR_INVALID,
+        "malformed OPT_GO: {r:?}"
+    );
     let r = n.option(opt::LIST, &[]);
     let servers = r.iter().filter(|x| x.reply == rep::SERVER).count();
-    assert_eq!((servers, r.last().unwrap().reply), (1, rep::ACK), "OPT_LIST: {r:?}");
+    assert_eq!(
+        (servers, r.last().unwrap().reply),
+        (1, rep::ACK),
+        "OPT_LIST: {r:?}"
+    );
     let r = n.go("vol");
-    assert_eq!(r.last().unwrap().reply, rep::ACK, "OPT_GO after errors: {r:?}");
+    assert_eq!(
+        r.last().unwrap().reply,
+        rep::ACK,
+        "OPT_GO after errors: {r:?}"
+    );
     n.write_read_check(2 << 20, &rng.bytes(4096));
 
     // OPT_ABORT is acknowledged, then the server closes.
@@ -235,7 +393,10 @@ fn bad_requests_and_handshakes_are_refused_while_others_keep_working() {
     a.fixed_newstyle();
     let r = a.option(opt::ABORT, &[]);
     assert_eq!(r.last().unwrap().reply, rep::ACK, "OPT_ABORT: {r:?}");
-    assert!(a.closed_within(CLOSE_WAIT), "OPT_ABORT: connection not closed");
+    assert!(
+        a.closed_within(CLOSE_WAIT),
+        "OPT_ABORT: connection not closed"
+    );
 
     // ---- The daemon survived all of it and the healthy client never failed.
     stop.store(true, Ordering::Relaxed);
@@ -243,7 +404,10 @@ fn bad_requests_and_handshakes_are_refused_while_others_keep_working() {
         .join()
         .expect("healthy client thread panicked")
         .unwrap_or_else(|e| panic!("healthy client failed while bad clients were served: {e}"));
-    assert!(ops >= 20, "healthy client made only {ops} verified operations");
+    assert!(
+        ops >= 20,
+        "healthy client made only {ops} verified operations"
+    );
     d.assert_running();
     let st = d.export_status("vol");
     let invalid = st["invalid"].as_u64().expect("status invalid counter");
@@ -253,9 +417,18 @@ fn bad_requests_and_handshakes_are_refused_while_others_keep_working() {
     );
     assert_eq!(st["io_errors"], 0, "no storage errors expected: {st}");
     let log = d.log();
-    assert!(log.contains("request magic"), "garbage request magic not logged:\n{log}");
-    assert!(log.contains("client flags"), "bad client flags not logged:\n{log}");
-    assert!(log.contains("16384"), "oversized option not logged with its limit:\n{log}");
+    assert!(
+        log.contains("request magic"),
+        "garbage request magic not logged:\n{log}"
+    );
+    assert!(
+        log.contains("client flags"),
+        "bad client flags not logged:\n{log}"
+    );
+    assert!(
+        log.contains("16384"),
+        "oversized option not logged with its limit:\n{log}"
+    );
     assert!(!log.contains("panicked"), "tandemd logged a panic:\n{log}");
     // A fresh connection still works, and the daemon shuts down cleanly.
     let mut f = transmission(&d);
@@ -281,8 +454,54 @@ fn fua_flag_is_accepted_on_every_command() {
     let (e, _) = c.call(TRIM, cmdflag::FUA, 1 << 20, 4096, &[]);
     assert_eq!(e, 0, "TRIM+FUA");
     let (e, back) = c.call(READ, cmdflag::FUA, 0, 4096, &[]);
-    assert_eq!(e, 0, "READ+FUA must be accepted (spec: server MUST accept FUA on all commands)");
+    assert_eq!(
+        e, 0,
+        "READ+FUA must be accepted (spec: server MUST accept FUA on all commands)"
+    );
     assert!(back == data, "READ+FUA data");
     let (e, _) = c.call(FLUSH, cmdflag::FUA, 0, 0, &[]);
-    assert_eq!(e, 0, "FLUSH+FUA must be accepted (spec: server MUST accept FUA on all commands)");
+    assert_eq!(
+        e, 0,
+        "FLUSH+FUA must be accepted (spec: server MUST accept FUA on all commands)"
+    );
+}
+
+/// A volume formatted with 4096-byte blocks advertises and enforces 4096.
+#[test]
+fn four_k_volume_enforces_its_block_size() {
+    let d = Daemon::builder()
+        .volume_with("vol", VOL, &["--block-size", "4096"])
+        .start();
+    let mut c = d.raw();
+    c.fixed_newstyle();
+    let replies = c.go("vol");
+    let bs = replies
+        .iter()
+        .find(|r| r.reply == rep::INFO && r.data.len() == 14 && r.data[..2] == [0, 3])
+        .expect("NBD_INFO_BLOCK_SIZE sent");
+    let min = u32::from_be_bytes(bs.data[2..6].try_into().unwrap());
+    assert_eq!(min, 4096, "minimum block size of a 4k volume");
+    let data = Rng::new(4).bytes(8192);
+    assert_eq!(
+        c.call(READ, 0, 512, 4096, &[]).0,
+        EINVAL,
+        "READ at 512 on a 4k volume"
+    );
+    assert_eq!(
+        c.call(READ, 0, 0, 512, &[]).0,
+        EINVAL,
+        "READ of 512 bytes on a 4k volume"
+    );
+    assert_eq!(
+        c.call(WRITE, 0, 512, 4096, &data[..4096]).0,
+        EINVAL,
+        "WRITE at 512 on a 4k volume"
+    );
+    assert_eq!(
+        c.call(TRIM, 0, 0, 2048, &[]).0,
+        EINVAL,
+        "TRIM of 2048 bytes on a 4k volume"
+    );
+    c.write_read_check(4096, &data);
+    c.write_read_check(VOL - 4096, &data[..4096]);
 }

@@ -49,7 +49,10 @@ impl Nbdfuse {
             }
             if let Some(st) = f.child.as_mut().unwrap().try_wait().expect("try_wait") {
                 f.child = None;
-                panic!("nbdfuse exited with {st}: {}", std::fs::read_to_string(&f.log).unwrap_or_default());
+                panic!(
+                    "nbdfuse exited with {st}: {}",
+                    std::fs::read_to_string(&f.log).unwrap_or_default()
+                );
             }
             assert!(Instant::now() < deadline, "nbdfuse not ready within 20 s");
             std::thread::sleep(Duration::from_millis(50));
@@ -82,7 +85,10 @@ impl Nbdfuse {
 impl Drop for Nbdfuse {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = run(Command::new("fusermount3").arg("-u").arg("-z").arg(&self.dir));
+            let _ = run(Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.dir));
             if wait_timeout(&mut c, Duration::from_secs(5)).is_none() {
                 let _ = c.kill();
                 let _ = c.wait();
@@ -179,7 +185,11 @@ fn ext4_on_nbdfuse_loop_survives_restart() {
     let mut rng = Rng::new(99);
     let files: Vec<(PathBuf, Vec<u8>)> = (0..6)
         .map(|i| {
-            let name = if i == 5 { PathBuf::from("sub/dir/deep.bin") } else { PathBuf::from(format!("f{i}.bin")) };
+            let name = if i == 5 {
+                PathBuf::from("sub/dir/deep.bin")
+            } else {
+                PathBuf::from(format!("f{i}.bin"))
+            };
             let len = (64 << 10) + rng.below(3 << 20) as usize;
             (name, rng.bytes(len))
         })
@@ -201,8 +211,14 @@ fn ext4_on_nbdfuse_loop_survives_restart() {
         fuse.unmount();
     }
     let st = d.export_status("vol");
-    assert!(st["writes"].as_u64().unwrap_or(0) > 0, "no NBD writes reached tandemd: {st}");
-    assert!(st["flushes"].as_u64().unwrap_or(0) > 0, "sync/umount sent no NBD FLUSH: {st}");
+    assert!(
+        st["writes"].as_u64().unwrap_or(0) > 0,
+        "no NBD writes reached tandemd: {st}"
+    );
+    assert!(
+        st["flushes"].as_u64().unwrap_or(0) > 0,
+        "sync/umount sent no NBD FLUSH: {st}"
+    );
 
     d.restart();
 
@@ -220,8 +236,17 @@ fn ext4_on_nbdfuse_loop_survives_restart() {
     for (name, data) in &files {
         let p = m.path().join(name);
         let back = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        assert_eq!(back.len(), data.len(), "{} size after restart", name.display());
-        assert!(back == *data, "{} content differs after restart", name.display());
+        assert_eq!(
+            back.len(),
+            data.len(),
+            "{} size after restart",
+            name.display()
+        );
+        assert!(
+            back == *data,
+            "{} content differs after restart",
+            name.display()
+        );
     }
     m.umount();
     lo.detach();

@@ -22,6 +22,9 @@ enum Pass {
 /// Runs fio; returns (exit ok, parsed JSON job or None, combined output).
 fn fio(uri: &str, pass: Pass) -> (bool, Option<Json>, String) {
     let mut cmd = Command::new("fio");
+    // fio saves verify state files in its working directory; keep them out of the repo.
+    cmd.arg("--verify_state_save=0")
+        .current_dir(std::env::temp_dir());
     cmd.args([
         "--name=tandem-verify",
         "--ioengine=nbd",
@@ -54,13 +57,22 @@ fn assert_pass(uri: &str, pass: Pass, when: &str) {
     let (ok, job, text) = fio(uri, pass);
     assert!(ok, "fio {pass:?} {when} failed:\n{text}");
     let job = job.unwrap_or_else(|| panic!("fio {pass:?} {when}: no JSON job in output:\n{text}"));
-    assert_eq!(job["error"], 0, "fio {pass:?} {when} reported an error:\n{text}");
+    assert_eq!(
+        job["error"], 0,
+        "fio {pass:?} {when} reported an error:\n{text}"
+    );
     // Every byte of the export is written once (random map) and read back once.
     let read = job["read"]["io_bytes"].as_u64().unwrap_or(0);
-    assert_eq!(read, SIZE, "fio {pass:?} {when} verified {read} bytes, expected {SIZE}:\n{text}");
+    assert_eq!(
+        read, SIZE,
+        "fio {pass:?} {when} verified {read} bytes, expected {SIZE}:\n{text}"
+    );
     if pass == Pass::WriteAndVerify {
         let written = job["write"]["io_bytes"].as_u64().unwrap_or(0);
-        assert_eq!(written, SIZE, "fio wrote {written} bytes, expected {SIZE}:\n{text}");
+        assert_eq!(
+            written, SIZE,
+            "fio wrote {written} bytes, expected {SIZE}:\n{text}"
+        );
     }
 }
 
@@ -71,6 +83,12 @@ fn fio_verify(engine: Option<&str>) {
     let _serial = heavy_lock();
     let mut d = Daemon::builder().volume("vol", SIZE).engine(engine).start();
     let uri = d.uri("vol");
+    let st = d.export_status("vol");
+    assert_eq!(
+        st["engine"],
+        engine.unwrap_or("uring"),
+        "engine in use: {st}"
+    );
 
     assert_pass(&uri, Pass::WriteAndVerify, "(write pass)");
     assert_pass(&uri, Pass::VerifyOnly, "(second connection, same daemon)");
@@ -95,7 +113,10 @@ fn fio_verify(engine: Option<&str>) {
         c.disconnect().await.expect("disconnect");
     });
     let (ok, _, text) = fio(&uri, Pass::VerifyOnly);
-    assert!(!ok, "fio verify-only passed although 1 MiB of the export was zeroed:\n{text}");
+    assert!(
+        !ok,
+        "fio verify-only passed although 1 MiB of the export was zeroed:\n{text}"
+    );
     assert!(
         text.contains("verify") || text.contains("bad magic") || text.contains("crc32c"),
         "fio failed without a verification message:\n{text}"

@@ -12,7 +12,10 @@ const VOL: u64 = 256 << 20;
 const SMALL: u64 = 64 << 20;
 
 fn nbdinfo_json(args: &[&str]) -> Json {
-    let out = run_timeout(Command::new("nbdinfo").arg("--json").args(args), Duration::from_secs(30));
+    let out = run_timeout(
+        Command::new("nbdinfo").arg("--json").args(args),
+        Duration::from_secs(30),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -30,13 +33,28 @@ fn the_export(j: &Json) -> &Json {
 
 fn check_export_info(e: &Json, size: u64, via: &str) {
     assert_eq!(e["export-size"], size, "size via {via}: {e}");
-    for cap in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+    for cap in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+    ] {
         assert_eq!(e[cap], true, "{cap} via {via}: {e}");
     }
     assert_eq!(e["is_read_only"], false, "is_read_only via {via}: {e}");
-    assert_eq!(e["block_size_minimum"], 512, "block_size_minimum via {via}: {e}");
-    assert_eq!(e["block_size_preferred"], 4096, "block_size_preferred via {via}: {e}");
-    assert_eq!(e["block_size_maximum"], 33_554_432, "block_size_maximum via {via}: {e}");
+    assert_eq!(
+        e["block_size_minimum"], 512,
+        "block_size_minimum via {via}: {e}"
+    );
+    assert_eq!(
+        e["block_size_preferred"], 4096,
+        "block_size_preferred via {via}: {e}"
+    );
+    assert_eq!(
+        e["block_size_maximum"], 33_554_432,
+        "block_size_maximum via {via}: {e}"
+    );
 }
 
 #[test]
@@ -61,7 +79,10 @@ fn nbdinfo_reports_exports_over_unix_and_tcp() {
     let j = nbdinfo_json(&[&d.uri("small")]);
     let e = the_export(&j);
     assert_eq!(e["export-size"], SMALL, "{j}");
-    assert_eq!(e["block_size_minimum"], 4096, "4k volume minimum block size: {j}");
+    assert_eq!(
+        e["block_size_minimum"], 4096,
+        "4k volume minimum block size: {j}"
+    );
 
     // NBD_OPT_LIST (+ NBD_OPT_INFO for each) lists every export.
     let list_uri = format!("nbd+unix:///?socket={}", d.socket().display());
@@ -69,10 +90,19 @@ fn nbdinfo_reports_exports_over_unix_and_tcp() {
     let exports = j["exports"].as_array().expect("exports[]");
     let mut names: Vec<(&str, u64)> = exports
         .iter()
-        .map(|e| (e["export-name"].as_str().unwrap_or("?"), e["export-size"].as_u64().unwrap_or(0)))
+        .map(|e| {
+            (
+                e["export-name"].as_str().unwrap_or("?"),
+                e["export-size"].as_u64().unwrap_or(0),
+            )
+        })
         .collect();
     names.sort();
-    assert_eq!(names, vec![("small", SMALL), ("vol", VOL)], "nbdinfo --list: {j}");
+    assert_eq!(
+        names,
+        vec![("small", SMALL), ("vol", VOL)],
+        "nbdinfo --list: {j}"
+    );
 
     // The default export (empty name) is the first one.
     let j = nbdinfo_json(&[&list_uri]);
@@ -87,7 +117,10 @@ fn nbdinfo_reports_exports_over_unix_and_tcp() {
         Command::new("nbdinfo").arg(d.uri("nosuch")),
         Duration::from_secs(30),
     );
-    assert!(!out.status.success(), "nbdinfo on an unknown export succeeded");
+    assert!(
+        !out.status.success(),
+        "nbdinfo on an unknown export succeeded"
+    );
 }
 
 #[test]
@@ -102,7 +135,10 @@ fn nbdcopy_round_trip_is_byte_exact() {
     std::fs::write(&src, &data).expect("write src");
 
     let copy = |from: &str, to: &str| {
-        let o = run_timeout(Command::new("nbdcopy").args([from, to]), Duration::from_secs(60));
+        let o = run_timeout(
+            Command::new("nbdcopy").args([from, to]),
+            Duration::from_secs(60),
+        );
         assert!(
             o.status.success(),
             "nbdcopy {from} {to} failed:\n{}{}",
@@ -120,8 +156,15 @@ fn nbdcopy_round_trip_is_byte_exact() {
         panic!("nbdcopy round trip differs first at byte {i}");
     }
     // The data sits in the backing file's data area, at data_offset.
-    let on_disk = read_file_at(d.backing("small"), data_offset(d.backing("small")), SMALL as usize);
-    assert!(on_disk == data, "backing file data area differs from what was copied in");
+    let on_disk = read_file_at(
+        d.backing("small"),
+        data_offset(d.backing("small")),
+        SMALL as usize,
+    );
+    assert!(
+        on_disk == data,
+        "backing file data area differs from what was copied in"
+    );
 }
 
 /// Runs qemu-io with `-c` commands; returns its stdout+stderr (asserting exit 0).
@@ -138,7 +181,11 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(o.status.success(), "qemu-io {cmds:?} exited with {}:\n{text}", o.status);
+    assert!(
+        o.status.success(),
+        "qemu-io {cmds:?} exited with {}:\n{text}",
+        o.status
+    );
     text
 }
 
@@ -176,11 +223,24 @@ fn qemu_io_patterns_zeroes_and_discard() {
         ],
     );
     assert_no_failure(&out, "write/read/zero/discard");
-    assert!(out.contains("wrote 1048576/1048576 bytes at offset 0"), "{out}");
-    assert!(out.contains("read 1048576/1048576 bytes at offset 1048576"), "{out}");
+    assert!(
+        out.contains("wrote 1048576/1048576 bytes at offset 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("read 1048576/1048576 bytes at offset 1048576"),
+        "{out}"
+    );
 
     // A second qemu-io process (new connection) sees the same data.
-    let out = qemu_io(&uri, &["read -P 0xab 0 1M", "read -P 0 1M 1M", "read -P 0x33 255M 1M"]);
+    let out = qemu_io(
+        &uri,
+        &[
+            "read -P 0xab 0 1M",
+            "read -P 0 1M 1M",
+            "read -P 0x33 255M 1M",
+        ],
+    );
     assert_no_failure(&out, "re-read");
 
     // Control: a wrong pattern is detected, so the checks above are meaningful.
@@ -188,8 +248,15 @@ fn qemu_io_patterns_zeroes_and_discard() {
         Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0xee 0 1M", &uri]),
         Duration::from_secs(60),
     );
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(text.contains("Pattern verification failed"), "qemu-io did not detect a wrong pattern:\n{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains("Pattern verification failed"),
+        "qemu-io did not detect a wrong pattern:\n{text}"
+    );
 
     // And Tandem's own client agrees about the bytes qemu wrote.
     block_on(async {
@@ -207,8 +274,15 @@ fn qemu_io_patterns_zeroes_and_discard() {
         Command::new("qemu-io").args(["-f", "raw", "-c", "read 256M 4k", &uri]),
         Duration::from_secs(60),
     );
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(!text.contains("read 4096/4096"), "read past the end returned data:\n{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !text.contains("read 4096/4096"),
+        "read past the end returned data:\n{text}"
+    );
 }
 
 #[test]
@@ -217,7 +291,10 @@ fn qemu_io_over_tcp() {
         return;
     }
     let d = Daemon::builder().volume("vol", VOL).tcp().start();
-    let out = qemu_io(&d.tcp_uri("vol"), &["write -P 0x42 0 2M", "read -P 0x42 0 2M", "flush"]);
+    let out = qemu_io(
+        &d.tcp_uri("vol"),
+        &["write -P 0x42 0 2M", "read -P 0x42 0 2M", "flush"],
+    );
     assert_no_failure(&out, "over TCP");
     // Same bytes through the unix socket.
     let out = qemu_io(&d.uri("vol"), &["read -P 0x42 0 2M"]);

@@ -49,7 +49,9 @@ fn flush_on_one_connection_covers_writes_on_another() {
     );
     // Nothing leaked into the metadata area before the data offset.
     assert!(
-        read_file_at(&backing, 8192, (base - 8192) as usize).iter().all(|&b| b == 0),
+        read_file_at(&backing, 8192, (base - 8192) as usize)
+            .iter()
+            .all(|&b| b == 0),
         "NBD writes landed in the metadata area"
     );
     // Still there after the daemon is killed and restarted.
@@ -113,7 +115,10 @@ fn concurrent_connections_write_disjoint_regions_consistently() {
                 let _fua = rng.below(4);
                 let mut back = vec![0u8; len as usize];
                 c.read(off, &mut back).await.expect("read");
-                assert!(back == want, "region of connection {i} differs at offset {off}");
+                assert!(
+                    back == want,
+                    "region of connection {i} differs at offset {off}"
+                );
                 off += len;
             }
         }

@@ -194,7 +194,8 @@ pub struct ExportLimits {
 /// payload, see [`Request::payload_len`]).
 ///
 /// The rules (documented in `docs/nbd.md`):
-/// * unknown or unsupported commands, and flags a command does not take: `EINVAL`;
+/// * unknown or unsupported commands, and flags a command does not take: `EINVAL`
+///   (FUA is taken by every command, and ignored where it means nothing);
 /// * writes, trims and write-zeroes to a read-only export: `EPERM`;
 /// * zero-length data commands, or offset/length not multiples of the
 ///   minimum block size: `EINVAL`;
@@ -202,11 +203,11 @@ pub struct ExportLimits {
 /// * a range past the end: `EINVAL` for READ, `ENOSPC` for the writing commands.
 pub fn validate_request(req: &Request, limits: &ExportLimits) -> Result<(), NbdError> {
     use cmdflag::*;
+    // FUA is accepted (and, where meaningless, ignored) on every command, as
+    // the protocol requires once SEND_FUA is advertised.
     let allowed = match req.command {
-        Command::Read => 0,
-        Command::Write | Command::Trim => FUA,
+        Command::Read | Command::Write | Command::Trim | Command::Flush | Command::Disc => FUA,
         Command::WriteZeroes => FUA | NO_HOLE,
-        Command::Flush | Command::Disc => 0,
         Command::Cache | Command::BlockStatus | Command::Resize | Command::Unknown(_) => {
             return Err(NbdError::Inval)
         }
@@ -391,6 +392,9 @@ mod tests {
         assert_eq!(ok(req(Unknown(77), 0, 0, 0)), Err(NbdError::Inval));
         assert_eq!(ok(req(Cache, 0, 0, 512)), Err(NbdError::Inval));
         assert_eq!(ok(req(Flush, 0, 0, 0)), Ok(()));
+        assert_eq!(ok(req(Flush, cmdflag::FUA, 0, 0)), Ok(()));
+        assert_eq!(ok(req(Read, cmdflag::FUA, 0, 512)), Ok(()));
+        assert_eq!(ok(req(Read, cmdflag::DF, 0, 512)), Err(NbdError::Inval));
         let ro = ExportLimits {
             read_only: true,
             ..LIMITS

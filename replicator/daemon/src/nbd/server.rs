@@ -286,6 +286,15 @@ struct Reply {
     offset: u64,
     result: Result<Option<IoBuf>, (NbdError, String)>,
     is_read: bool,
+    /// Admission permits, released when the reply has been written.
+    permits: Permits,
+}
+
+/// The request and byte permits a request holds until its reply is written.
+#[derive(Default)]
+struct Permits {
+    _requests: Option<tokio::sync::OwnedSemaphorePermit>,
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 async fn transmit<R, W>(
@@ -319,6 +328,13 @@ where
             Ok(r) => r,
             Err(e) => break Err(e.into()),
         };
+        // Admission: bound requests and bytes in flight for this connection.
+        // Permits travel with the reply and are released only once it is
+        // written, so a client that stops reading replies stalls itself
+        // instead of growing the daemon's memory.
+        let Ok(req_permit) = requests.clone().acquire_owned().await else {
+            break Ok(());
+        };
         if let Err(err) = validate_request(&req, &limits) {
             export.stats.invalid.fetch_add(1, Relaxed);
             debug!(?req, %err, "invalid request");
@@ -338,6 +354,10 @@ where
                 offset: req.offset,
                 result: Err((err, describe_invalid(&req, err))),
                 is_read: req.command == Command::Read,
+                permits: Permits {
+                    _requests: Some(req_permit),
+                    _bytes: None,
+                },
             });
             continue;
         }
@@ -345,10 +365,6 @@ where
             debug!("client sent NBD_CMD_DISC");
             break Ok(());
         }
-        // Admission: bound requests and bytes in flight for this connection.
-        let Ok(req_permit) = requests.clone().acquire_owned().await else {
-            break Ok(());
-        };
         let cost = match req.command {
             Command::Read | Command::Write => req.length.div_ceil(4096).max(1) * 4096,
             _ => 4096,
@@ -368,15 +384,28 @@ where
         let export = export.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let reply = execute(&export, req, payload).await;
+            let mut reply = execute(&export, req, payload).await;
+            reply.permits = Permits {
+                _requests: Some(req_permit),
+                _bytes: Some(byte_permit),
+            };
             let _ = tx.send(reply);
-            drop((req_permit, byte_permit));
         });
     };
     drop(tx);
     // In-flight requests finish and their replies are sent before closing.
     match writer_task.await {
-        Ok(Err(e)) if result.is_ok() => return Err(e.into()),
+        // After NBD_CMD_DISC the client may close before the last replies
+        // (it owes us nothing more); that is not an error.
+        Ok(Err(e))
+            if result.is_ok()
+                && !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+        {
+            return Err(e.into())
+        }
         _ => {}
     }
     result
@@ -465,6 +494,7 @@ fn reply_for(export: &Export, req: &Request, result: IoResult<Option<IoBuf>>) ->
         offset: req.offset,
         result: result.map_err(|e| storage_error(export, req, &e)),
         is_read: req.command == Command::Read,
+        permits: Permits::default(),
     }
 }
 

@@ -145,7 +145,39 @@ impl Backing {
     /// and the direct-I/O alignment is at most `min_request_align`;
     /// otherwise the backing is opened buffered. With [`DirectIo::On`] any of
     /// these failing is an error.
+    ///
+    /// The backing is locked with `flock`: exclusively when read-write,
+    /// shared when read-only, so a second daemon (or `tandemctl create`)
+    /// cannot write a backing that a running `tandemd` serves.
     pub fn open(
+        path: &Path,
+        direct: DirectIo,
+        read_only: bool,
+        min_request_align: u32,
+    ) -> IoResult<Backing> {
+        let b = Self::open_unlocked(path, direct, read_only, min_request_align)?;
+        let op = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(b.fd(), op | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            let e = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "in use: another process (a running tandemd?) holds a lock on this backing",
+                )
+            } else {
+                e
+            };
+            return Err(open_err(path, e));
+        }
+        Ok(b)
+    }
+
+    fn open_unlocked(
         path: &Path,
         direct: DirectIo,
         read_only: bool,
