@@ -29,6 +29,11 @@ fi
 modprobe loop 2>/dev/null || true
 modprobe fuse 2>/dev/null || true
 
+# As root, the storage conformance suite also runs on loop devices (block-device paths).
+if [ "$(id -u)" -eq 0 ] && command -v losetup >/dev/null; then
+  export TANDEM_TEST_LOOPDEV="${TANDEM_TEST_LOOPDEV:-1}"
+fi
+
 echo "== building (release)"
 cargo build --release --workspace --all-targets
 echo "== running tests"

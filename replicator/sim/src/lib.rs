@@ -1,0 +1,1 @@
+//! Deterministic simulation of Tandem replicas (work in progress).
