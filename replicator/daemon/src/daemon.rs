@@ -39,10 +39,12 @@ pub async fn open_engine(e: &ExportConfig) -> Result<Arc<dyn Engine>> {
     Ok(match e.engine {
         EngineKind::Uring => {
             let b = Backing::open(path, e.direct, e.read_only, min_align)?;
+            b.lock(!e.read_only)?;
             Arc::new(UringEngine::new(b, e.queue_depth)?)
         }
         EngineKind::Sync => {
             let b = Backing::open(path, e.direct, e.read_only, min_align)?;
+            b.lock(!e.read_only)?;
             Arc::new(SyncEngine::new(b))
         }
         EngineKind::Memory => {

@@ -6,6 +6,8 @@
 //! * [`nbd`] — the NBD server (and a small client for the demo and tests).
 //! * [`export`], [`config`], [`admin`], [`daemon`] — what `tandemd` runs.
 //! * [`demo`] — the README's one-command demo.
+//! * [`transport`] — the peer transport: QUIC with mutual TLS, and the
+//!   cluster CA / node certificate tool behind `tandemctl ca` and `tandemctl cert`.
 
 pub mod admin;
 pub mod config;
@@ -14,6 +16,7 @@ pub mod demo;
 pub mod export;
 pub mod nbd;
 pub mod storage;
+pub mod transport;
 pub mod volume;
 
 /// Parses sizes like `256M`, `1G`, `4096`, `1.5T` (binary units).

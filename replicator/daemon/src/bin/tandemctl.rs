@@ -56,6 +56,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the cluster CA that signs node certificates (peer mutual TLS).
+    #[command(subcommand)]
+    Ca(tandem_daemon::transport::certs::CaCommand),
+    /// Issue node certificates signed by the cluster CA.
+    #[command(subcommand)]
+    Cert(tandem_daemon::transport::certs::CertCommand),
 }
 
 fn main() {
@@ -119,6 +125,7 @@ async fn real_main(cli: Cli) -> Result<()> {
                 Backing::create_file(&backing, sb.backing_len())?;
             }
             let b = Backing::open(&backing, DirectIo::Off, false, block_size)?;
+            b.lock(true)?;
             if b.kind() == BackingKind::BlockDevice && b.len() < sb.backing_len() {
                 bail!(
                     "{}: device has {} bytes, the volume needs {}",
@@ -210,6 +217,8 @@ async fn real_main(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Cmd::Ca(cmd) => println!("{}", cmd.run()?),
+        Cmd::Cert(cmd) => println!("{}", cmd.run()?),
     }
     Ok(())
 }

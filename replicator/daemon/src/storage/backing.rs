@@ -145,24 +145,28 @@ impl Backing {
     /// and the direct-I/O alignment is at most `min_request_align`;
     /// otherwise the backing is opened buffered. With [`DirectIo::On`] any of
     /// these failing is an error.
-    ///
-    /// The backing is locked with `flock`: exclusively when read-write,
-    /// shared when read-only, so a second daemon (or `tandemctl create`)
-    /// cannot write a backing that a running `tandemd` serves.
     pub fn open(
         path: &Path,
         direct: DirectIo,
         read_only: bool,
         min_request_align: u32,
     ) -> IoResult<Backing> {
-        let b = Self::open_unlocked(path, direct, read_only, min_request_align)?;
-        let op = if read_only {
-            libc::LOCK_SH
-        } else {
+        Self::open_unlocked(path, direct, read_only, min_request_align)
+    }
+
+    /// Locks the backing with `flock`: `exclusive` for a writer, shared for
+    /// a reader. `tandemd` locks every backing it serves and `tandemctl
+    /// create` locks the backing it formats, so two processes never write
+    /// one backing. Fails with "in use" when another process holds a
+    /// conflicting lock. The lock lives as long as this `Backing`.
+    pub fn lock(&self, exclusive: bool) -> IoResult<()> {
+        let op = if exclusive {
             libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
         };
         // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(b.fd(), op | libc::LOCK_NB) } != 0 {
+        if unsafe { libc::flock(self.fd(), op | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
             let e = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 io::Error::new(
@@ -172,9 +176,9 @@ impl Backing {
             } else {
                 e
             };
-            return Err(open_err(path, e));
+            return Err(open_err(&self.path, e));
         }
-        Ok(b)
+        Ok(())
     }
 
     fn open_unlocked(
