@@ -12,18 +12,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fio qemu-utils libnbd-bin nbdkit nbdfuse fuse3 e2fsprogs iproute2 nftables util-linux kmod)
+# command -> Debian package that provides it
+needs=(
+  "fio fio" "qemu-nbd qemu-utils" "qemu-io qemu-utils" "nbdinfo libnbd-bin"
+  "nbdcopy libnbd-bin" "nbdkit nbdkit" "fusermount3 fuse3" "mkfs.ext4 e2fsprogs"
+  "e2fsck e2fsprogs" "ip iproute2" "nft nftables" "losetup mount" "modprobe kmod"
+)
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+apt_install() {
+  echo "== installing test prerequisites: $*"
+  export DEBIAN_FRONTEND=noninteractive
+  if [ -z "${apt_updated:-}" ]; then $SUDO apt-get update -qq; apt_updated=1; fi
+  $SUDO apt-get install -y -qq --no-install-recommends "$@"
+}
 missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+for pair in "${needs[@]}"; do
+  set -- $pair
+  command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ] || missing+=("$2")
 done
 if ((${#missing[@]})); then
-  echo "== installing test prerequisites: ${missing[*]}"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt_install $(printf '%s\n' "${missing[@]}" | sort -u)
+fi
+# nbdfuse ships in libnbd-bin on Debian 12 and in its own package on newer releases.
+if ! command -v nbdfuse >/dev/null 2>&1; then
+  apt_install nbdfuse
 fi
 # Loop devices and FUSE are kernel features; load them if possible (no-op if built in).
 modprobe loop 2>/dev/null || true

@@ -10,6 +10,9 @@
 //!   transmission requests and replies, and request validation against an
 //!   export's limits.
 //! * [`superblock`] — the on-disk volume superblock and metadata layout.
+//! * [`repl`] — replication: wire frames and the per-volume replica state
+//!   machine (roles, disk and peer states, write ordering, completion).
 
 pub mod nbd;
+pub mod repl;
 pub mod superblock;

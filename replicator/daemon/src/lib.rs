@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod demo;
 pub mod export;
 pub mod nbd;
+pub mod replication;
 pub mod storage;
 pub mod transport;
 pub mod volume;

@@ -1,0 +1,194 @@
+//! Replica configuration, validated once by [`Config::validate`].
+
+use std::time::Duration;
+
+use super::frame::{MAX_NODE_NAME, PROTOCOL_VERSION};
+use super::state::{DiskState, Protocol, Role};
+
+/// Default interval between keepalive pings: 1 s.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(1);
+/// Default time without any frame after which a peer is declared lost: 5 s.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most peers a volume may have (4 replicas in all).
+pub const MAX_PEERS: usize = 3;
+
+/// Configuration of one replica of one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// This node's name (1 to 64 bytes); compared with the name the peers
+    /// expect, and the tie-breaker in dual-primary conflicts.
+    pub node_name: String,
+    /// Volume UUID, identical on every replica.
+    pub volume_uuid: [u8; 16],
+    /// Volume size in bytes (a non-zero multiple of `block_size`).
+    pub size: u64,
+    /// Logical block size: a power of two from 512 to 65536.
+    pub block_size: u32,
+    /// Replication protocol (default [`Protocol::C`]).
+    pub protocol: Protocol,
+    /// Names of the peers (1 to [`MAX_PEERS`]); [`super::PeerId`] `n` is
+    /// `peers[n]`.
+    pub peers: Vec<String>,
+    /// Role at start (default Secondary).
+    pub initial_role: Role,
+    /// Own disk state at start (default UpToDate: a new volume whose replicas
+    /// are all zero, or what the metadata says). Later issues read it from
+    /// the metadata area.
+    pub initial_disk: DiskState,
+    /// Dual-primary mode for live migration (default off; needs protocol C).
+    pub allow_two_primaries: bool,
+    /// Interval between pings on an idle connection (default 1 s).
+    pub keepalive_interval: Duration,
+    /// A peer that sent nothing for this long is lost (default 5 s; must be
+    /// longer than the keepalive interval).
+    pub peer_timeout: Duration,
+    /// Replication protocol version sent in Hello (default
+    /// [`PROTOCOL_VERSION`]; only tests change it).
+    pub protocol_version: u32,
+}
+
+/// A configuration field holds an impossible value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("replication config field {field} invalid: {why}")]
+pub struct ConfigError {
+    /// Field name.
+    pub field: &'static str,
+    /// What is wrong.
+    pub why: String,
+}
+
+impl Config {
+    /// A configuration with every default: protocol C, Secondary, UpToDate,
+    /// no dual-primary, keepalive 1 s, peer timeout 5 s.
+    pub fn new(
+        node_name: impl Into<String>,
+        volume_uuid: [u8; 16],
+        size: u64,
+        block_size: u32,
+        peers: Vec<String>,
+    ) -> Config {
+        Config {
+            node_name: node_name.into(),
+            volume_uuid,
+            size,
+            block_size,
+            protocol: Protocol::C,
+            peers,
+            initial_role: Role::Secondary,
+            initial_disk: DiskState::UpToDate,
+            allow_two_primaries: false,
+            keepalive_interval: DEFAULT_KEEPALIVE,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            protocol_version: PROTOCOL_VERSION,
+        }
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field, why: &str| {
+            Err(ConfigError {
+                field,
+                why: why.to_owned(),
+            })
+        };
+        let name_ok = |n: &str| !n.is_empty() && n.len() <= MAX_NODE_NAME;
+        if !name_ok(&self.node_name) {
+            return err("node_name", "must be 1 to 64 bytes");
+        }
+        if !(self.block_size.is_power_of_two() && (512..=65536).contains(&self.block_size)) {
+            return err("block_size", "must be a power of two from 512 to 65536");
+        }
+        if self.size == 0 || self.size % u64::from(self.block_size) != 0 {
+            return err("size", "must be a non-zero multiple of block_size");
+        }
+        if self.peers.is_empty() || self.peers.len() > MAX_PEERS {
+            return err("peers", "must name 1 to 3 peers");
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if !name_ok(p) {
+                return err("peers", "each name must be 1 to 64 bytes");
+            }
+            if *p == self.node_name {
+                return err("peers", "a peer has this node's own name");
+            }
+            if self.peers[..i].contains(p) {
+                return err("peers", "duplicate peer name");
+            }
+        }
+        if self.allow_two_primaries && self.protocol != Protocol::C {
+            return err("allow_two_primaries", "dual-primary needs protocol C");
+        }
+        if self.initial_role == Role::Primary && self.initial_disk != DiskState::UpToDate {
+            return err("initial_role", "only an UpToDate disk may start Primary");
+        }
+        if self.keepalive_interval.is_zero() {
+            return err("keepalive_interval", "must be positive");
+        }
+        if self.peer_timeout <= self.keepalive_interval {
+            return err("peer_timeout", "must be longer than keepalive_interval");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Config {
+        Config::new("a", [1; 16], 1 << 20, 512, vec!["b".into()])
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = ok();
+        assert_eq!(c.protocol, Protocol::C);
+        assert_eq!(c.keepalive_interval, Duration::from_secs(1));
+        assert_eq!(c.peer_timeout, Duration::from_secs(5));
+        assert!(!c.allow_two_primaries);
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        type Tweak = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Tweak)> = vec![
+            ("node_name", Box::new(|c| c.node_name.clear())),
+            ("block_size", Box::new(|c| c.block_size = 1000)),
+            ("size", Box::new(|c| c.size = 1000)),
+            ("peers", Box::new(|c| c.peers.clear())),
+            ("peers", Box::new(|c| c.peers = vec!["a".into()])),
+            (
+                "peers",
+                Box::new(|c| c.peers = vec!["b".into(), "b".into()]),
+            ),
+            (
+                "peers",
+                Box::new(|c| c.peers = ["b", "c", "d", "e"].map(String::from).to_vec()),
+            ),
+            (
+                "allow_two_primaries",
+                Box::new(|c| {
+                    c.allow_two_primaries = true;
+                    c.protocol = Protocol::A
+                }),
+            ),
+            (
+                "initial_role",
+                Box::new(|c| {
+                    c.initial_role = Role::Primary;
+                    c.initial_disk = DiskState::Outdated
+                }),
+            ),
+            (
+                "peer_timeout",
+                Box::new(|c| c.peer_timeout = Duration::from_millis(500)),
+            ),
+        ];
+        for (field, f) in cases {
+            let mut c = ok();
+            f(&mut c);
+            assert_eq!(c.validate().unwrap_err().field, field);
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Connection setup (Hello / HelloRefused), state updates and keepalives.
+
+use super::frame::{Frame, Hello};
+use super::replica::Replica;
+use super::state::{ConnState, DiskState, Role};
+use super::{Event, PeerId};
+
+impl Replica {
+    fn hello(&self) -> Frame {
+        Frame::Hello(Hello {
+            protocol_version: self.cfg.protocol_version,
+            volume_uuid: self.cfg.volume_uuid,
+            node_name: self.cfg.node_name.clone(),
+            volume_size: self.cfg.size,
+            block_size: self.cfg.block_size,
+            role: self.role,
+            disk: self.disk,
+        })
+    }
+
+    pub(crate) fn on_peer_connected(&mut self, peer: PeerId) {
+        if self.peer(peer).is_none() {
+            return;
+        }
+        // A new transport replaces whatever the old one was.
+        self.peer_lost(peer);
+        let now = self.now;
+        let keepalive = self.cfg.keepalive_interval;
+        let p = &mut self.peers[peer.0 as usize];
+        p.conn = ConnState::Connecting;
+        p.epoch += 1;
+        p.role = None;
+        p.disk = None;
+        p.last_rx = now;
+        p.next_ping = now + keepalive;
+        self.event(Event::PeerConnState {
+            peer,
+            state: ConnState::Connecting,
+        });
+        let h = self.hello();
+        self.send(peer, h);
+    }
+
+    pub(crate) fn on_peer_frame(&mut self, peer: PeerId, frame: Frame) {
+        let Some(p) = self.peer(peer) else { return };
+        let conn = p.conn;
+        if conn == ConnState::StandAlone {
+            return; // Leftover of a connection already given up.
+        }
+        self.peers[peer.0 as usize].last_rx = self.now;
+        match frame {
+            Frame::Hello(h) if conn == ConnState::Connecting => self.on_hello(peer, h),
+            Frame::HelloRefused { reason } => {
+                self.event(Event::HandshakeRefused {
+                    peer,
+                    reason: reason.clone(),
+                    by_us: false,
+                });
+                self.disconnect(peer, format!("peer refused the handshake: {reason}"));
+            }
+            _ if conn == ConnState::Connecting => {
+                self.violation(peer, "frame before the handshake completed")
+            }
+            Frame::Hello(_) => self.violation(peer, "second Hello"),
+            Frame::Ping { nonce } => self.send(peer, Frame::Pong { nonce }),
+            Frame::Pong { .. } => {}
+            Frame::StateUpdate {
+                role,
+                disk,
+                peer_outdated,
+            } => self.on_state_update(peer, role, disk, peer_outdated),
+            Frame::Ack { id, status } => self.on_ack(peer, id, status),
+            data @ (Frame::Write { .. }
+            | Frame::Trim { .. }
+            | Frame::WriteZeroes { .. }
+            | Frame::Flush { .. }) => self.on_peer_data(peer, data),
+        }
+    }
+
+    pub(crate) fn violation(&mut self, peer: PeerId, what: &'static str) {
+        self.event(Event::ProtocolViolation { peer, what });
+        self.disconnect(peer, format!("protocol violation: {what}"));
+    }
+
+    fn refuse(&mut self, peer: PeerId, reason: String) {
+        self.event(Event::HandshakeRefused {
+            peer,
+            reason: reason.clone(),
+            by_us: true,
+        });
+        self.send(
+            peer,
+            Frame::HelloRefused {
+                reason: reason.clone(),
+            },
+        );
+        self.disconnect(peer, reason);
+    }
+
+    /// Counts connected Primary peers other than `except`.
+    fn primary_peers(&self, except: PeerId) -> usize {
+        self.peers
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| {
+                *i != except.0 as usize
+                    && p.conn == ConnState::Connected
+                    && p.role == Some(Role::Primary)
+            })
+            .count()
+    }
+
+    fn on_hello(&mut self, peer: PeerId, h: Hello) {
+        let cfg = &self.cfg;
+        let expected = &self.peers[peer.0 as usize].name;
+        let refusal = if h.protocol_version != cfg.protocol_version {
+            Some(format!(
+                "protocol version mismatch: peer speaks {}, this node {}",
+                h.protocol_version, cfg.protocol_version
+            ))
+        } else if h.volume_uuid != cfg.volume_uuid {
+            Some("volume uuid mismatch: the peer holds another volume".to_owned())
+        } else if h.node_name != *expected {
+            Some(format!(
+                "unexpected node name {:?} (expected {expected:?})",
+                h.node_name
+            ))
+        } else if h.volume_size != cfg.size {
+            Some(format!(
+                "volume size mismatch: peer {} bytes, this node {}",
+                h.volume_size, cfg.size
+            ))
+        } else if h.block_size != cfg.block_size {
+            Some(format!(
+                "block size mismatch: peer {}, this node {}",
+                h.block_size, cfg.block_size
+            ))
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            return self.refuse(peer, r);
+        }
+        if h.role == Role::Primary {
+            let primaries = 1 + self.primary_peers(peer) + usize::from(self.role == Role::Primary);
+            if primaries > 1 && !self.cfg.allow_two_primaries {
+                self.event(Event::SplitRoleRefused { peer });
+                return self.refuse(
+                    peer,
+                    "both nodes are Primary and allow_two_primaries is off".into(),
+                );
+            }
+            if primaries > 2 {
+                self.event(Event::SplitRoleRefused { peer });
+                return self.refuse(peer, "more than two Primaries".into());
+            }
+        }
+        let p = &mut self.peers[peer.0 as usize];
+        p.conn = ConnState::Connected;
+        p.role = Some(h.role);
+        p.disk = Some(h.disk);
+        self.event(Event::PeerConnState {
+            peer,
+            state: ConnState::Connected,
+        });
+        self.event(Event::PeerStateChanged {
+            peer,
+            role: h.role,
+            disk: h.disk,
+        });
+        // Completes the handshake from this side: re-state own role and disk
+        // and, crucially, tell a peer held Outdated that it is (R6).
+        let f = self.state_update_for(peer);
+        self.send(peer, f);
+    }
+
+    fn on_state_update(&mut self, peer: PeerId, role: Role, disk: DiskState, peer_outdated: bool) {
+        let p = &mut self.peers[peer.0 as usize];
+        let changed = p.role != Some(role) || p.disk != Some(disk);
+        p.role = Some(role);
+        p.disk = Some(disk);
+        if changed {
+            self.event(Event::PeerStateChanged { peer, role, disk });
+        }
+        if role == Role::Primary && self.role == Role::Primary {
+            let primaries = 2 + self.primary_peers(peer);
+            if !self.cfg.allow_two_primaries || primaries > 2 {
+                self.event(Event::SplitRoleRefused { peer });
+                return self.disconnect(peer, "both nodes are Primary".into());
+            }
+        }
+        if peer_outdated && self.disk == DiskState::UpToDate {
+            self.set_disk(DiskState::Outdated);
+        }
+    }
+}

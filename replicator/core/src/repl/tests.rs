@@ -1,0 +1,824 @@
+//! State-machine tests on a small in-memory cluster (like quinn-proto's
+//! `Pair`): frames go through the real codec, disks are byte vectors, local
+//! I/O and links can be held to observe intermediate states. Each test is
+//! named after the rule of `docs/replication.md` it enforces.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use super::*;
+
+const SIZE: u64 = 64 * 1024;
+const BS: u32 = 512;
+const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+struct Node {
+    r: Replica,
+    disk: Vec<u8>,
+    /// Local I/O not yet performed.
+    io: VecDeque<(IoId, Op)>,
+    hold_io: bool,
+    fail_io: Option<i32>,
+    done: Vec<(ReqId, Result<(), i32>)>,
+    events: Vec<Event>,
+    disconnects: Vec<(PeerId, String)>,
+    /// Every local op performed, in order.
+    log: Vec<Op>,
+}
+
+struct Link {
+    up: bool,
+    /// Graceful close requested: deliver the queue, then break.
+    closing: bool,
+    hold: bool,
+    q: VecDeque<BytesMut>,
+}
+
+struct Cluster {
+    now: Time,
+    nodes: Vec<Node>,
+    /// links[from][to]
+    links: Vec<Vec<Link>>,
+}
+
+fn pid(from: usize, to: usize) -> PeerId {
+    PeerId(if to < from { to } else { to - 1 } as u8)
+}
+
+fn node_of(from: usize, p: PeerId) -> usize {
+    let p = p.0 as usize;
+    if p < from {
+        p
+    } else {
+        p + 1
+    }
+}
+
+fn w(offset: u64, byte: u8, blocks: usize, fua: bool) -> Op {
+    Op::Write {
+        offset,
+        data: Bytes::from(vec![byte; blocks * BS as usize]),
+        fua,
+    }
+}
+
+impl Cluster {
+    fn new(n: usize, tweak: impl Fn(usize, &mut Config)) -> Cluster {
+        let nodes = (0..n)
+            .map(|i| {
+                let peers = (0..n)
+                    .filter(|j| *j != i)
+                    .map(|j| NAMES[j].to_owned())
+                    .collect();
+                let mut c = Config::new(NAMES[i], [7; 16], SIZE, BS, peers);
+                if i == 0 {
+                    c.initial_role = Role::Primary;
+                }
+                tweak(i, &mut c);
+                Node {
+                    r: Replica::new(c, Time::ZERO).unwrap(),
+                    disk: vec![0; SIZE as usize],
+                    io: VecDeque::new(),
+                    hold_io: false,
+                    fail_io: None,
+                    done: Vec::new(),
+                    events: Vec::new(),
+                    disconnects: Vec::new(),
+                    log: Vec::new(),
+                }
+            })
+            .collect();
+        let links = (0..n)
+            .map(|_| {
+                (0..n)
+                    .map(|_| Link {
+                        up: false,
+                        closing: false,
+                        hold: false,
+                        q: VecDeque::new(),
+                    })
+                    .collect()
+            })
+            .collect();
+        Cluster {
+            now: Time::ZERO,
+            nodes,
+            links,
+        }
+    }
+
+    /// A cluster with every pair connected and handshaken.
+    fn connected(n: usize, tweak: impl Fn(usize, &mut Config)) -> Cluster {
+        let mut c = Cluster::new(n, tweak);
+        for i in 0..n {
+            for j in i + 1..n {
+                c.connect(i, j);
+            }
+        }
+        c.run();
+        c
+    }
+
+    fn connect(&mut self, i: usize, j: usize) {
+        self.links[i][j] = Link {
+            up: true,
+            closing: false,
+            hold: false,
+            q: VecDeque::new(),
+        };
+        self.links[j][i] = Link {
+            up: true,
+            closing: false,
+            hold: false,
+            q: VecDeque::new(),
+        };
+        let now = self.now;
+        self.nodes[i]
+            .r
+            .handle(now, Input::PeerConnected { peer: pid(i, j) });
+        self.nodes[j]
+            .r
+            .handle(now, Input::PeerConnected { peer: pid(j, i) });
+    }
+
+    fn break_link(&mut self, i: usize, j: usize) {
+        let now = self.now;
+        for (a, b) in [(i, j), (j, i)] {
+            if self.links[a][b].up {
+                self.links[a][b].up = false;
+                self.links[a][b].q.clear();
+                self.nodes[a]
+                    .r
+                    .handle(now, Input::PeerDisconnected { peer: pid(a, b) });
+            }
+        }
+    }
+
+    fn submit(&mut self, i: usize, req: u64, op: Op) {
+        let now = self.now;
+        self.nodes[i].r.handle(
+            now,
+            Input::Frontend {
+                req: ReqId(req),
+                op,
+            },
+        );
+    }
+
+    fn drain(&mut self, i: usize) -> bool {
+        let mut any = false;
+        while let Some(o) = self.nodes[i].r.poll_output() {
+            any = true;
+            match o {
+                Output::LocalIo { io, op } => self.nodes[i].io.push_back((io, op)),
+                Output::Send { peer, frame } => {
+                    let j = node_of(i, peer);
+                    if self.links[i][j].up {
+                        let mut b = BytesMut::new();
+                        frame.encode(&mut b);
+                        self.links[i][j].q.push_back(b);
+                    }
+                }
+                Output::Complete { req, result } => self.nodes[i].done.push((req, result)),
+                Output::Disconnect { peer, reason } => {
+                    self.nodes[i].disconnects.push((peer, reason));
+                    let j = node_of(i, peer);
+                    self.links[i][j].closing = true;
+                }
+                Output::Event(e) => self.nodes[i].events.push(e),
+            }
+        }
+        any
+    }
+
+    fn do_io(&mut self, i: usize) -> bool {
+        let n = &mut self.nodes[i];
+        let Some((io, op)) = n.io.pop_front() else {
+            return false;
+        };
+        let result = match n.fail_io.take() {
+            Some(e) => Err(e),
+            None => {
+                match &op {
+                    Op::Write { offset, data, .. } => n.disk
+                        [*offset as usize..*offset as usize + data.len()]
+                        .copy_from_slice(data),
+                    Op::Trim { offset, len, .. } | Op::WriteZeroes { offset, len, .. } => {
+                        n.disk[*offset as usize..(*offset + *len) as usize].fill(0)
+                    }
+                    Op::Flush => {}
+                }
+                n.log.push(op);
+                Ok(())
+            }
+        };
+        let now = self.now;
+        n.r.handle(now, Input::LocalDone { io, result });
+        true
+    }
+
+    fn deliver(&mut self, i: usize, j: usize) -> bool {
+        if !self.links[i][j].up || self.links[i][j].hold {
+            return false;
+        }
+        let Some(mut b) = self.links[i][j].q.pop_front() else {
+            return false;
+        };
+        let frame = Frame::decode(&mut b).unwrap().unwrap();
+        assert!(b.is_empty());
+        let now = self.now;
+        self.nodes[j].r.handle(
+            now,
+            Input::PeerFrame {
+                peer: pid(j, i),
+                frame,
+            },
+        );
+        true
+    }
+
+    /// Runs until nothing moves (held I/O and links stay held).
+    fn run(&mut self) {
+        loop {
+            let mut any = false;
+            for i in 0..self.nodes.len() {
+                any |= self.drain(i);
+            }
+            for i in 0..self.nodes.len() {
+                if !self.nodes[i].hold_io {
+                    while self.do_io(i) {
+                        any = true;
+                        self.drain(i);
+                    }
+                }
+            }
+            for i in 0..self.nodes.len() {
+                for j in 0..self.nodes.len() {
+                    while self.deliver(i, j) {
+                        any = true;
+                        self.drain(j);
+                    }
+                }
+            }
+            for i in 0..self.nodes.len() {
+                for j in 0..self.nodes.len() {
+                    let l = &self.links[i][j];
+                    if l.up && l.closing && l.q.is_empty() {
+                        self.break_link(i, j);
+                        any = true;
+                    }
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now = self.now + d;
+        for i in 0..self.nodes.len() {
+            let now = self.now;
+            if self.nodes[i].r.poll_timeout().is_some_and(|t| t <= now) {
+                self.nodes[i].r.handle_timeout(now);
+            }
+        }
+        self.run();
+    }
+
+    fn done(&self, i: usize, req: u64) -> Option<Result<(), i32>> {
+        self.nodes[i]
+            .done
+            .iter()
+            .find(|(r, _)| *r == ReqId(req))
+            .map(|(_, res)| *res)
+    }
+
+    fn status(&self, i: usize, j: usize) -> PeerStatus {
+        self.nodes[i].r.peer_status(pid(i, j)).unwrap()
+    }
+}
+
+#[test]
+fn handshake_connects_two_nodes_up_to_date() {
+    let c = Cluster::connected(2, |_, _| {});
+    let s = c.status(0, 1);
+    assert_eq!(s.conn, ConnState::Connected);
+    assert_eq!(s.repl, ReplState::Established);
+    assert_eq!(s.role, Some(Role::Secondary));
+    assert_eq!(c.status(1, 0).role, Some(Role::Primary));
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::UpToDate);
+}
+
+#[test]
+fn r1_protocol_c_completes_after_local_and_peer_ack() {
+    let mut c = Cluster::connected(3, |_, _| {});
+    // Local write held: both peers ack, no completion yet.
+    c.nodes[0].hold_io = true;
+    c.submit(0, 1, w(0, 1, 2, false));
+    c.run();
+    assert_eq!(c.done(0, 1), None);
+    assert_eq!(&c.nodes[1].disk[..1024], &[1; 1024][..]);
+    assert_eq!(&c.nodes[2].disk[..1024], &[1; 1024][..]);
+    c.nodes[0].hold_io = false;
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    // Acks from one peer held: local done, still no completion.
+    c.links[2][0].hold = true;
+    c.submit(0, 2, w(4096, 2, 1, false));
+    c.run();
+    assert_eq!(&c.nodes[0].disk[4096..4608], &[2; 512][..]);
+    assert_eq!(c.done(0, 2), None);
+    c.links[2][0].hold = false;
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+}
+
+#[test]
+fn r2_protocol_a_completes_after_local_and_send() {
+    let mut c = Cluster::connected(2, |_, cfg| cfg.protocol = Protocol::A);
+    c.links[1][0].hold = true; // no acks come back
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    assert_eq!(&c.nodes[1].disk[..512], &[1; 512][..]);
+    // Still alive until the ack: demotion waits.
+    assert_eq!(c.nodes[0].r.requests_in_flight(), 1);
+    c.links[1][0].hold = false;
+    c.run();
+    assert_eq!(c.nodes[0].r.requests_in_flight(), 0);
+}
+
+#[test]
+fn r3_flush_and_fua_are_durable_on_every_up_to_date_replica() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.nodes[1].hold_io = true;
+    c.submit(0, 1, Op::Flush);
+    c.submit(0, 2, w(0, 3, 1, true));
+    c.submit(
+        0,
+        3,
+        Op::Trim {
+            offset: 8192,
+            len: 1024,
+            fua: true,
+        },
+    );
+    c.run();
+    // The peer holds its I/O: nothing completes.
+    assert_eq!(c.done(0, 1), None);
+    assert_eq!(c.done(0, 2), None);
+    assert_eq!(c.done(0, 3), None);
+    assert!(c.nodes[1].io.iter().any(|(_, op)| *op == Op::Flush));
+    assert!(c.nodes[1]
+        .io
+        .iter()
+        .any(|(_, op)| matches!(op, Op::Write { fua: true, .. })));
+    assert!(c.nodes[1]
+        .io
+        .iter()
+        .any(|(_, op)| matches!(op, Op::Trim { fua: true, .. })));
+    c.nodes[1].hold_io = false;
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    assert_eq!(c.done(0, 3), Some(Ok(())));
+    assert!(c.nodes[0].log.contains(&Op::Flush));
+}
+
+#[test]
+fn r4_secondary_refuses_frontend_writes_and_acks_after_local_done() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.submit(1, 9, w(0, 1, 1, false));
+    c.submit(1, 10, Op::Flush);
+    c.run();
+    assert_eq!(c.done(1, 9), Some(Err(errno::EPERM)));
+    assert_eq!(c.done(1, 10), Some(Err(errno::EPERM)));
+    c.nodes[1].hold_io = true;
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.nodes[1].io.len(), 1);
+    assert!(c.links[1][0].q.is_empty(), "no ack before the local write");
+    c.nodes[1].hold_io = false;
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+}
+
+#[test]
+fn r5_peer_flush_waits_for_earlier_peer_writes() {
+    let mut c = Cluster::connected(2, |_, cfg| cfg.protocol = Protocol::A);
+    c.nodes[1].hold_io = true;
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    c.submit(0, 2, Op::Flush);
+    c.run();
+    // Flush not submitted on the secondary while the write is pending.
+    assert_eq!(c.nodes[1].io.len(), 1);
+    c.nodes[1].hold_io = false;
+    c.run();
+    assert!(matches!(c.nodes[1].log[0], Op::Write { .. }));
+    assert_eq!(c.nodes[1].log[1], Op::Flush);
+}
+
+#[test]
+fn r6_peer_loss_completes_writes_and_outdates_the_peer_until_resync() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.links[0][1].hold = true;
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 1), None);
+    c.break_link(0, 1);
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    let s = c.status(0, 1);
+    assert!(s.outdated);
+    assert_eq!(s.conn, ConnState::StandAlone);
+    assert!(c.nodes[0].events.contains(&Event::PeerOutdated {
+        peer: pid(0, 1),
+        reason: OutdatedReason::ConnectionLost
+    }));
+    // The primary keeps serving.
+    c.submit(0, 2, w(512, 2, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    // Reconnect: the peer learns it is Outdated and receives nothing.
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).conn, ConnState::Connected);
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::Outdated);
+    assert_eq!(c.status(0, 1).disk, Some(DiskState::Outdated));
+    assert_eq!(c.status(0, 1).repl, ReplState::Off);
+    let before = c.nodes[1].log.len();
+    c.submit(0, 3, w(1024, 3, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 3), Some(Ok(())));
+    assert_eq!(c.nodes[1].log.len(), before);
+    // An Outdated node cannot be promoted.
+    c.nodes[0].r.demote(c.now).unwrap();
+    assert_eq!(
+        c.nodes[1].r.promote(c.now),
+        Err(RoleError::DiskNotUpToDate(DiskState::Outdated))
+    );
+}
+
+#[test]
+fn r6_peer_timeout_and_keepalive() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    // Idle: pings keep the connection alive.
+    for _ in 0..20 {
+        c.advance(Duration::from_millis(500));
+    }
+    assert_eq!(c.status(0, 1).conn, ConnState::Connected);
+    // Silence: a held link times out after peer_timeout.
+    c.links[1][0].hold = true;
+    c.links[0][1].hold = true;
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    c.advance(Duration::from_secs(4));
+    assert_eq!(c.done(0, 1), None);
+    c.advance(Duration::from_millis(1100));
+    assert!(c.nodes[0]
+        .events
+        .contains(&Event::PeerTimeout { peer: pid(0, 1) }));
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    assert!(c.status(0, 1).outdated);
+    assert_eq!(c.nodes[0].disconnects.len(), 1);
+}
+
+#[test]
+fn r7_overlapping_writes_wait_for_earlier_ones() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.links[1][0].hold = true; // first write stays in flight (no ack)
+    c.submit(0, 1, w(0, 1, 2, false)); // blocks 0-1
+    c.submit(0, 2, w(512, 2, 2, false)); // blocks 1-2: overlaps
+    c.submit(0, 3, w(4096, 3, 1, false)); // disjoint
+    c.run();
+    // Overlapping write submitted neither locally nor to the peer.
+    let writes = |n: &Node| {
+        n.log
+            .iter()
+            .filter_map(|o| match o {
+                Op::Write { data, .. } => Some(data[0]),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(writes(&c.nodes[0]), vec![1, 3]);
+    assert_eq!(writes(&c.nodes[1]), vec![1, 3]);
+    c.links[1][0].hold = false;
+    c.run();
+    assert_eq!(writes(&c.nodes[0]), vec![1, 3, 2]);
+    assert_eq!(writes(&c.nodes[1]), vec![1, 3, 2]);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    for r in 1..=3 {
+        assert_eq!(c.done(0, r), Some(Ok(())));
+    }
+}
+
+#[test]
+fn r8_missed_writes_outdate_peers_and_are_never_sent_to_them() {
+    let mut c = Cluster::new(3, |_, _| {});
+    c.connect(0, 1);
+    c.run();
+    // c (node 2) never connected: a write misses it.
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    assert!(c.status(0, 2).outdated);
+    assert!(!c.status(0, 1).outdated);
+    assert!(c.nodes[0].events.contains(&Event::PeerOutdated {
+        peer: pid(0, 2),
+        reason: OutdatedReason::MissedWrite
+    }));
+    c.connect(0, 2);
+    c.run();
+    assert_eq!(c.nodes[2].r.disk_state(), DiskState::Outdated);
+    c.submit(0, 2, w(0, 2, 1, false));
+    c.run();
+    assert!(c.nodes[2].log.is_empty());
+    assert_eq!(c.nodes[1].log.len(), 2);
+}
+
+#[test]
+fn r9_dual_primary_conflicts_are_detected_and_ordered_the_same_everywhere() {
+    for (first, second) in [(0usize, 1usize), (1, 0)] {
+        let mut c = Cluster::connected(2, |_, cfg| {
+            cfg.allow_two_primaries = true;
+            cfg.initial_role = Role::Primary;
+        });
+        assert_eq!(c.status(0, 1).role, Some(Role::Primary));
+        // Both write overlapping blocks before seeing the other's write.
+        c.links[0][1].hold = true;
+        c.links[1][0].hold = true;
+        c.submit(first, 1, w(0, 0xA, 2, false));
+        c.submit(second, 1, w(512, 0xB, 2, false));
+        c.run();
+        c.links[0][1].hold = false;
+        c.links[1][0].hold = false;
+        c.run();
+        assert_eq!(c.done(0, 1), Some(Ok(())));
+        assert_eq!(c.done(1, 1), Some(Ok(())));
+        for n in &c.nodes {
+            assert!(n
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::ConcurrentWriteConflict { .. })));
+        }
+        assert_eq!(c.nodes[0].disk, c.nodes[1].disk, "replicas diverged");
+        // Lower node name ("a", node 0) wins the overlap.
+        let a_byte = if first == 0 { 0xA } else { 0xB };
+        assert_eq!(c.nodes[0].disk[512], a_byte);
+        assert!(c.status(0, 1).repl == ReplState::Established);
+    }
+}
+
+#[test]
+fn r10_handshake_refuses_mismatches() {
+    type Tweak = Box<dyn Fn(&mut Config)>;
+    let cases: Vec<(Tweak, &str)> = vec![
+        (Box::new(|c| c.volume_uuid = [8; 16]), "uuid"),
+        (Box::new(|c| c.size = SIZE * 2), "size"),
+        (Box::new(|c| c.block_size = 4096), "block size"),
+        (Box::new(|c| c.protocol_version = 2), "protocol version"),
+        (Box::new(|c| c.initial_role = Role::Primary), "Primary"),
+        (Box::new(|c| c.node_name = "x".into()), "node name"),
+    ];
+    for (tweak, word) in cases {
+        let mut c = Cluster::connected(2, |i, cfg| {
+            if i == 1 {
+                tweak(cfg)
+            }
+        });
+        c.run();
+        for i in 0..2 {
+            assert_eq!(c.status(i, 1 - i).conn, ConnState::StandAlone, "{word}");
+            assert!(
+                c.nodes[i].events.iter().any(
+                    |e| matches!(e, Event::HandshakeRefused { reason, .. } if reason.contains(word))
+                ),
+                "{word}: {:?}",
+                c.nodes[i].events
+            );
+            assert!(!c.nodes[i].disconnects.is_empty());
+        }
+    }
+}
+
+#[test]
+fn r11_role_changes() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    assert!(matches!(
+        c.nodes[1].r.promote(c.now),
+        Err(RoleError::PeerIsPrimary(_))
+    ));
+    c.nodes[0].hold_io = true;
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(
+        c.nodes[0].r.demote(c.now),
+        Err(RoleError::RequestsInFlight(1))
+    );
+    c.nodes[0].hold_io = false;
+    c.run();
+    c.nodes[0].r.demote(c.now).unwrap();
+    c.run();
+    c.nodes[1].r.promote(c.now).unwrap();
+    c.run();
+    assert_eq!(c.status(0, 1).role, Some(Role::Primary));
+    assert!(matches!(
+        c.nodes[0].r.promote(c.now),
+        Err(RoleError::PeerIsPrimary(_))
+    ));
+    // Switchover kept both replicas in sync.
+    c.submit(1, 2, w(512, 2, 1, false));
+    c.run();
+    assert_eq!(c.done(1, 2), Some(Ok(())));
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+
+    // Dual-primary: two allowed, a third refused.
+    let mut c = Cluster::connected(3, |_, cfg| cfg.allow_two_primaries = true);
+    c.nodes[1].r.promote(c.now).unwrap();
+    c.run();
+    assert_eq!(
+        c.nodes[2].r.promote(c.now),
+        Err(RoleError::TooManyPrimaries)
+    );
+}
+
+#[test]
+fn r11_simultaneous_promotion_outside_dual_primary_is_refused() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.nodes[0].r.demote(c.now).unwrap();
+    c.run();
+    // Both promote before seeing the other's state update.
+    c.links[0][1].hold = true;
+    c.links[1][0].hold = true;
+    c.nodes[0].r.promote(c.now).unwrap();
+    c.nodes[1].r.promote(c.now).unwrap();
+    c.run();
+    c.links[0][1].hold = false;
+    c.links[1][0].hold = false;
+    c.run();
+    for i in 0..2 {
+        assert!(c.nodes[i]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::SplitRoleRefused { .. })));
+        assert_eq!(c.status(i, 1 - i).conn, ConnState::StandAlone);
+    }
+}
+
+#[test]
+fn r12_io_errors() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    // Local error on the primary: the frontend sees it.
+    c.nodes[0].fail_io = Some(errno::EIO);
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Err(errno::EIO)));
+    // Peer error: completes OK (data safe locally), peer outdated.
+    c.nodes[1].fail_io = Some(errno::EIO);
+    c.submit(0, 2, w(512, 2, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    assert!(c.nodes[0].events.contains(&Event::PeerOutdated {
+        peer: pid(0, 1),
+        reason: OutdatedReason::PeerIoError
+    }));
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::Outdated);
+    assert_eq!(c.status(0, 1).repl, ReplState::Off);
+}
+
+#[test]
+fn r13_trim_and_write_zeroes_are_sent_as_commands() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.submit(0, 1, w(0, 9, 8, false));
+    c.run();
+    c.links[0][1].hold = true;
+    c.submit(
+        0,
+        2,
+        Op::WriteZeroes {
+            offset: 0,
+            len: 2048,
+            no_hole: true,
+            fua: false,
+        },
+    );
+    c.submit(
+        0,
+        3,
+        Op::Trim {
+            offset: 2048,
+            len: 2048,
+            fua: false,
+        },
+    );
+    c.run();
+    let sizes: Vec<usize> = c.links[0][1].q.iter().map(|b| b.len()).collect();
+    assert_eq!(sizes, vec![frame::HEADER_LEN + 16; 2]);
+    c.links[0][1].hold = false;
+    c.run();
+    assert_eq!(c.nodes[1].disk, c.nodes[0].disk);
+    assert!(c.nodes[1].disk[..4096].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn frontend_requests_are_validated() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.submit(0, 1, w(1, 1, 1, false));
+    c.submit(0, 2, w(SIZE, 1, 1, false));
+    c.submit(
+        0,
+        3,
+        Op::Trim {
+            offset: 0,
+            len: 0,
+            fua: false,
+        },
+    );
+    c.submit(
+        0,
+        4,
+        Op::Trim {
+            offset: u64::MAX - 511,
+            len: 512,
+            fua: false,
+        },
+    );
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Err(errno::EINVAL)));
+    assert_eq!(c.done(0, 2), Some(Err(errno::ENOSPC)));
+    assert_eq!(c.done(0, 3), Some(Err(errno::EINVAL)));
+    assert_eq!(c.done(0, 4), Some(Err(errno::ENOSPC)));
+    assert!(c.nodes[1].log.is_empty());
+}
+
+#[test]
+fn stray_inputs_do_not_panic() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    let now = c.now;
+    let r = &mut c.nodes[0].r;
+    r.handle(
+        now,
+        Input::LocalDone {
+            io: IoId(999),
+            result: Ok(()),
+        },
+    );
+    r.handle(now, Input::PeerConnected { peer: PeerId(9) });
+    r.handle(now, Input::PeerDisconnected { peer: PeerId(9) });
+    r.handle(
+        now,
+        Input::PeerFrame {
+            peer: PeerId(9),
+            frame: Frame::Flush { id: 1 },
+        },
+    );
+    // Data from a Secondary and unknown acks are protocol violations.
+    c.nodes[0].r.handle(
+        now,
+        Input::PeerFrame {
+            peer: pid(0, 1),
+            frame: Frame::Ack { id: 77, status: 0 },
+        },
+    );
+    c.run();
+    assert_eq!(c.status(0, 1).conn, ConnState::StandAlone);
+    assert!(c.nodes[0]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::ProtocolViolation { .. })));
+}
+
+/// Found by the simulator: the peer's ack for our conflicting write arrives
+/// right behind its own write; our write must still be re-applied after the
+/// peer's before it completes, or the replicas diverge.
+#[test]
+fn r9_ack_racing_a_conflicting_write_does_not_skip_the_reapply() {
+    let mut c = Cluster::connected(2, |_, cfg| {
+        cfg.allow_two_primaries = true;
+        cfg.initial_role = Role::Primary;
+    });
+    c.links[0][1].hold = true;
+    c.links[1][0].hold = true;
+    c.nodes[0].hold_io = true;
+    c.submit(0, 1, w(0, 0xA, 2, false)); // "a" (lower name): blocks 0-1
+    c.submit(1, 1, w(512, 0xB, 1, false)); // "b": block 1
+    c.run();
+    // b sees a's write while its own is unacked, applies it and acks it:
+    // b -> a now carries b's write followed by the ack of a's write.
+    c.links[0][1].hold = false;
+    c.run();
+    c.links[1][0].hold = false;
+    c.run();
+    assert_eq!(c.done(0, 1), None, "a's write must wait for its re-apply");
+    c.nodes[0].hold_io = false;
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    assert_eq!(c.done(1, 1), Some(Ok(())));
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk, "replicas diverged");
+    assert_eq!(c.nodes[0].disk[512], 0xA, "the lower name wins");
+}

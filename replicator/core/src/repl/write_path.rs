@@ -1,0 +1,476 @@
+//! The write path: frontend requests on a Primary, peer operations on any
+//! node, ordering of overlapping writes, completion and acks.
+//!
+//! Everything converges in [`Replica::progress`], which repeatedly submits
+//! what is no longer blocked and completes what is finished until nothing
+//! changes. The rules it implements are numbered in `docs/replication.md`.
+
+use super::frame::{Frame, MAX_DATA};
+use super::peer::PeerSet;
+use super::replica::Replica;
+use super::state::{ConnState, DiskState, Protocol, Role};
+use super::{errno, Event, IoId, Op, OutdatedReason, Output, PeerId, ReqId};
+
+/// Progress of the local part of an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LocalState {
+    /// Waiting behind an overlapping operation.
+    NotSubmitted,
+    /// `LocalIo` emitted, `LocalDone` not yet received.
+    Pending,
+    /// Finished with this result.
+    Done(Result<(), i32>),
+}
+
+/// A frontend request on a Primary, alive until it is done locally and on
+/// every peer it was sent to (even if already completed, protocol A).
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) req: ReqId,
+    pub(crate) op: Op,
+    pub(crate) range: Option<(u64, u64)>,
+    pub(crate) local: LocalState,
+    /// Dual-primary: write the data again once the local I/O is done (R9).
+    pub(crate) reapply: bool,
+    /// Dual-primary: conflicting peer writes still being applied that will
+    /// ask for a re-apply; the request neither completes nor retires before.
+    pub(crate) pins: u32,
+    /// Peers whose ack is awaited.
+    pub(crate) peers_pending: PeerSet,
+    /// `Complete` already emitted.
+    pub(crate) completed: bool,
+}
+
+/// A peer's data frame or flush being applied locally.
+#[derive(Debug)]
+pub(crate) struct Apply {
+    pub(crate) peer: PeerId,
+    pub(crate) epoch: u64,
+    pub(crate) id: u64,
+    pub(crate) op: Op,
+    pub(crate) range: Option<(u64, u64)>,
+    pub(crate) local: LocalState,
+    /// Dual-primary: local requests whose local I/O must finish first.
+    pub(crate) wait_for: Vec<u64>,
+    /// Dual-primary: local requests to re-apply after this one (R9).
+    pub(crate) reapply_after: Vec<u64>,
+    pub(crate) reapply_marked: bool,
+}
+
+/// Who waits for a local I/O.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum IoOwner {
+    Request(u64),
+    Apply(u64),
+}
+
+fn overlaps(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> bool {
+    match (a, b) {
+        (Some((s1, e1)), Some((s2, e2))) => s1 < e2 && s2 < e1,
+        _ => false,
+    }
+}
+
+fn frame_for(op: &Op, id: u64) -> Frame {
+    match op {
+        Op::Write { offset, data, fua } => Frame::Write {
+            id,
+            offset: *offset,
+            fua: *fua,
+            data: data.clone(),
+        },
+        Op::Flush => Frame::Flush { id },
+        Op::Trim { offset, len, fua } => Frame::Trim {
+            id,
+            offset: *offset,
+            len: *len,
+            fua: *fua,
+        },
+        Op::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+            fua,
+        } => Frame::WriteZeroes {
+            id,
+            offset: *offset,
+            len: *len,
+            no_hole: *no_hole,
+            fua: *fua,
+        },
+    }
+}
+
+impl Replica {
+    /// `Err(errno)` unless the operation is aligned, non-empty, within the
+    /// volume and within the frame size limit.
+    fn check_op(&self, op: &Op) -> Result<(), i32> {
+        let bs = u64::from(self.cfg.block_size);
+        let (offset, len) = match op {
+            Op::Flush => return Ok(()),
+            Op::Write { offset, data, .. } => {
+                if data.len() > MAX_DATA {
+                    return Err(errno::EINVAL);
+                }
+                (*offset, data.len() as u64)
+            }
+            Op::Trim { offset, len, .. } | Op::WriteZeroes { offset, len, .. } => (*offset, *len),
+        };
+        if len == 0 || offset % bs != 0 || len % bs != 0 {
+            return Err(errno::EINVAL);
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.cfg.size => Ok(()),
+            _ => Err(errno::ENOSPC),
+        }
+    }
+
+    fn new_io(&mut self, owner: IoOwner, op: Op) {
+        let io = IoId(self.next_io);
+        self.next_io += 1;
+        self.ios.insert(io, owner);
+        self.out.push_back(Output::LocalIo { io, op });
+    }
+
+    pub(crate) fn on_frontend(&mut self, req: ReqId, op: Op) {
+        if self.role != Role::Primary {
+            self.out.push_back(Output::Complete {
+                req,
+                result: Err(errno::EPERM),
+            });
+            return;
+        }
+        if let Err(e) = self.check_op(&op) {
+            self.out.push_back(Output::Complete {
+                req,
+                result: Err(e),
+            });
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let range = op.range();
+        self.requests.insert(
+            seq,
+            Request {
+                req,
+                op,
+                range,
+                local: LocalState::NotSubmitted,
+                reapply: false,
+                pins: 0,
+                peers_pending: PeerSet::default(),
+                completed: false,
+            },
+        );
+    }
+
+    pub(crate) fn on_local_done(&mut self, io: IoId, result: Result<(), i32>) {
+        let Some(owner) = self.ios.remove(&io) else {
+            return; // Unknown or duplicate completion: a driver bug, ignored.
+        };
+        if let Err(errno) = result {
+            self.event(Event::LocalIoError { errno });
+        }
+        match owner {
+            IoOwner::Request(seq) => {
+                if let Some(r) = self.requests.get_mut(&seq) {
+                    r.local = LocalState::Done(result);
+                }
+            }
+            IoOwner::Apply(n) => {
+                if let Some(a) = self.applies.get_mut(&n) {
+                    a.local = LocalState::Done(result);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn on_ack(&mut self, peer: PeerId, id: u64, status: u32) {
+        let known = self
+            .requests
+            .get_mut(&id)
+            .is_some_and(|r| r.peers_pending.remove(peer));
+        if !known {
+            return self.violation(peer, "ack for a frame it was not sent");
+        }
+        if status != 0 {
+            self.mark_outdated(peer, OutdatedReason::PeerIoError);
+        }
+    }
+
+    pub(crate) fn on_peer_data(&mut self, peer: PeerId, frame: Frame) {
+        if self.peers[peer.0 as usize].role != Some(Role::Primary) {
+            return self.violation(peer, "data frame from a peer that is not Primary");
+        }
+        let (id, op) = match frame {
+            Frame::Write {
+                id,
+                offset,
+                fua,
+                data,
+            } => (id, Op::Write { offset, data, fua }),
+            Frame::Trim {
+                id,
+                offset,
+                len,
+                fua,
+            } => (id, Op::Trim { offset, len, fua }),
+            Frame::WriteZeroes {
+                id,
+                offset,
+                len,
+                no_hole,
+                fua,
+            } => (
+                id,
+                Op::WriteZeroes {
+                    offset,
+                    len,
+                    no_hole,
+                    fua,
+                },
+            ),
+            Frame::Flush { id } => (id, Op::Flush),
+            _ => return,
+        };
+        if self.check_op(&op).is_err() {
+            return self.violation(peer, "data frame outside the volume or misaligned");
+        }
+        let range = op.range();
+        // Local writes already submitted that overlap: the peer operation is
+        // applied after their local I/O, so the local disk sees one order.
+        let wait_for: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.local != LocalState::NotSubmitted && overlaps(r.range, range))
+            .map(|(s, _)| *s)
+            .collect();
+        // Dual-primary (R9): it is a conflict only if the peer has not acked
+        // the local write yet, i.e. it wrote before applying ours. If it had
+        // acked, it applied ours first and the natural order already agrees.
+        let conflicts: Vec<u64> = wait_for
+            .iter()
+            .copied()
+            .filter(|s| self.requests[s].peers_pending.contains(peer))
+            .collect();
+        let mut reapply_after = Vec::new();
+        if !conflicts.is_empty() {
+            let (offset, end) = range.unwrap_or((0, 0));
+            self.event(Event::ConcurrentWriteConflict {
+                peer,
+                offset,
+                len: end - offset,
+            });
+            if self.cfg.node_name < self.peers[peer.0 as usize].name {
+                for s in &conflicts {
+                    if let Some(r) = self.requests.get_mut(s) {
+                        r.pins += 1;
+                    }
+                }
+                reapply_after = conflicts;
+            }
+        }
+        let n = self.next_apply;
+        self.next_apply += 1;
+        let epoch = self.peers[peer.0 as usize].epoch;
+        self.applies.insert(
+            n,
+            Apply {
+                peer,
+                epoch,
+                id,
+                op,
+                range,
+                local: LocalState::NotSubmitted,
+                wait_for,
+                reapply_after,
+                reapply_marked: false,
+            },
+        );
+    }
+
+    /// A frontend request must wait while an earlier overlapping request is
+    /// alive (R7) or an overlapping peer operation is being applied.
+    fn request_blocked(&self, seq: u64) -> bool {
+        let range = self.requests[&seq].range;
+        range.is_some()
+            && (self
+                .requests
+                .range(..seq)
+                .any(|(_, r)| overlaps(r.range, range))
+                || self.applies.values().any(|a| overlaps(a.range, range)))
+    }
+
+    fn local_settled(&self, seq: u64) -> bool {
+        self.requests
+            .get(&seq)
+            .is_none_or(|r| matches!(r.local, LocalState::Done(_)) && !r.reapply)
+    }
+
+    /// A peer operation waits for earlier overlapping ones (and a flush for
+    /// every earlier one from the same peer, R5) and, in dual-primary, for
+    /// the local writes it conflicts with.
+    fn apply_blocked(&self, n: u64) -> bool {
+        let a = &self.applies[&n];
+        let earlier_busy = self.applies.range(..n).any(|(_, b)| {
+            !matches!(b.local, LocalState::Done(_))
+                && (overlaps(a.range, b.range) || (a.range.is_none() && a.peer == b.peer))
+        });
+        // A pinned local write will be written again: later peer writes wait
+        // for that too, except the conflicting writes that pinned it.
+        let settled = |s: &u64| {
+            self.local_settled(*s)
+                && (a.reapply_after.contains(s) || self.requests.get(s).is_none_or(|r| r.pins == 0))
+        };
+        earlier_busy || !a.wait_for.iter().all(settled)
+    }
+
+    fn submit_request(&mut self, seq: u64) {
+        let op = self.requests[&seq].op.clone();
+        self.new_io(IoOwner::Request(seq), op.clone());
+        let frame = frame_for(&op, seq);
+        let mut pending = PeerSet::default();
+        for i in 0..self.peers.len() {
+            let id = PeerId(i as u8);
+            if self.peers[i].replicating() {
+                pending.insert(id);
+                self.send(id, frame.clone());
+            } else if op.range().is_some() {
+                self.mark_outdated(id, OutdatedReason::MissedWrite);
+            }
+        }
+        if let Some(r) = self.requests.get_mut(&seq) {
+            r.local = LocalState::Pending;
+            r.peers_pending = pending;
+        }
+    }
+
+    /// Runs the write path to a fixed point.
+    pub(crate) fn progress(&mut self) {
+        loop {
+            let mut changed = false;
+
+            // R7: submit frontend requests that are no longer blocked.
+            let waiting: Vec<u64> = self
+                .requests
+                .iter()
+                .filter(|(_, r)| r.local == LocalState::NotSubmitted)
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in waiting {
+                if !self.request_blocked(seq) {
+                    self.submit_request(seq);
+                    changed = true;
+                }
+            }
+
+            // R9: re-apply local writes after a conflicting peer write.
+            let again: Vec<u64> = self
+                .requests
+                .iter()
+                .filter(|(_, r)| r.reapply && matches!(r.local, LocalState::Done(_)))
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in again {
+                let r = self.requests.get_mut(&seq).expect("listed above");
+                r.reapply = false;
+                r.local = LocalState::Pending;
+                let op = r.op.clone();
+                self.new_io(IoOwner::Request(seq), op);
+                changed = true;
+            }
+
+            // Submit peer operations that are no longer blocked.
+            let waiting: Vec<u64> = self
+                .applies
+                .iter()
+                .filter(|(_, a)| a.local == LocalState::NotSubmitted)
+                .map(|(n, _)| *n)
+                .collect();
+            for n in waiting {
+                if !self.apply_blocked(n) {
+                    let a = self.applies.get_mut(&n).expect("listed above");
+                    a.local = LocalState::Pending;
+                    let op = a.op.clone();
+                    self.new_io(IoOwner::Apply(n), op);
+                    changed = true;
+                }
+            }
+
+            // R4: acknowledge peer operations once locally done.
+            let done: Vec<(u64, Result<(), i32>)> = self
+                .applies
+                .iter()
+                .filter_map(|(n, a)| match a.local {
+                    LocalState::Done(r) => Some((*n, r)),
+                    _ => None,
+                })
+                .collect();
+            for (n, result) in done {
+                let a = &self.applies[&n];
+                if !a.reapply_marked && !a.reapply_after.is_empty() {
+                    let seqs = a.reapply_after.clone();
+                    for s in seqs {
+                        if let Some(r) = self.requests.get_mut(&s) {
+                            r.reapply = true;
+                            r.pins = r.pins.saturating_sub(1);
+                        }
+                    }
+                    self.applies.get_mut(&n).expect("listed").reapply_marked = true;
+                    changed = true;
+                    continue;
+                }
+                if !a.reapply_after.iter().all(|s| self.local_settled(*s)) {
+                    continue;
+                }
+                let a = self.applies.remove(&n).expect("listed above");
+                changed = true;
+                let p = &self.peers[a.peer.0 as usize];
+                if p.epoch == a.epoch && p.conn == ConnState::Connected {
+                    let status = match result {
+                        Ok(()) => 0,
+                        Err(e) => u32::try_from(e).unwrap_or(errno::EIO as u32).max(1),
+                    };
+                    self.send(a.peer, Frame::Ack { id: a.id, status });
+                }
+                if result.is_err() && self.disk == DiskState::UpToDate {
+                    // This replica missed a write: it needs a resync.
+                    self.set_disk(DiskState::Outdated);
+                }
+            }
+
+            // R1–R3: complete and retire frontend requests.
+            let early = self.cfg.protocol == Protocol::A;
+            let ready: Vec<u64> = self
+                .requests
+                .iter()
+                .filter(|(_, r)| {
+                    matches!(r.local, LocalState::Done(_)) && !r.reapply && r.pins == 0
+                })
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in ready {
+                let r = self.requests.get_mut(&seq).expect("listed above");
+                let LocalState::Done(result) = r.local else {
+                    continue;
+                };
+                let all_acked = r.peers_pending.is_empty();
+                if !r.completed && (early || all_acked) {
+                    r.completed = true;
+                    let req = r.req;
+                    self.out.push_back(Output::Complete { req, result });
+                    changed = true;
+                }
+                if all_acked {
+                    self.requests.remove(&seq);
+                    changed = true;
+                }
+            }
+
+            if !changed {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,952 @@
+//! One simulated run: nodes, disks, links, the workload, faults and checks.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tandem_core::repl::{
+    Config, ConnState, DiskState, Event, Frame, Input, IoId, Op, Output, PeerId, Protocol,
+    ReplState, Replica, ReqId, Role, Time,
+};
+
+use crate::check::{self, block_content, tag_of, Model};
+use crate::disk::SimDisk;
+use crate::rng::Rng;
+
+/// Block size of the simulated volume.
+pub const BS: usize = 512;
+/// Blocks in the simulated volume (small, so writes overlap often).
+pub const BLOCKS: usize = 64;
+/// Frontend requests issued per phase.
+pub const OPS_PER_PHASE: u64 = 200;
+/// Phases per run; each ends with healing, quiescence and the full checks.
+pub const PHASES: u32 = 4;
+/// Most frontend requests in flight per primary.
+pub const MAX_IN_FLIGHT: usize = 8;
+const KEEPALIVE: Duration = Duration::from_millis(100);
+const PEER_TIMEOUT: Duration = Duration::from_millis(500);
+const QUIESCE_DEADLINE: Duration = Duration::from_secs(30);
+const CHAOS_DEADLINE: Duration = Duration::from_secs(120);
+const MS: u64 = 1_000_000;
+
+/// A deliberate defect, to prove the checks can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Bug {
+    /// No defect.
+    #[default]
+    None,
+    /// Secondaries' disks ignore flushes and FUA (acknowledge without
+    /// persisting): the durability check (a) must catch it.
+    LyingSecondaryDisk,
+    /// Secondaries' disks acknowledge some writes without applying them:
+    /// the content checks (c)/(d) must catch it.
+    LossySecondaryDisk,
+}
+
+/// How to run one seed.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The seed: everything in the run follows from it.
+    pub seed: u64,
+    /// Record a trace of every output (for replays).
+    pub trace: bool,
+    /// Deliberate defect (tests of the checker).
+    pub bug: Bug,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Replicas (2 or 3).
+    pub nodes: usize,
+    /// Protocol C (true) or A.
+    pub protocol_c: bool,
+    /// Dual-primary run.
+    pub dual: bool,
+    /// Frontend requests completed.
+    pub completed: u64,
+    /// Faults injected.
+    pub faults: u64,
+    /// Durability checks performed (replica × flush/FUA completion).
+    pub durability_checks: u64,
+    /// `ConcurrentWriteConflict` events.
+    pub conflicts: u64,
+    /// `PeerOutdated` events.
+    pub outdated: u64,
+    /// Secondaries still replicated (UpToDate) at the last check.
+    pub up_to_date_at_end: u64,
+    /// Virtual time at the end.
+    pub virtual_time: Duration,
+    /// Loop iterations.
+    pub steps: u64,
+}
+
+/// A failed run.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The seed that fails.
+    pub seed: u64,
+    /// Which invariant broke and how.
+    pub message: String,
+    /// Trace lines (empty unless [`Options::trace`]).
+    pub trace: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed={}: {}\nreplay: {}",
+            self.seed,
+            self.message,
+            crate::replay_command(self.seed)
+        )
+    }
+}
+
+struct PendingIo {
+    due: Time,
+    io: IoId,
+    op: Op,
+    mark: u64,
+    fail: bool,
+}
+
+struct Node {
+    name: String,
+    cfg: Config,
+    r: Option<Replica>,
+    disk: SimDisk,
+    ios: Vec<PendingIo>,
+    restart_at: Option<Time>,
+    in_flight: usize,
+    issuer: bool,
+}
+
+#[derive(Default)]
+struct Dir {
+    q: VecDeque<(Time, BytesMut)>,
+    last: Time,
+}
+
+struct Link {
+    a: usize,
+    b: usize,
+    up: bool,
+    gen: u64,
+    partitioned_until: Option<Time>,
+    extra_latency: u64,
+    delay_until: Option<Time>,
+    reconnect_at: Option<Time>,
+    dirs: [Dir; 2],
+}
+
+struct Pending {
+    node: usize,
+    durable: bool,
+    /// Peers replicated to when issued, with the link generation then.
+    qualifying: Vec<(usize, u64)>,
+}
+
+fn pid(from: usize, to: usize) -> PeerId {
+    PeerId(if to < from { to } else { to - 1 } as u8)
+}
+
+fn node_of(from: usize, p: PeerId) -> usize {
+    let p = p.0 as usize;
+    if p < from {
+        p
+    } else {
+        p + 1
+    }
+}
+
+fn summarize(o: &Output) -> String {
+    match o {
+        Output::Send {
+            peer,
+            frame:
+                Frame::Write {
+                    id,
+                    offset,
+                    fua,
+                    data,
+                },
+        } => format!(
+            "send {peer:?} Write id={id} off={offset} len={} fua={fua}",
+            data.len()
+        ),
+        Output::LocalIo {
+            io,
+            op: Op::Write { offset, data, fua },
+        } => format!(
+            "localio {io:?} Write off={offset} len={} fua={fua}",
+            data.len()
+        ),
+        o => format!("{o:?}"),
+    }
+}
+
+/// The simulated world of one run.
+struct World {
+    opts: Options,
+    rng: Rng,
+    now: Time,
+    nodes: Vec<Node>,
+    links: Vec<Link>,
+    model: Model,
+    pending: BTreeMap<u64, Pending>,
+    next_req: u64,
+    issue_at: Time,
+    issued: u64,
+    chaos: bool,
+    next_fault: Option<Time>,
+    faults: bool,
+    dual: bool,
+    protocol: Protocol,
+    stats: Stats,
+    trace: Vec<String>,
+}
+
+impl World {
+    fn new(opts: Options) -> World {
+        let mut rng = Rng::new(opts.seed);
+        let dual = rng.chance(1, 8);
+        let n = if dual {
+            2
+        } else {
+            2 + rng.range(0, 2) as usize
+        };
+        let protocol = if dual || rng.chance(3, 4) {
+            Protocol::C
+        } else {
+            Protocol::A
+        };
+        let faults = rng.chance(4, 5);
+        let names = ["alpha", "bravo", "charlie"];
+        let nodes = (0..n)
+            .map(|i| {
+                let peers = (0..n)
+                    .filter(|j| *j != i)
+                    .map(|j| names[j].to_owned())
+                    .collect();
+                let mut cfg = Config::new(
+                    names[i],
+                    *b"tandem-sim-vol-1",
+                    (BLOCKS * BS) as u64,
+                    BS as u32,
+                    peers,
+                );
+                cfg.protocol = protocol;
+                cfg.keepalive_interval = KEEPALIVE;
+                cfg.peer_timeout = PEER_TIMEOUT;
+                cfg.allow_two_primaries = dual;
+                let issuer = i == 0 || (dual && i == 1);
+                if issuer {
+                    cfg.initial_role = Role::Primary;
+                }
+                let mut disk = SimDisk::new(BLOCKS, BS);
+                disk.lying = opts.bug == Bug::LyingSecondaryDisk && !issuer;
+                Node {
+                    name: names[i].to_owned(),
+                    r: Some(Replica::new(cfg.clone(), Time::ZERO).expect("valid sim config")),
+                    cfg,
+                    disk,
+                    ios: Vec::new(),
+                    restart_at: None,
+                    in_flight: 0,
+                    issuer,
+                }
+            })
+            .collect();
+        let mut links = Vec::new();
+        for a in 0..n {
+            for b in a + 1..n {
+                links.push(Link {
+                    a,
+                    b,
+                    up: false,
+                    gen: 0,
+                    partitioned_until: None,
+                    extra_latency: 0,
+                    delay_until: None,
+                    reconnect_at: Some(Time::ZERO),
+                    dirs: Default::default(),
+                });
+            }
+        }
+        World {
+            stats: Stats {
+                nodes: n,
+                protocol_c: protocol == Protocol::C,
+                dual,
+                ..Stats::default()
+            },
+            opts,
+            rng,
+            now: Time::ZERO,
+            nodes,
+            links,
+            model: Model::new(BLOCKS),
+            pending: BTreeMap::new(),
+            next_req: 1,
+            issue_at: Time::ZERO,
+            issued: 0,
+            chaos: false,
+            next_fault: None,
+            faults,
+            dual,
+            protocol,
+            trace: Vec::new(),
+        }
+    }
+
+    fn log(&mut self, f: impl FnOnce() -> String) {
+        if self.opts.trace {
+            let line = format!("{:>14} {}", self.now.as_nanos(), f());
+            self.trace.push(line);
+        }
+    }
+
+    fn link_idx(&self, i: usize, j: usize) -> usize {
+        let (a, b) = (i.min(j), i.max(j));
+        self.links
+            .iter()
+            .position(|l| l.a == a && l.b == b)
+            .expect("every pair has a link")
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        // Let the first handshakes finish before the workload starts.
+        self.quiesce()?;
+        for phase in 0..PHASES {
+            self.log(|| format!("=== phase {phase}: chaos"));
+            self.chaos = true;
+            self.issued = 0;
+            self.issue_at = self.now;
+            self.next_fault = self
+                .faults
+                .then(|| self.now + Duration::from_nanos(self.rng.range(MS, 20 * MS)));
+            let deadline = self.now + CHAOS_DEADLINE;
+            while self.issued < OPS_PER_PHASE {
+                self.step()?;
+                if self.now > deadline {
+                    return Err(format!(
+                        "no progress: {} of {OPS_PER_PHASE} requests issued after {CHAOS_DEADLINE:?} (liveness): {}",
+                        self.issued,
+                        self.describe()
+                    ));
+                }
+            }
+            self.chaos = false;
+            self.next_fault = None;
+            for l in &mut self.links {
+                l.partitioned_until = None;
+                l.extra_latency = 0;
+                l.delay_until = None;
+            }
+            self.log(|| format!("=== phase {phase}: heal and quiesce"));
+            self.quiesce()?;
+            self.check_quiescent()?;
+        }
+        self.stats.virtual_time = Duration::from_nanos(self.now.as_nanos());
+        Ok(())
+    }
+
+    fn quiesce(&mut self) -> Result<(), String> {
+        let deadline = self.now + QUIESCE_DEADLINE;
+        loop {
+            self.drain_all()?;
+            if self.quiescent() {
+                return Ok(());
+            }
+            if self.now > deadline {
+                return Err(format!(
+                    "no quiescence within {QUIESCE_DEADLINE:?} after healing (liveness): {}",
+                    self.describe()
+                ));
+            }
+            self.step()?;
+        }
+    }
+
+    fn describe(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            match &n.r {
+                None => s += &format!("[{} down] ", n.name),
+                Some(r) => {
+                    s += &format!(
+                        "[{} {:?} {:?} reqs={} idle={} ios={} peers=",
+                        n.name,
+                        r.role(),
+                        r.disk_state(),
+                        r.requests_in_flight(),
+                        r.is_idle(),
+                        n.ios.len()
+                    );
+                    for p in 0..n.cfg.peers.len() {
+                        if let Some(st) = r.peer_status(PeerId(p as u8)) {
+                            s += &format!("{}:{:?}/{:?} ", st.name, st.conn, st.repl);
+                        }
+                    }
+                    s += "] ";
+                }
+            }
+        }
+        s
+    }
+
+    fn quiescent(&self) -> bool {
+        self.pending.is_empty()
+            && self.links.iter().all(|l| {
+                l.up && l.partitioned_until.is_none() && l.dirs.iter().all(|d| d.q.is_empty())
+            })
+            && self.nodes.iter().all(|n| {
+                n.ios.is_empty()
+                    && n.r.as_ref().is_some_and(|r| {
+                        r.is_idle()
+                            && (0..n.cfg.peers.len()).all(|p| {
+                                r.peer_status(PeerId(p as u8))
+                                    .is_some_and(|s| s.conn == ConnState::Connected)
+                            })
+                    })
+            })
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        self.stats.steps += 1;
+        self.drain_all()?;
+        self.schedule_reconnects();
+        let t = self
+            .next_time()
+            .ok_or_else(|| format!("nothing left to happen: {}", self.describe()))?;
+        self.now = self.now.max(t);
+        self.fire_due()?;
+        self.drain_all()
+    }
+
+    fn schedule_reconnects(&mut self) {
+        for k in 0..self.links.len() {
+            let l = &self.links[k];
+            let alive = self.nodes[l.a].r.is_some() && self.nodes[l.b].r.is_some();
+            if !l.up && l.partitioned_until.is_none() && alive && l.reconnect_at.is_none() {
+                let d = self.rng.range(MS, 20 * MS);
+                self.links[k].reconnect_at = Some(self.now + Duration::from_nanos(d));
+            }
+        }
+    }
+
+    fn next_time(&self) -> Option<Time> {
+        let mut t: Option<Time> = None;
+        let mut consider = |x: Option<Time>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        for n in &self.nodes {
+            consider(n.restart_at);
+            if let Some(r) = &n.r {
+                consider(r.poll_timeout());
+                consider(n.ios.iter().map(|p| p.due).min());
+            }
+        }
+        for l in &self.links {
+            consider(l.partitioned_until);
+            consider(l.delay_until);
+            consider(l.reconnect_at);
+            if l.up && l.partitioned_until.is_none() {
+                for d in &l.dirs {
+                    consider(d.q.front().map(|(t, _)| *t));
+                }
+            }
+        }
+        if self.chaos && self.issued < OPS_PER_PHASE {
+            consider(Some(self.issue_at));
+        }
+        if self.chaos {
+            consider(self.next_fault);
+        }
+        t
+    }
+
+    fn fire_due(&mut self) -> Result<(), String> {
+        let now = self.now;
+        // Restarts.
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].restart_at.is_some_and(|t| t <= now) {
+                self.nodes[i].restart_at = None;
+                let cfg = self.nodes[i].cfg.clone();
+                self.nodes[i].r = Some(Replica::new(cfg, now).map_err(|e| e.to_string())?);
+                self.log(|| format!("n{i} restarted"));
+            }
+        }
+        // Partitions and delays ending; reconnects.
+        for k in 0..self.links.len() {
+            let l = &mut self.links[k];
+            if l.partitioned_until.is_some_and(|t| t <= now) {
+                l.partitioned_until = None;
+            }
+            if l.delay_until.is_some_and(|t| t <= now) {
+                l.delay_until = None;
+                l.extra_latency = 0;
+            }
+            if l.reconnect_at.is_some_and(|t| t <= now) {
+                l.reconnect_at = None;
+                let (a, b) = (l.a, l.b);
+                let alive = self.nodes[a].r.is_some() && self.nodes[b].r.is_some();
+                if !l.up && l.partitioned_until.is_none() && alive {
+                    l.up = true;
+                    l.gen += 1;
+                    l.dirs = Default::default();
+                    self.log(|| format!("link n{a}-n{b} up"));
+                    for (x, y) in [(a, b), (b, a)] {
+                        if let Some(r) = &mut self.nodes[x].r {
+                            r.handle(now, Input::PeerConnected { peer: pid(x, y) });
+                        }
+                    }
+                    self.drain_all()?;
+                }
+            }
+        }
+        // Local I/O.
+        for i in 0..self.nodes.len() {
+            while let Some(k) = (0..self.nodes[i].ios.len())
+                .filter(|k| self.nodes[i].ios[*k].due <= now)
+                .min_by_key(|k| (self.nodes[i].ios[*k].due, self.nodes[i].ios[*k].io))
+            {
+                let p = self.nodes[i].ios.remove(k);
+                self.complete_io(i, p);
+                self.drain_all()?;
+            }
+        }
+        // Frame deliveries.
+        for k in 0..self.links.len() {
+            for d in 0..2 {
+                loop {
+                    let l = &mut self.links[k];
+                    if !l.up || l.partitioned_until.is_some() {
+                        break;
+                    }
+                    if l.dirs[d].q.front().is_none_or(|(t, _)| *t > now) {
+                        break;
+                    }
+                    let (_, mut buf) = l.dirs[d].q.pop_front().expect("checked");
+                    let (from, to) = if d == 0 { (l.a, l.b) } else { (l.b, l.a) };
+                    let frame = match Frame::decode(&mut buf) {
+                        Ok(Some(f)) if buf.is_empty() => f,
+                        other => return Err(format!("codec failure on a clean link: {other:?}")),
+                    };
+                    if let Some(r) = &mut self.nodes[to].r {
+                        r.handle(
+                            now,
+                            Input::PeerFrame {
+                                peer: pid(to, from),
+                                frame,
+                            },
+                        );
+                    }
+                    self.drain_all()?;
+                }
+            }
+        }
+        // Timers.
+        for i in 0..self.nodes.len() {
+            if let Some(r) = &mut self.nodes[i].r {
+                if r.poll_timeout().is_some_and(|t| t <= now) {
+                    r.handle_timeout(now);
+                }
+            }
+            self.drain_all()?;
+        }
+        // Workload.
+        if self.chaos && self.issued < OPS_PER_PHASE && self.issue_at <= now {
+            self.issue();
+            self.drain_all()?;
+        }
+        // Faults.
+        if self.chaos && self.next_fault.is_some_and(|t| t <= now) {
+            self.fault();
+            self.next_fault = Some(now + Duration::from_nanos(self.rng.range(MS, 30 * MS)));
+            self.drain_all()?;
+        }
+        Ok(())
+    }
+
+    fn complete_io(&mut self, i: usize, p: PendingIo) {
+        let lose = self.opts.bug == Bug::LossySecondaryDisk
+            && !self.nodes[i].issuer
+            && matches!(p.op, Op::Write { .. })
+            && self.rng.chance(1, 10);
+        let n = &mut self.nodes[i];
+        let result = if p.fail {
+            Err(tandem_core::repl::errno::EIO)
+        } else if lose {
+            Ok(())
+        } else {
+            match &p.op {
+                Op::Write { offset, data, fua } => n.disk.write(*offset as usize / BS, data, *fua),
+                Op::Trim { offset, len, fua }
+                | Op::WriteZeroes {
+                    offset, len, fua, ..
+                } => n.disk.zero(*offset as usize / BS, *len as usize / BS, *fua),
+                Op::Flush => n.disk.flush(p.mark),
+            }
+            Ok(())
+        };
+        if let Some(r) = &mut n.r {
+            r.handle(self.now, Input::LocalDone { io: p.io, result });
+        }
+    }
+
+    fn drain_all(&mut self) -> Result<(), String> {
+        loop {
+            let mut any = false;
+            for i in 0..self.nodes.len() {
+                while let Some(o) = self.nodes[i].r.as_mut().and_then(|r| r.poll_output()) {
+                    any = true;
+                    self.route(i, o)?;
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        let primaries = self
+            .nodes
+            .iter()
+            .filter(|n| n.r.as_ref().is_some_and(|r| r.role() == Role::Primary))
+            .count();
+        check::check_primaries(primaries, self.dual)
+    }
+
+    fn route(&mut self, i: usize, o: Output) -> Result<(), String> {
+        if self.opts.trace {
+            let s = summarize(&o);
+            self.log(|| format!("n{i} {s}"));
+        }
+        match o {
+            Output::LocalIo { io, op } => {
+                let mark = self.nodes[i].disk.flush_mark();
+                let lat = if self.rng.chance(1, 20) {
+                    self.rng.range(MS, 5 * MS)
+                } else {
+                    self.rng.range(5_000, 200_000)
+                };
+                let fail = self.chaos
+                    && self.faults
+                    && !self.nodes[i].issuer
+                    && op != Op::Flush
+                    && self.rng.chance(1, 400);
+                self.nodes[i].ios.push(PendingIo {
+                    due: self.now + Duration::from_nanos(lat),
+                    io,
+                    op,
+                    mark,
+                    fail,
+                });
+            }
+            Output::Send { peer, frame } => {
+                let j = node_of(i, peer);
+                let k = self.link_idx(i, j);
+                if !self.links[k].up {
+                    return Ok(());
+                }
+                let mut buf = BytesMut::with_capacity(frame.encoded_len());
+                frame.encode(&mut buf);
+                let base = self.rng.range(20_000, 500_000);
+                let l = &mut self.links[k];
+                let d = usize::from(i != l.a);
+                let at =
+                    (self.now + Duration::from_nanos(base + l.extra_latency)).max(l.dirs[d].last);
+                l.dirs[d].last = at;
+                l.dirs[d].q.push_back((at, buf));
+            }
+            Output::Complete { req, result } => self.on_complete(i, req, result)?,
+            Output::Disconnect { peer, .. } => {
+                let j = node_of(i, peer);
+                self.break_link(i, j);
+            }
+            Output::Event(e) => match e {
+                Event::ConcurrentWriteConflict { .. } => self.stats.conflicts += 1,
+                Event::PeerOutdated { .. } => self.stats.outdated += 1,
+                _ => {}
+            },
+        }
+        Ok(())
+    }
+
+    fn break_link(&mut self, i: usize, j: usize) {
+        let k = self.link_idx(i, j);
+        let l = &mut self.links[k];
+        if !l.up {
+            return;
+        }
+        l.up = false;
+        l.dirs = Default::default();
+        let (a, b) = (l.a, l.b);
+        self.log(|| format!("link n{a}-n{b} broken"));
+        for (x, y) in [(a, b), (b, a)] {
+            if let Some(r) = &mut self.nodes[x].r {
+                r.handle(self.now, Input::PeerDisconnected { peer: pid(x, y) });
+            }
+        }
+    }
+
+    fn link_gen(&self, i: usize, j: usize) -> Option<u64> {
+        let l = &self.links[self.link_idx(i, j)];
+        l.up.then_some(l.gen)
+    }
+
+    fn replicating(&self, i: usize, j: usize) -> bool {
+        self.nodes[i]
+            .r
+            .as_ref()
+            .and_then(|r| r.peer_status(pid(i, j)))
+            .is_some_and(|s| s.repl == ReplState::Established)
+    }
+
+    fn issue(&mut self) {
+        let issuers: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].issuer && self.nodes[*i].in_flight < MAX_IN_FLIGHT)
+            .collect();
+        self.issue_at = self.now + Duration::from_nanos(self.rng.range(10_000, 300_000));
+        if issuers.is_empty() {
+            return;
+        }
+        let i = issuers[self.rng.range(0, issuers.len() as u64) as usize];
+        let req = self.next_req;
+        self.next_req += 1;
+        let n = self.rng.range(1, 5) as usize;
+        let first = self.rng.range(0, (BLOCKS - n + 1) as u64) as usize;
+        let fua = self.rng.chance(15, 100);
+        let offset = (first * BS) as u64;
+        let len = (n * BS) as u64;
+        let roll = self.rng.range(0, 100);
+        let op = if roll < 60 {
+            let mut d = BytesMut::with_capacity(n * BS);
+            for b in first..first + n {
+                d.extend_from_slice(&block_content(req, b, BS));
+            }
+            Op::Write {
+                offset,
+                data: d.freeze(),
+                fua,
+            }
+        } else if roll < 75 {
+            Op::Flush
+        } else if roll < 87 {
+            Op::Trim { offset, len, fua }
+        } else {
+            Op::WriteZeroes {
+                offset,
+                len,
+                no_hole: self.rng.chance(1, 2),
+                fua,
+            }
+        };
+        if !self.dual {
+            match &op {
+                Op::Write { .. } => self.model.issue_write(req, first, n, req),
+                Op::Flush => self.model.issue_flush(req),
+                _ => self.model.issue_write(req, first, n, 0),
+            }
+        }
+        let qualifying = (0..self.nodes.len())
+            .filter(|j| *j != i && self.replicating(i, *j))
+            .filter_map(|j| self.link_gen(i, j).map(|g| (j, g)))
+            .collect();
+        self.pending.insert(
+            req,
+            Pending {
+                node: i,
+                durable: op.is_durable(),
+                qualifying,
+            },
+        );
+        self.nodes[i].in_flight += 1;
+        self.issued += 1;
+        let now = self.now;
+        if let Some(r) = &mut self.nodes[i].r {
+            r.handle(
+                now,
+                Input::Frontend {
+                    req: ReqId(req),
+                    op,
+                },
+            );
+        }
+    }
+
+    fn on_complete(&mut self, i: usize, req: ReqId, result: Result<(), i32>) -> Result<(), String> {
+        let Some(p) = self.pending.remove(&req.0) else {
+            return Err(format!("n{i}: completion of unknown request {}", req.0));
+        };
+        if p.node != i {
+            return Err(format!("request {} completed on the wrong node", req.0));
+        }
+        self.nodes[i].in_flight -= 1;
+        if let Err(e) = result {
+            return Err(format!(
+                "n{i}: request {} failed with errno {e} (no primary fault is injected)",
+                req.0
+            ));
+        }
+        self.stats.completed += 1;
+        if self.dual {
+            return Ok(());
+        }
+        self.model.complete(req.0);
+        if !p.durable {
+            return Ok(());
+        }
+        // (a) durable on the primary; in protocol C also on every peer it
+        // was replicated to throughout (same connection, still UpToDate).
+        let mut who = vec![i];
+        if self.protocol == Protocol::C {
+            for (j, gen) in &p.qualifying {
+                if self.link_gen(i, *j) == Some(*gen) && self.replicating(i, *j) {
+                    who.push(*j);
+                }
+            }
+        }
+        for j in who {
+            let disk = &self.nodes[j].disk;
+            self.model
+                .check_durable(req.0, &self.nodes[j].name, |b| tag_of(disk.durable(b), b))?;
+            self.stats.durability_checks += 1;
+        }
+        Ok(())
+    }
+
+    fn fault(&mut self) {
+        self.stats.faults += 1;
+        let k = self.rng.range(0, self.links.len() as u64) as usize;
+        let roll = self.rng.range(0, 100);
+        let now = self.now;
+        if roll < 30 {
+            let d = self.rng.range(50 * MS, 1500 * MS);
+            self.links[k].partitioned_until = Some(now + Duration::from_nanos(d));
+            self.log(|| format!("fault: partition link {k} for {d} ns"));
+        } else if roll < 55 {
+            self.log(|| format!("fault: drop link {k}"));
+            let (a, b) = (self.links[k].a, self.links[k].b);
+            self.break_link(a, b);
+        } else if roll < 75 && !self.dual {
+            let candidates: Vec<usize> = (0..self.nodes.len())
+                .filter(|i| !self.nodes[*i].issuer && self.nodes[*i].r.is_some())
+                .collect();
+            if candidates.is_empty() {
+                return;
+            }
+            let i = candidates[self.rng.range(0, candidates.len() as u64) as usize];
+            let down = self.rng.range(10 * MS, 500 * MS);
+            self.log(|| format!("fault: crash n{i} for {down} ns"));
+            self.nodes[i].r = None;
+            self.nodes[i].ios.clear();
+            let mut rng = self.rng.clone();
+            self.nodes[i].disk.crash(&mut rng);
+            self.rng = rng;
+            self.nodes[i].restart_at = Some(now + Duration::from_nanos(down));
+            for j in 0..self.nodes.len() {
+                if j != i {
+                    self.break_link(i, j);
+                }
+            }
+        } else {
+            let extra = self.rng.range(MS, 800 * MS);
+            let d = self.rng.range(50 * MS, 1000 * MS);
+            self.log(|| format!("fault: delay link {k} by {extra} ns for {d} ns"));
+            self.links[k].extra_latency = extra;
+            self.links[k].delay_until = Some(now + Duration::from_nanos(d));
+        }
+    }
+
+    fn content_equal(&self, i: usize, j: usize) -> bool {
+        (0..BLOCKS).all(|b| self.nodes[i].disk.current(b) == self.nodes[j].disk.current(b))
+    }
+
+    fn check_quiescent(&mut self) -> Result<(), String> {
+        for n in &self.nodes {
+            for b in 0..BLOCKS {
+                tag_of(n.disk.current(b), b).map_err(|e| format!("{}: {e}", n.name))?;
+                tag_of(n.disk.durable(b), b).map_err(|e| format!("{} durable: {e}", n.name))?;
+            }
+        }
+        let mut up = 0;
+        if self.dual {
+            // (d) for dual-primary: replicas that still replicate to each
+            // other hold the same data, whatever the conflicts.
+            if self.replicating(0, 1) || self.replicating(1, 0) {
+                if let Some(b) = (0..BLOCKS)
+                    .find(|b| self.nodes[0].disk.current(*b) != self.nodes[1].disk.current(*b))
+                {
+                    let t = |i: usize| tag_of(self.nodes[i].disk.current(b), b);
+                    return Err(format!(
+                        "dual-primary replicas diverged while replicating to each other: block {b} holds {:?} on {} and {:?} on {}",
+                        t(0), self.nodes[0].name, t(1), self.nodes[1].name
+                    ));
+                }
+                up += 1;
+            }
+            self.stats.up_to_date_at_end = up;
+            return Ok(());
+        }
+        let disk = &self.nodes[0].disk;
+        self.model
+            .check_latest(&self.nodes[0].name, |b| tag_of(disk.current(b), b))?;
+        for j in 1..self.nodes.len() {
+            let st = self.nodes[0]
+                .r
+                .as_ref()
+                .and_then(|r| r.peer_status(pid(0, j)))
+                .ok_or("primary down")?;
+            let r = self.nodes[j].r.as_ref().ok_or("secondary down")?;
+            check::check_secondary(
+                &self.nodes[j].name,
+                st.repl == ReplState::Established,
+                st.outdated,
+                r.disk_state() == DiskState::UpToDate,
+                self.content_equal(0, j),
+            )?;
+            if st.repl == ReplState::Established {
+                up += 1;
+            }
+        }
+        self.stats.up_to_date_at_end = up;
+        // (b): a Secondary cannot be promoted while the Primary is connected.
+        let now = self.now;
+        for j in 1..self.nodes.len() {
+            if let Some(r) = &mut self.nodes[j].r {
+                if r.promote(now).is_ok() {
+                    return Err(format!(
+                        "{} was promoted while the Primary is connected",
+                        self.nodes[j].name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one seed with default options.
+pub fn run(seed: u64) -> Result<Stats, Failure> {
+    run_with(Options {
+        seed,
+        ..Options::default()
+    })
+}
+
+/// Runs one seed.
+pub fn run_with(opts: Options) -> Result<Stats, Failure> {
+    let mut w = World::new(opts);
+    match w.run() {
+        Ok(()) => Ok(w.stats),
+        Err(message) => Err(Failure {
+            seed: w.opts.seed,
+            message,
+            trace: std::mem::take(&mut w.trace),
+        }),
+    }
+}
