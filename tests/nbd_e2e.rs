@@ -17,3 +17,5 @@ mod interop;
 mod lifecycle;
 #[path = "nbd_e2e/multi_conn.rs"]
 mod multi_conn;
+#[path = "nbd_e2e/replication.rs"]
+mod replication;

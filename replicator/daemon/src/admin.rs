@@ -23,6 +23,16 @@ use crate::nbd::server::{bind_unix, Shutdown};
 pub enum AdminRequest {
     /// Status of every export.
     Status,
+    /// Make this node Primary for a replicated export.
+    Promote {
+        /// Export name.
+        export: String,
+    },
+    /// Make this node Secondary for a replicated export.
+    Demote {
+        /// Export name.
+        export: String,
+    },
 }
 
 /// Daemon-wide status.
@@ -91,26 +101,71 @@ async fn handle(stream: UnixStream, exports: &Exports, listeners: &[String]) -> 
     let mut lines = BufReader::new(r).lines();
     while let Some(line) = lines.next_line().await? {
         let resp = match serde_json::from_str::<AdminRequest>(&line) {
-            Ok(AdminRequest::Status) => AdminResponse {
-                ok: true,
-                error: None,
-                status: Some(Status {
-                    version: env!("CARGO_PKG_VERSION").to_string(),
-                    listeners: listeners.to_vec(),
-                    exports: exports.iter().map(|e| e.status()).collect(),
-                }),
-            },
-            Err(e) => AdminResponse {
-                ok: false,
-                error: Some(format!("bad request: {e}")),
-                status: None,
-            },
+            Ok(AdminRequest::Status) => {
+                let mut list = Vec::new();
+                for e in exports.iter() {
+                    list.push(e.full_status().await);
+                }
+                AdminResponse {
+                    ok: true,
+                    error: None,
+                    status: Some(Status {
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                        listeners: listeners.to_vec(),
+                        exports: list,
+                    }),
+                }
+            }
+            Ok(AdminRequest::Promote { export }) => role_change(exports, &export, true).await,
+            Ok(AdminRequest::Demote { export }) => role_change(exports, &export, false).await,
+            Err(e) => failure(format!("bad request: {e}")),
         };
         let mut out = serde_json::to_vec(&resp)?;
         out.push(b'\n');
         w.write_all(&out).await?;
     }
     Ok(())
+}
+
+fn failure(error: String) -> AdminResponse {
+    AdminResponse {
+        ok: false,
+        error: Some(error),
+        status: None,
+    }
+}
+
+async fn role_change(exports: &Exports, name: &str, promote: bool) -> AdminResponse {
+    let Some(export) = exports.get(name).filter(|_| !name.is_empty()) else {
+        return failure(format!("no export named {name:?}"));
+    };
+    let Some(r) = &export.replicator else {
+        return failure(format!("export {name:?} is not replicated"));
+    };
+    let res = if promote {
+        r.promote().await
+    } else {
+        r.demote().await
+    };
+    match res {
+        Ok(Ok(())) => {
+            tracing::info!(export = %name, promote, "role changed by admin request");
+            AdminResponse {
+                ok: true,
+                error: None,
+                status: None,
+            }
+        }
+        Ok(Err(e)) => failure(format!(
+            "{}: {e}",
+            if promote {
+                "promote refused"
+            } else {
+                "demote refused"
+            }
+        )),
+        Err(e) => failure(e.to_string()),
+    }
 }
 
 /// Client side: sends one request and returns the response.

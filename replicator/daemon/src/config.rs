@@ -139,6 +139,64 @@ pub struct ExportConfig {
     /// io_uring queue depth.
     #[serde(default = "default_queue_depth")]
     pub queue_depth: u32,
+    /// Synchronous replication to peers (absent: a local-only volume).
+    #[serde(default)]
+    pub replication: Option<ReplicationConfig>,
+}
+
+/// Role a replicated volume starts in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartRole {
+    /// Accepts frontend writes and replicates them.
+    Primary,
+    /// Applies the primary's writes; refuses frontend writes (default).
+    #[default]
+    Secondary,
+}
+
+/// Replication protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ProtocolConfig {
+    /// Complete when durable locally and acknowledged by every UpToDate peer (default).
+    #[default]
+    C,
+    /// Complete when durable locally and queued for the peers.
+    A,
+}
+
+/// `[export.replication]`: this volume's replicas and how to reach them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// This node's name; must be the SAN of `cert`.
+    pub node: String,
+    /// QUIC address to listen on for this volume's peers.
+    pub listen: SocketAddr,
+    /// This node's certificate (PEM), signed by the cluster CA.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    /// The cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// Role at start.
+    #[serde(default)]
+    pub role: StartRole,
+    /// Replication protocol.
+    #[serde(default)]
+    pub protocol: ProtocolConfig,
+    /// The other replicas (1 to 3).
+    pub peers: Vec<PeerConfig>,
+}
+
+/// One peer of a replicated volume.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's node name (its certificate's SAN).
+    pub name: String,
+    /// Its QUIC address for this volume.
+    pub address: SocketAddr,
 }
 
 fn default_queue_depth() -> u32 {
@@ -279,6 +337,7 @@ impl Config {
                 direct,
                 read_only: false,
                 queue_depth: default_queue_depth(),
+                replication: None,
             });
         }
         let source = o
@@ -336,6 +395,34 @@ impl Config {
             if let Some(v) = &e.volume {
                 if v.len() > tandem_core::superblock::MAX_NAME_LEN {
                     return Err(err(source, f("volume"), "longer than 64 bytes"));
+                }
+            }
+            if let Some(r) = &e.replication {
+                let f = |field: &str| format!("export[{i}].replication.{field}");
+                if let Err(why) = crate::transport::certs::validate_node_name(&r.node) {
+                    return Err(err(source, f("node"), why.to_string()));
+                }
+                if r.peers.is_empty() || r.peers.len() > 3 {
+                    return Err(err(source, f("peers"), "give 1 to 3 peers"));
+                }
+                for (j, p) in r.peers.iter().enumerate() {
+                    if let Err(why) = crate::transport::certs::validate_node_name(&p.name) {
+                        return Err(err(source, f(&format!("peers[{j}].name")), why.to_string()));
+                    }
+                    if p.name == r.node {
+                        return Err(err(
+                            source,
+                            f(&format!("peers[{j}].name")),
+                            "is this node itself",
+                        ));
+                    }
+                }
+                if e.read_only {
+                    return Err(err(
+                        source,
+                        f("role"),
+                        "a replicated export cannot be read_only",
+                    ));
                 }
             }
             if !(1..=4096).contains(&e.queue_depth) || !e.queue_depth.is_power_of_two() {

@@ -8,13 +8,18 @@ use tandem_core::superblock::{self, SUPERBLOCK_SIZE};
 use tokio::net::TcpListener;
 use tracing::{error, info};
 
-use crate::config::{Config, EngineKind, ExportConfig};
+use crate::config::{
+    Config, EngineKind, ExportConfig, ProtocolConfig, ReplicationConfig, StartRole,
+};
 use crate::export::{Export, Exports};
 use crate::nbd::server::{self, Shutdown};
+use crate::replication::{self, Replicator};
 use crate::storage::{
     memory::MemoryEngine, sync::SyncEngine, uring::UringEngine, Backing, Engine, IoBuf,
 };
+use crate::transport::{PeerEndpoint, TlsIdentity};
 use crate::volume::{Expect, Volume};
+use tandem_core::repl;
 
 /// Reads the block size from a backing's superblock with plain file I/O, so
 /// the engine can pick direct I/O knowing the smallest request it will see.
@@ -73,11 +78,70 @@ pub async fn open_export(e: &ExportConfig) -> Result<Arc<Export>> {
         alignment = volume.engine().alignment(), backing = %e.backing.display(),
         "export ready"
     );
-    Ok(Arc::new(Export::new(
-        e.name.clone(),
-        e.description.clone(),
-        Arc::new(volume),
-    )))
+    let volume = Arc::new(volume);
+    let mut export = Export::new(e.name.clone(), e.description.clone(), volume.clone());
+    if let Some(r) = &e.replication {
+        export.replicator = Some(
+            start_replication(r, &volume)
+                .with_context(|| format!("export {:?}: starting replication", e.name))?,
+        );
+    }
+    Ok(Arc::new(export))
+}
+
+/// Starts the replication driver of a volume, its QUIC listener, and a
+/// connector for each peer whose name sorts after ours (the other side
+/// connects to us).
+fn start_replication(r: &ReplicationConfig, volume: &Arc<Volume>) -> Result<Replicator> {
+    let sb = volume.superblock();
+    let mut cfg = repl::Config::new(
+        r.node.clone(),
+        sb.volume_uuid,
+        sb.size,
+        sb.block_size,
+        r.peers.iter().map(|p| p.name.clone()).collect(),
+    );
+    cfg.initial_role = match r.role {
+        StartRole::Primary => repl::Role::Primary,
+        StartRole::Secondary => repl::Role::Secondary,
+    };
+    cfg.protocol = match r.protocol {
+        ProtocolConfig::C => repl::Protocol::C,
+        ProtocolConfig::A => repl::Protocol::A,
+    };
+    let replica = repl::Replica::new(cfg, repl::Time::ZERO)
+        .map_err(|e| anyhow::anyhow!("replication config: {e}"))?;
+    let identity = TlsIdentity::load(&r.cert, &r.key, &r.ca)?;
+    if identity.node_name() != r.node {
+        anyhow::bail!(
+            "{}: certificate is for node {:?}, but replication.node is {:?}",
+            r.cert.display(),
+            identity.node_name(),
+            r.node
+        );
+    }
+    let endpoint = Arc::new(PeerEndpoint::bind(
+        r.listen,
+        &identity,
+        r.peers.iter().map(|p| p.name.clone()).collect(),
+    )?);
+    let replicator = Replicator::spawn(replica, volume.clone());
+    info!(node = %r.node, listen = %r.listen, role = ?r.role, protocol = ?r.protocol, "replication listening");
+    tokio::spawn(replication::run_acceptor(
+        endpoint.clone(),
+        replicator.clone(),
+    ));
+    for p in &r.peers {
+        if r.node < p.name {
+            tokio::spawn(replication::run_connector(
+                endpoint.clone(),
+                replicator.clone(),
+                p.name.clone(),
+                p.address,
+            ));
+        }
+    }
+    Ok(replicator)
 }
 
 /// A running NBD + admin server (used by `tandemd run` and the demo).

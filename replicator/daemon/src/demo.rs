@@ -122,6 +122,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             direct: DirectIo::Auto,
             read_only: false,
             queue_depth: 256,
+            replication: None,
         }],
     };
     config.validate("demo")?;

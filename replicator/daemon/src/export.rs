@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tandem_core::nbd::{tflag, BlockSizes, ExportCatalog, ExportInfo, ExportLimits};
 
+use crate::replication::Replicator;
 use crate::volume::Volume;
 
 /// Largest READ/WRITE payload advertised (NBD_INFO_BLOCK_SIZE maximum).
@@ -69,6 +70,37 @@ pub struct ExportStatus {
     pub invalid: u64,
     /// Storage errors.
     pub io_errors: u64,
+    /// Replication state, for a replicated volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationStatus>,
+}
+
+/// Replication state of one export.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ReplicationStatus {
+    /// This node's role: Primary or Secondary.
+    pub role: String,
+    /// This node's disk state.
+    pub disk: String,
+    /// Frontend requests in flight in the replica.
+    pub in_flight: usize,
+    /// Per peer.
+    pub peers: Vec<PeerStatusJson>,
+}
+
+/// One peer, as `tandemctl status` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PeerStatusJson {
+    /// Peer node name.
+    pub name: String,
+    /// Connection state.
+    pub connection: String,
+    /// Replication state.
+    pub replication: String,
+    /// Peer disk state as this node sees it.
+    pub disk: String,
+    /// The peer missed writes and needs a resync.
+    pub outdated: bool,
 }
 
 /// One exported volume.
@@ -82,6 +114,9 @@ pub struct Export {
     pub volume: Arc<Volume>,
     /// Counters.
     pub stats: ExportStats,
+    /// The replication driver, for a replicated volume: every write, flush,
+    /// trim and write-zeroes goes through it (reads stay local).
+    pub replicator: Option<Replicator>,
 }
 
 impl Export {
@@ -92,6 +127,7 @@ impl Export {
             description,
             volume,
             stats: ExportStats::default(),
+            replicator: None,
         }
     }
 
@@ -151,7 +187,36 @@ impl Export {
             discards: s.discards.load(Relaxed),
             invalid: s.invalid.load(Relaxed),
             io_errors: s.io_errors.load(Relaxed),
+            replication: None,
         }
+    }
+
+    /// Snapshot for status, including the replica's state.
+    pub async fn full_status(&self) -> ExportStatus {
+        let mut st = self.status();
+        if let Some(r) = &self.replicator {
+            if let Ok(rs) = r.status().await {
+                st.replication = Some(ReplicationStatus {
+                    role: format!("{:?}", rs.role),
+                    disk: format!("{:?}", rs.disk),
+                    in_flight: rs.in_flight,
+                    peers: rs
+                        .peers
+                        .iter()
+                        .map(|p| PeerStatusJson {
+                            name: p.name.clone(),
+                            connection: format!("{:?}", p.conn),
+                            replication: format!("{:?}", p.repl),
+                            disk: p
+                                .disk
+                                .map_or_else(|| "DUnknown".into(), |d| format!("{d:?}")),
+                            outdated: p.outdated,
+                        })
+                        .collect(),
+                });
+            }
+        }
+        st
     }
 }
 

@@ -90,6 +90,14 @@ pub struct Replicator {
     gen: Arc<std::sync::atomic::AtomicU64>,
 }
 
+impl std::fmt::Debug for Replicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator")
+            .field("peers", &self.peers)
+            .finish()
+    }
+}
+
 /// The driver stopped (its task ended).
 #[derive(Debug, thiserror::Error)]
 #[error("replication driver stopped")]

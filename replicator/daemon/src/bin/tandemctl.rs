@@ -47,6 +47,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make this node Primary for a replicated export.
+    Promote {
+        /// Export name.
+        export: String,
+        /// Admin socket of the daemon.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Make this node Secondary for a replicated export.
+    Demote {
+        /// Export name.
+        export: String,
+        /// Admin socket of the daemon.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Show a running tandemd's exports and counters.
     Status {
         /// Admin socket of the daemon.
@@ -179,6 +195,38 @@ async fn real_main(cli: Cli) -> Result<()> {
                 println!("other copy:    {}", other.as_deref().unwrap_or("ok"));
             }
         }
+        Cmd::Promote {
+            export,
+            admin_socket,
+        } => {
+            let resp = admin::call(
+                &admin_socket,
+                &AdminRequest::Promote {
+                    export: export.clone(),
+                },
+            )
+            .await?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            println!("{export}: Primary");
+        }
+        Cmd::Demote {
+            export,
+            admin_socket,
+        } => {
+            let resp = admin::call(
+                &admin_socket,
+                &AdminRequest::Demote {
+                    export: export.clone(),
+                },
+            )
+            .await?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            println!("{export}: Secondary");
+        }
         Cmd::Status { admin_socket, json } => {
             let resp = admin::call(&admin_socket, &AdminRequest::Status).await?;
             if !resp.ok {
@@ -195,8 +243,11 @@ async fn real_main(cli: Cli) -> Result<()> {
                 st.listeners.join(", ")
             );
             for e in &st.exports {
+                let (role, disk) = e.replication.as_ref().map_or(("Primary", "UpToDate"), |r| {
+                    (r.role.as_str(), r.disk.as_str())
+                });
                 println!(
-                    "{} role:Primary disk:UpToDate{}  size:{} MiB  engine:{}  backing:{}",
+                    "{} role:{role} disk:{disk}{}  size:{} MiB  engine:{}  backing:{}",
                     e.name,
                     if e.read_only { " read-only" } else { "" },
                     e.size >> 20,
@@ -215,6 +266,22 @@ async fn real_main(cli: Cli) -> Result<()> {
                     e.invalid,
                     e.io_errors
                 );
+                if let Some(r) = &e.replication {
+                    for p in &r.peers {
+                        println!(
+                            "  {} connection:{} replication:{} peer-disk:{}{}",
+                            p.name,
+                            p.connection,
+                            p.replication,
+                            p.disk,
+                            if p.outdated {
+                                " (outdated: needs resync)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                }
             }
         }
         Cmd::Ca(cmd) => println!("{}", cmd.run()?),

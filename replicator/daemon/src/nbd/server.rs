@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::export::{Export, Exports};
-use crate::storage::{IoBuf, IoError, IoResult};
+use crate::storage::{IoBuf, IoError, IoResult, Op};
 
 /// Bytes of request payload (and read buffers) one connection may have in
 /// flight; further requests wait. Bounds memory per client.
@@ -434,7 +434,82 @@ fn storage_error(export: &Export, req: &Request, e: &IoError) -> (NbdError, Stri
     (code, e.to_string())
 }
 
+/// Runs a writing command through the replication driver.
+async fn execute_replicated(
+    export: &Export,
+    replicator: &crate::replication::Replicator,
+    req: Request,
+    payload: Option<IoBuf>,
+) -> Reply {
+    use tandem_core::repl::Op as ROp;
+    let len = u64::from(req.length);
+    let (op, kind) = match req.command {
+        Command::Write => {
+            let Some(buf) = payload else {
+                return reply_for(export, &req, Ok(None));
+            };
+            let data = bytes::Bytes::from_owner(buf);
+            (
+                ROp::Write {
+                    offset: req.offset,
+                    data,
+                    fua: req.fua(),
+                },
+                Op::Write,
+            )
+        }
+        Command::Flush => (ROp::Flush, Op::Flush),
+        Command::Trim => (
+            ROp::Trim {
+                offset: req.offset,
+                len,
+                fua: req.fua(),
+            },
+            Op::Trim,
+        ),
+        Command::WriteZeroes => (
+            ROp::WriteZeroes {
+                offset: req.offset,
+                len,
+                no_hole: req.flags & nbd::cmdflag::NO_HOLE != 0,
+                fua: req.fua(),
+            },
+            Op::WriteZeroes,
+        ),
+        _ => return reply_for(export, &req, Ok(None)),
+    };
+    let result = replicator.submit(op).await.map_err(|errno| {
+        IoError::new(
+            kind,
+            req.offset,
+            len,
+            std::io::Error::from_raw_os_error(errno),
+        )
+    });
+    if result.is_ok() {
+        let stats = &export.stats;
+        match req.command {
+            Command::Write => {
+                stats.writes.fetch_add(1, Relaxed);
+                stats.write_bytes.fetch_add(len, Relaxed);
+            }
+            Command::Flush => {
+                stats.flushes.fetch_add(1, Relaxed);
+            }
+            _ => {
+                stats.discards.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    reply_for(export, &req, result.map(|()| None))
+}
+
 async fn execute(export: &Export, req: Request, payload: Option<IoBuf>) -> Reply {
+    if let Some(r) = &export.replicator {
+        if req.command != Command::Read {
+            return execute_replicated(export, r, req, payload).await;
+        }
+    }
     let vol = &export.volume;
     let stats = &export.stats;
     let len = u64::from(req.length);

@@ -97,6 +97,12 @@ impl DerefMut for IoBuf {
     }
 }
 
+impl AsRef<[u8]> for IoBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl Drop for IoBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `zeroed` with this exact layout.
