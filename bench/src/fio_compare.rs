@@ -53,7 +53,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "raw,qemu-nbd,tandem"
+        default_value = "raw,qemu-nbd,tandem,tandem-repl"
     )]
     targets: Vec<Target>,
     /// tandemd binary (default: `tandemd` next to this executable).
@@ -79,6 +79,9 @@ enum Target {
     Raw,
     QemuNbd,
     Tandem,
+    /// tandemd primary replicating (protocol C, QUIC + mTLS over loopback)
+    /// to a second tandemd whose backing is another file.
+    TandemRepl,
 }
 
 impl Target {
@@ -87,6 +90,7 @@ impl Target {
             Target::Raw => "raw",
             Target::QemuNbd => "qemu-nbd",
             Target::Tandem => "tandem",
+            Target::TandemRepl => "tandem-repl",
         }
     }
 }
@@ -221,6 +225,23 @@ impl Proc {
             what: what.to_string(),
             done: None,
         })
+    }
+
+    /// User + system CPU seconds the process has used so far (0 if unknown).
+    fn cpu_secs(&self) -> f64 {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{}/stat", self.child.id())) else {
+            return 0.0;
+        };
+        // Fields after the parenthesised command name; utime and stime are
+        // fields 14 and 15 of the whole line.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            return 0.0;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        (ticks(11) + ticks(12)) / hz
     }
 
     fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
@@ -514,6 +535,9 @@ struct Bench {
     file: PathBuf,
     data_offset: u64,
     tandemd: PathBuf,
+    tandemctl: PathBuf,
+    /// The replicated setup, when `tandem-repl` is a target.
+    repl: Option<ReplSetup>,
     /// Commands in first-use order, deduplicated.
     commands: Vec<(String, String)>,
 }
@@ -570,6 +594,62 @@ impl Bench {
                     .arg(self.work.join("tandem-admin.sock"));
                 Some(c)
             }
+            Target::TandemRepl => {
+                let r = self.repl.as_ref()?;
+                let mut c = Command::new(&self.tandemd);
+                c.arg("run")
+                    .arg("--config")
+                    .arg(&r.primary_config)
+                    .arg("--nbd-unix")
+                    .arg(&sock)
+                    .arg("--admin-socket")
+                    .arg(self.work.join("repl-primary-admin.sock"));
+                Some(c)
+            }
+        }
+    }
+
+    /// Starts the replication secondary and returns its guard.
+    fn start_secondary(&self, log: &Path) -> Result<Proc> {
+        let r = self
+            .repl
+            .as_ref()
+            .ok_or_else(|| anyhow!("replicated setup missing"))?;
+        let mut c = Command::new(&self.tandemd);
+        c.arg("run")
+            .arg("--config")
+            .arg(&r.secondary_config)
+            .arg("--nbd-unix")
+            .arg(self.work.join("repl-secondary.sock"))
+            .arg("--admin-socket")
+            .arg(self.work.join("repl-secondary-admin.sock"));
+        Proc::spawn(c, "tandem-repl secondary", log)
+    }
+
+    /// Waits until the primary reports its peer Connected.
+    fn wait_replicating(&self) -> Result<()> {
+        let admin = self.work.join("repl-primary-admin.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            check_interrupted()?;
+            let out = Command::new(&self.tandemctl)
+                .arg("status")
+                .arg("--json")
+                .arg("--admin-socket")
+                .arg(&admin)
+                .output();
+            if let Ok(o) = out {
+                if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
+                    if v["exports"][0]["replication"]["peers"][0]["connection"] == "Connected" {
+                        return Ok(());
+                    }
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "tandem-repl: the primary did not connect to the secondary within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -644,7 +724,7 @@ impl Bench {
                     .arg(format!("--offset={}", self.data_offset))
                     .arg(format!("--size={}", self.args.size));
             }
-            Target::QemuNbd | Target::Tandem => {
+            Target::QemuNbd | Target::Tandem | Target::TandemRepl => {
                 c.arg("--ioengine=nbd")
                     .arg(format!("--uri={}", self.uri(target)))
                     .arg(format!("--size={}", self.args.size));
@@ -672,11 +752,35 @@ impl Bench {
             self.record(format!("{} / {}", w.name, target.name()), &fio);
         }
 
+        let mut secondary = if target == Target::TandemRepl {
+            Some(self.start_secondary(&self.work.join(format!("{base}.secondary.log")))?)
+        } else {
+            None
+        };
         let server = match server_cmd {
             Some(c) => Some(self.start_server(target, c, &server_log)?),
             None => None,
         };
+        if target == Target::TandemRepl {
+            self.wait_replicating()?;
+        }
+        let cpu_before =
+            [server.as_ref(), secondary.as_ref()].map(|p| p.map_or(0.0, Proc::cpu_secs));
         let result = run_fio(fio, &json_out, &log, self.job_timeout());
+        if target == Target::TandemRepl {
+            let cpu = [server.as_ref(), secondary.as_ref()].map(|p| p.map_or(0.0, Proc::cpu_secs));
+            if let Ok(v) = &result {
+                let written = v["jobs"][0]["write"]["io_bytes"].as_f64().unwrap_or(0.0);
+                if written > 0.0 {
+                    let gib = written / (1u64 << 30) as f64;
+                    println!(
+                        "    tandem-repl CPU per written GiB: primary {:.2} s, secondary {:.2} s",
+                        (cpu[0] - cpu_before[0]) / gib,
+                        (cpu[1] - cpu_before[1]) / gib
+                    );
+                }
+            }
+        }
         if let Some(mut s) = server {
             let st = s.stop()?;
             // SIGTERM is the expected way out; anything else is worth a warning.
@@ -687,6 +791,9 @@ impl Bench {
                     server_log.display()
                 );
             }
+        }
+        if let Some(s) = secondary.as_mut() {
+            s.stop()?;
         }
         let v = result.with_context(|| format!("{} on {}", w.name, target.name()))?;
         parse_measurement(&v, w.reads()).with_context(|| format!("{} on {}", w.name, target.name()))
@@ -716,6 +823,32 @@ impl Bench {
         )
         .context("filling the data area")?;
         let m = parse_measurement(&v, false).context("filling the data area")?;
+        if let Some(r) = &self.repl {
+            // The secondary's backing gets the same treatment, so replicated
+            // writes land on allocated blocks as they do on the primary.
+            let mut c2 = Command::new("fio");
+            c2.arg("--name=fill-secondary")
+                .arg("--rw=write")
+                .arg("--bs=1M")
+                .arg("--iodepth=8")
+                .arg("--ioengine=io_uring")
+                .arg("--direct=1")
+                .arg("--end_fsync=1")
+                .arg(format!("--filename={}", r.secondary_file.display()))
+                .arg(format!("--offset={}", self.data_offset))
+                .arg(format!("--size={}", self.args.size))
+                .arg("--output-format=json");
+            let out2 = self.work.join("fill-secondary.json");
+            c2.arg(format!("--output={}", out2.display()));
+            self.record("fill secondary data area".into(), &c2);
+            run_fio(
+                c2,
+                &out2,
+                &self.work.join("fill-secondary.fio.log"),
+                Duration::from_secs(3600),
+            )
+            .context("filling the secondary's data area")?;
+        }
         println!(
             "filled {} of data area at {:.0} MiB/s",
             format_size(self.args.size),
@@ -723,6 +856,98 @@ impl Bench {
         );
         Ok(())
     }
+}
+
+/// Files of the replicated target.
+struct ReplSetup {
+    secondary_file: PathBuf,
+    primary_config: PathBuf,
+    secondary_config: PathBuf,
+}
+
+fn free_udp_port() -> Result<u16> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("binding a UDP port")?;
+    Ok(s.local_addr()?.port())
+}
+
+fn run_checked(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", command_line(cmd)))?;
+    ensure!(
+        out.status.success(),
+        "`{}` failed ({}): {}",
+        command_line(cmd),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Certificates, a secondary backing with the primary's UUID, and the two
+/// configurations of the replicated target (loopback, protocol C).
+fn setup_repl(work: &Path, file: &Path, args: &Args, tandemctl: &Path) -> Result<ReplSetup> {
+    let certs = work.join("certs");
+    run_checked(
+        Command::new(tandemctl)
+            .args(["ca", "create", "--dir"])
+            .arg(&certs),
+    )?;
+    for node in ["alpha", "beta"] {
+        run_checked(
+            Command::new(tandemctl)
+                .args(["cert", "issue", "--ca-dir"])
+                .arg(&certs)
+                .args(["--node", node, "--out-dir"])
+                .arg(&certs),
+        )?;
+    }
+    let v: Value = serde_json::from_str(&run_checked(
+        Command::new(tandemctl)
+            .arg("inspect")
+            .arg(file)
+            .arg("--json"),
+    )?)
+    .context("tandemctl inspect --json")?;
+    let uuid = v["uuid"]
+        .as_str()
+        .ok_or_else(|| anyhow!("tandemctl inspect --json: no uuid"))?
+        .to_string();
+    let secondary_file = work.join("secondary.img");
+    run_checked(
+        Command::new(tandemctl)
+            .arg("create")
+            .arg(&secondary_file)
+            .arg("--size")
+            .arg(format_size(args.size))
+            .arg("--name")
+            .arg(EXPORT_NAME)
+            .arg("--uuid")
+            .arg(&uuid),
+    )?;
+    let (pa, pb) = (free_udp_port()?, free_udp_port()?);
+    let config = |me: &str, role: &str, listen: u16, peer: &str, peer_port: u16, backing: &Path| {
+        format!(
+            "[[export]]\nname = \"{EXPORT_NAME}\"\nbacking = \"{}\"\n[export.replication]\nnode = \"{me}\"\nlisten = \"127.0.0.1:{listen}\"\ncert = \"{c}/{me}.crt\"\nkey = \"{c}/{me}.key\"\nca = \"{c}/ca.crt\"\nrole = \"{role}\"\npeers = [{{ name = \"{peer}\", address = \"127.0.0.1:{peer_port}\" }}]\n",
+            backing.display(),
+            c = certs.display()
+        )
+    };
+    let primary_config = work.join("repl-primary.toml");
+    let secondary_config = work.join("repl-secondary.toml");
+    fs::write(
+        &primary_config,
+        config("alpha", "primary", pa, "beta", pb, file),
+    )?;
+    fs::write(
+        &secondary_config,
+        config("beta", "secondary", pb, "alpha", pa, &secondary_file),
+    )?;
+    Ok(ReplSetup {
+        secondary_file,
+        primary_config,
+        secondary_config,
+    })
 }
 
 /// Creates the backing file and returns the data area's offset.
@@ -947,7 +1172,7 @@ fn real_main() -> Result<()> {
         .tandemctl
         .clone()
         .unwrap_or_else(|| exe.with_file_name("tandemctl"));
-    if args.targets.contains(&Target::Tandem) {
+    if args.targets.contains(&Target::Tandem) || args.targets.contains(&Target::TandemRepl) {
         require_binary(&tandemd, "tandemd", "--tandemd")?;
     }
     if args.assume_data_offset.is_none() {
@@ -986,12 +1211,19 @@ fn real_main() -> Result<()> {
         data_offset / MIB
     );
 
+    let repl = if args.targets.contains(&Target::TandemRepl) {
+        Some(setup_repl(&work, &file, &args, &tandemctl)?)
+    } else {
+        None
+    };
     let mut bench = Bench {
         args,
         work,
         file,
         data_offset,
         tandemd,
+        tandemctl,
+        repl,
         commands: create_cmds,
     };
     bench.fill()?;
@@ -1123,6 +1355,8 @@ fn real_main() -> Result<()> {
             (Target::Tandem, Target::QemuNbd),
             (Target::Tandem, Target::Raw),
             (Target::QemuNbd, Target::Raw),
+            (Target::TandemRepl, Target::QemuNbd),
+            (Target::TandemRepl, Target::Tandem),
         ];
         let mut parts = Vec::new();
         for (a, b) in pairs {
