@@ -49,6 +49,11 @@ pub struct ReplicaStatus {
     pub peers: Vec<PeerStatus>,
 }
 
+/// Bytes of queued frames coalesced into one stream write.
+const WRITE_BATCH: usize = 4 << 20;
+/// Receive buffer growth step for a peer stream.
+const READ_BUF: usize = 4 << 20;
+
 enum PeerCmd {
     Frame(Frame),
     Close(String),
@@ -183,14 +188,30 @@ impl Replicator {
         let writer_conn = conn.clone();
         let writer = tokio::spawn(async move {
             let mut buf = BytesMut::new();
-            while let Some(cmd) = prx.recv().await {
+            let mut next = prx.recv().await;
+            while let Some(cmd) = next.take() {
                 match cmd {
                     PeerCmd::Frame(f) => {
+                        // Coalesce every frame already queued (up to ~4 MiB)
+                        // into one stream write.
                         buf.clear();
                         f.encode(&mut buf);
+                        while buf.len() < WRITE_BATCH {
+                            match prx.try_recv() {
+                                Ok(PeerCmd::Frame(f)) => f.encode(&mut buf),
+                                Ok(close) => {
+                                    next = Some(close);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
                         if let Err(e) = send.write_all(&buf).await {
                             debug!(error = %e, "peer stream write failed");
                             return;
+                        }
+                        if next.is_none() {
+                            next = prx.recv().await;
                         }
                     }
                     PeerCmd::Close(reason) => {
@@ -204,8 +225,12 @@ impl Replicator {
                 }
             }
         });
-        let mut buf = BytesMut::with_capacity(1 << 20);
+        let mut buf = BytesMut::with_capacity(READ_BUF);
         'read: loop {
+            // `read_buf` on a full BytesMut would grow it 64 bytes at a time.
+            if buf.capacity() - buf.len() < READ_BUF / 4 {
+                buf.reserve(READ_BUF);
+            }
             match recv.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
