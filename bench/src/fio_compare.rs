@@ -799,55 +799,36 @@ impl Bench {
         parse_measurement(&v, w.reads()).with_context(|| format!("{} on {}", w.name, target.name()))
     }
 
-    fn fill(&mut self) -> Result<()> {
+    /// Writes a file's whole data area once (sequential 1M, O_DIRECT).
+    fn fill_file(&mut self, name: &str, file: &Path) -> Result<Measurement> {
         let mut c = Command::new("fio");
-        c.arg("--name=fill")
+        c.arg(format!("--name={name}"))
             .arg("--rw=write")
             .arg("--bs=1M")
             .arg("--iodepth=8")
             .arg("--ioengine=io_uring")
             .arg("--direct=1")
             .arg("--end_fsync=1")
-            .arg(format!("--filename={}", self.file.display()))
+            .arg(format!("--filename={}", file.display()))
             .arg(format!("--offset={}", self.data_offset))
             .arg(format!("--size={}", self.args.size))
             .arg("--output-format=json");
-        let json_out = self.work.join("fill.json");
+        let json_out = self.work.join(format!("{name}.json"));
         c.arg(format!("--output={}", json_out.display()));
-        self.record("fill data area".into(), &c);
-        let v = run_fio(
-            c,
-            &json_out,
-            &self.work.join("fill.fio.log"),
-            Duration::from_secs(3600),
-        )
-        .context("filling the data area")?;
-        let m = parse_measurement(&v, false).context("filling the data area")?;
-        if let Some(r) = &self.repl {
+        self.record(format!("{name} data area"), &c);
+        let log = self.work.join(format!("{name}.fio.log"));
+        let v = run_fio(c, &json_out, &log, Duration::from_secs(3600))
+            .with_context(|| format!("{name}: filling {}", file.display()))?;
+        parse_measurement(&v, false).with_context(|| format!("{name}: filling {}", file.display()))
+    }
+
+    fn fill(&mut self) -> Result<()> {
+        let file = self.file.clone();
+        let m = self.fill_file("fill", &file)?;
+        if let Some(secondary) = self.repl.as_ref().map(|r| r.secondary_file.clone()) {
             // The secondary's backing gets the same treatment, so replicated
             // writes land on allocated blocks as they do on the primary.
-            let mut c2 = Command::new("fio");
-            c2.arg("--name=fill-secondary")
-                .arg("--rw=write")
-                .arg("--bs=1M")
-                .arg("--iodepth=8")
-                .arg("--ioengine=io_uring")
-                .arg("--direct=1")
-                .arg("--end_fsync=1")
-                .arg(format!("--filename={}", r.secondary_file.display()))
-                .arg(format!("--offset={}", self.data_offset))
-                .arg(format!("--size={}", self.args.size))
-                .arg("--output-format=json");
-            let out2 = self.work.join("fill-secondary.json");
-            c2.arg(format!("--output={}", out2.display()));
-            self.record("fill secondary data area".into(), &c2);
-            run_fio(
-                c2,
-                &out2,
-                &self.work.join("fill-secondary.fio.log"),
-                Duration::from_secs(3600),
-            )
-            .context("filling the secondary's data area")?;
+            self.fill_file("fill-secondary", &secondary)?;
         }
         println!(
             "filled {} of data area at {:.0} MiB/s",
