@@ -17,5 +17,9 @@ mod interop;
 mod lifecycle;
 #[path = "nbd_e2e/multi_conn.rs"]
 mod multi_conn;
+#[path = "nbd_e2e/repl_common.rs"]
+mod repl_common;
 #[path = "nbd_e2e/replication.rs"]
 mod replication;
+#[path = "nbd_e2e/replication_netns.rs"]
+mod replication_netns;

@@ -363,6 +363,7 @@ pub struct DaemonBuilder {
     engine: Option<String>,
     tcp: bool,
     extra: Vec<String>,
+    netns: Option<String>,
 }
 
 impl DaemonBuilder {
@@ -400,6 +401,16 @@ impl DaemonBuilder {
         self
     }
 
+    /// Runs tandemd inside network namespace `name`
+    /// (`ip netns exec NAME tandemd ...`; `ip` execs, so the child *is*
+    /// tandemd). The unix sockets stay reachable from the root namespace.
+    /// Not combinable with [`DaemonBuilder::tcp`] (the readiness probe
+    /// connects from the root namespace).
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.into());
+        self
+    }
+
     /// Creates the directory and volumes, then starts the daemon and waits until it is ready.
     pub fn start(self) -> Daemon {
         let mut d = self.prepare();
@@ -420,8 +431,13 @@ impl DaemonBuilder {
                 backing,
             });
         }
+        assert!(
+            !(self.tcp && self.netns.is_some()),
+            "DaemonBuilder: .tcp() and .netns() cannot be combined"
+        );
         let tcp_port = self.tcp.then(free_tcp_port);
         Daemon {
+            netns: self.netns,
             nbd_socket: dir.path().join("nbd.sock"),
             admin_socket: dir.path().join("admin.sock"),
             log_path: dir.path().join("tandemd.log"),
@@ -457,6 +473,7 @@ pub struct Daemon {
     config: Option<PathBuf>,
     child: Option<Child>,
     starts: u32,
+    netns: Option<String>,
 }
 
 impl Daemon {
@@ -547,7 +564,15 @@ impl Daemon {
             .open(&self.log_path)
             .expect("open log");
         writeln!(log, "=== test harness: start #{} ===", self.starts).expect("write log");
-        let child = Command::new(tandemd())
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new(ip_tool());
+                c.args(["netns", "exec", ns]).arg(tandemd());
+                c
+            }
+            None => Command::new(tandemd()),
+        };
+        let child = cmd
             .args(self.args())
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
@@ -1002,4 +1027,131 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .expect("tokio runtime")
         .block_on(f)
+}
+
+// ---------------------------------------------------------------------------
+// Network namespaces
+// ---------------------------------------------------------------------------
+
+/// Path of iproute2's `ip` (PATH, then `/usr/sbin`, `/sbin`).
+pub fn ip_tool() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
+        .map(|d| d.join("ip"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("ip"))
+}
+
+/// Runs `ip ARGS` (in the root namespace), returning its output.
+pub fn ip(args: &[&str]) -> Output {
+    run(Command::new(ip_tool()).args(args))
+}
+
+/// Runs `ip netns exec NS PROGRAM ARGS...` and panics unless it exits 0.
+pub fn netns_exec_ok(ns: &str, program: &str, args: &[&str]) -> String {
+    run_ok(
+        Command::new(ip_tool())
+            .args(["netns", "exec", ns, program])
+            .args(args),
+    )
+}
+
+/// Two network namespaces `tdm-<pid>-a` / `tdm-<pid>-b` joined by a veth pair
+/// (`tdma<pid>` in a, `tdmb<pid>` in b) with addresses
+/// `10.203.<pid % 250>.1/30` and `.2/30`, loopback up in both. Dropping it
+/// deletes both namespaces (which deletes the veth pair too).
+#[derive(Debug)]
+pub struct NetnsPair {
+    /// Namespace of side a.
+    pub a: String,
+    /// Namespace of side b.
+    pub b: String,
+    /// The veth interface in `a`.
+    pub veth_a: String,
+    /// The veth interface in `b`.
+    pub veth_b: String,
+    /// Address of `veth_a`.
+    pub addr_a: String,
+    /// Address of `veth_b`.
+    pub addr_b: String,
+}
+
+impl NetnsPair {
+    /// Creates the pair, or reports a skip and returns `None`: a missing `ip`
+    /// tool goes through [`require`] (a failure under `TANDEM_REQUIRE_ALL=1`);
+    /// namespaces being unavailable (permission, kernel) is always a skip.
+    pub fn create() -> Option<NetnsPair> {
+        if !require("ip", "iproute2") {
+            return None;
+        }
+        let pid = std::process::id();
+        let net = pid % 250;
+        let pair = NetnsPair {
+            a: format!("tdm-{pid}-a"),
+            b: format!("tdm-{pid}-b"),
+            veth_a: format!("tdma{pid}"),
+            veth_b: format!("tdmb{pid}"),
+            addr_a: format!("10.203.{net}.1"),
+            addr_b: format!("10.203.{net}.2"),
+        };
+        // Leftovers of an earlier run with the same pid (crash): remove them.
+        pair.delete();
+        for ns in [&pair.a, &pair.b] {
+            let out = ip(&["netns", "add", ns]);
+            if !out.status.success() {
+                eprintln!(
+                    "skipping: network namespaces unavailable (ip netns add {ns}: {})",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                return None; // drop deletes whatever was created
+            }
+        }
+        let out = ip(&[
+            "link",
+            "add",
+            &pair.veth_a,
+            "netns",
+            &pair.a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pair.veth_b,
+            "netns",
+            &pair.b,
+        ]);
+        if !out.status.success() {
+            eprintln!(
+                "skipping: network namespaces unavailable (veth pair: {})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        for (ns, dev, addr) in [
+            (&pair.a, &pair.veth_a, &pair.addr_a),
+            (&pair.b, &pair.veth_b, &pair.addr_b),
+        ] {
+            netns_exec_ok(ns, "ip", &["link", "set", "lo", "up"]);
+            netns_exec_ok(
+                ns,
+                "ip",
+                &["addr", "add", &format!("{addr}/30"), "dev", dev],
+            );
+            netns_exec_ok(ns, "ip", &["link", "set", dev, "up"]);
+        }
+        Some(pair)
+    }
+
+    fn delete(&self) {
+        for ns in [&self.a, &self.b] {
+            let _ = ip(&["netns", "delete", ns]);
+        }
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        self.delete();
+    }
 }

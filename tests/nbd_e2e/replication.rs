@@ -7,46 +7,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tandem_tests::{
-    data_offset, heavy_lock, read_file_at, require, run_ok, run_timeout, tandemctl, Daemon,
-};
+use crate::repl_common::{cluster_certs, fio, SIZE};
+use tandem_tests::{data_offset, heavy_lock, read_file_at, require, run_ok, tandemctl, Daemon};
 
-const SIZE: u64 = 64 << 20;
 const UUID: &str = "5e1f0000-0000-4000-8000-00000000c0de";
 
 fn free_udp_port() -> u16 {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
     s.local_addr().expect("local_addr").port()
-}
-
-fn fio(uri: &str, verify_only: bool) {
-    let mut cmd = Command::new("fio");
-    cmd.arg("--verify_state_save=0")
-        .current_dir(std::env::temp_dir())
-        .args([
-            "--name=repl",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bsrange=4k-128k",
-            &format!("--size={SIZE}"),
-            "--iodepth=16",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--randseed=77",
-        ]);
-    if verify_only {
-        cmd.arg("--verify_only");
-    } else {
-        cmd.args(["--do_verify=1", "--fsync=32"]);
-    }
-    let out = run_timeout(&mut cmd, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "fio (verify_only={verify_only}) failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn node(certs: &Path, me: &str, role: &str, listen: u16, peer: &str, peer_port: u16) -> Daemon {
@@ -106,20 +74,7 @@ fn two_nodes_replicate_synchronously_and_swap_roles() {
     }
     let _heavy = heavy_lock();
     let certs = tempfile::tempdir().expect("tempdir");
-    run_ok(
-        Command::new(tandemctl())
-            .args(["ca", "create", "--dir"])
-            .arg(certs.path()),
-    );
-    for n in ["alpha", "beta"] {
-        run_ok(
-            Command::new(tandemctl())
-                .args(["cert", "issue", "--ca-dir"])
-                .arg(certs.path())
-                .args(["--node", n, "--out-dir"])
-                .arg(certs.path()),
-        );
-    }
+    cluster_certs(certs.path());
     let (pa, pb) = (free_udp_port(), free_udp_port());
     let mut a = node(certs.path(), "alpha", "primary", pa, "beta", pb);
     let mut b = node(certs.path(), "beta", "secondary", pb, "alpha", pa);

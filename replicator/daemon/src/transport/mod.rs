@@ -485,6 +485,12 @@ pub fn classify_refusal(e: &ConnectionError) -> Option<Refusal> {
         let alert = AlertDescription::from((code - 0x100) as u8);
         Some(match alert {
             AlertDescription::UnknownCA => RefusalKind::UnknownIssuer,
+            // Another cluster's CA with the same name: the issuer is found by
+            // name but its signature does not verify against our CA.
+            AlertDescription::DecryptError => RefusalKind::UnknownIssuer,
+            AlertDescription::BadCertificate if detail.contains("BadSignature") => {
+                RefusalKind::UnknownIssuer
+            }
             AlertDescription::CertificateExpired => RefusalKind::Expired,
             AlertDescription::BadCertificate
                 if detail.contains("NotValidForName") || detail.contains("not valid for name") =>
