@@ -1,10 +1,10 @@
 //! Helpers shared by the replication end-to-end tests.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tandem_tests::{run_ok, run_timeout, tandemctl};
+use tandem_tests::{data_offset, read_file_at, run_ok, run_timeout, tandemctl, Daemon};
 
 /// Size of the replicated test volumes.
 pub const SIZE: u64 = 64 << 20;
@@ -68,4 +68,97 @@ pub fn cluster_certs(dir: &Path) {
     for n in ["alpha", "beta"] {
         issue(dir, n);
     }
+}
+
+pub const UUID: &str = "5e1f0000-0000-4000-8000-0000000ce7a5";
+/// Certificate files one node uses.
+pub struct NodeFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl NodeFiles {
+    pub fn from_dir(dir: &Path, node: &str) -> Self {
+        NodeFiles {
+            cert: dir.join(format!("{node}.crt")),
+            key: dir.join(format!("{node}.key")),
+            ca: dir.join("ca.crt"),
+        }
+    }
+}
+
+pub struct NodeSpec<'a> {
+    pub me: &'a str,
+    pub role: &'a str,
+    pub listen: String,
+    pub peer: &'a str,
+    pub peer_addr: String,
+    pub files: NodeFiles,
+    pub netns: Option<&'a str>,
+    pub size: u64,
+}
+
+pub fn node(s: NodeSpec) -> Daemon {
+    let mut b = Daemon::builder().volume_with("vol", s.size, &["--uuid", UUID]);
+    if let Some(ns) = s.netns {
+        b = b.netns(ns);
+    }
+    let mut d = b.prepare();
+    let backing = d.backing("vol").display().to_string();
+    d.set_config(&format!(
+        r#"
+[[export]]
+name = "vol"
+backing = "{backing}"
+[export.replication]
+node = "{me}"
+listen = "{listen}"
+cert = "{cert}"
+key = "{key}"
+ca = "{ca}"
+role = "{role}"
+peers = [{{ name = "{peer}", address = "{peer_addr}" }}]
+"#,
+        me = s.me,
+        listen = s.listen,
+        cert = s.files.cert.display(),
+        key = s.files.key.display(),
+        ca = s.files.ca.display(),
+        role = s.role,
+        peer = s.peer,
+        peer_addr = s.peer_addr,
+    ));
+    d
+}
+
+pub fn peer(d: &Daemon) -> tandem_tests::Json {
+    d.export_status("vol")["replication"]["peers"][0].clone()
+}
+
+pub fn peer_connected(d: &Daemon) -> bool {
+    peer(d)["connection"] == "Connected"
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn ctl(d: &Daemon, verb: &str) {
+    run_ok(
+        Command::new(tandemctl())
+            .arg(verb)
+            .arg("vol")
+            .arg("--admin-socket")
+            .arg(d.admin_socket()),
+    );
+}
+
+pub fn data_area(d: &Daemon, size: u64) -> Vec<u8> {
+    let f = d.backing("vol");
+    read_file_at(f, data_offset(f), size as usize)
 }

@@ -4,80 +4,20 @@
 //! primary serving on and the peer marked outdated, and certificate refusals
 //! (foreign CA, expired, wrong node name) that replicate nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::repl_common::{cluster_certs, fio, fio_cmd, issue, SIZE};
+use crate::repl_common::{
+    cluster_certs, ctl, data_area, fio, fio_cmd, issue, node, peer, peer_connected, wait_until,
+    NodeFiles, NodeSpec, SIZE,
+};
 use tandem_daemon::transport::certs::{issue_node_cert, CaFiles};
 use tandem_tests::{
-    data_offset, heavy_lock, netns_exec_ok, read_file_at, require, run_ok, tandemctl, wait_timeout,
-    Daemon, NetnsPair,
+    heavy_lock, netns_exec_ok, require, run_ok, tandemctl, wait_timeout, Daemon, NetnsPair,
 };
 
-const UUID: &str = "5e1f0000-0000-4000-8000-0000000ce7a5";
 const PORT: u16 = 7789;
-
-/// Certificate files one node uses.
-struct NodeFiles {
-    cert: PathBuf,
-    key: PathBuf,
-    ca: PathBuf,
-}
-
-impl NodeFiles {
-    fn from_dir(dir: &Path, node: &str) -> Self {
-        NodeFiles {
-            cert: dir.join(format!("{node}.crt")),
-            key: dir.join(format!("{node}.key")),
-            ca: dir.join("ca.crt"),
-        }
-    }
-}
-
-struct NodeSpec<'a> {
-    me: &'a str,
-    role: &'a str,
-    listen: String,
-    peer: &'a str,
-    peer_addr: String,
-    files: NodeFiles,
-    netns: Option<&'a str>,
-    size: u64,
-}
-
-fn node(s: NodeSpec) -> Daemon {
-    let mut b = Daemon::builder().volume_with("vol", s.size, &["--uuid", UUID]);
-    if let Some(ns) = s.netns {
-        b = b.netns(ns);
-    }
-    let mut d = b.prepare();
-    let backing = d.backing("vol").display().to_string();
-    d.set_config(&format!(
-        r#"
-[[export]]
-name = "vol"
-backing = "{backing}"
-[export.replication]
-node = "{me}"
-listen = "{listen}"
-cert = "{cert}"
-key = "{key}"
-ca = "{ca}"
-role = "{role}"
-peers = [{{ name = "{peer}", address = "{peer_addr}" }}]
-"#,
-        me = s.me,
-        listen = s.listen,
-        cert = s.files.cert.display(),
-        key = s.files.key.display(),
-        ca = s.files.ca.display(),
-        role = s.role,
-        peer = s.peer,
-        peer_addr = s.peer_addr,
-    ));
-    d
-}
 
 /// alpha (primary) in `ns.a`, beta (secondary) in `ns.b`, started.
 fn netns_pair(ns: &NetnsPair, certs: &Path) -> (Daemon, Daemon) {
@@ -104,37 +44,6 @@ fn netns_pair(ns: &NetnsPair, certs: &Path) -> (Daemon, Daemon) {
     a.start();
     b.start();
     (a, b)
-}
-
-fn peer(d: &Daemon) -> tandem_tests::Json {
-    d.export_status("vol")["replication"]["peers"][0].clone()
-}
-
-fn peer_connected(d: &Daemon) -> bool {
-    peer(d)["connection"] == "Connected"
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn ctl(d: &Daemon, verb: &str) {
-    run_ok(
-        Command::new(tandemctl())
-            .arg(verb)
-            .arg("vol")
-            .arg("--admin-socket")
-            .arg(d.admin_socket()),
-    );
-}
-
-fn data_area(d: &Daemon, size: u64) -> Vec<u8> {
-    let f = d.backing("vol");
-    read_file_at(f, data_offset(f), size as usize)
 }
 
 #[test]
