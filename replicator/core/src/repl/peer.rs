@@ -90,10 +90,20 @@ pub struct PeerStatus {
     pub disk: Option<DiskState>,
     /// This node holds it Outdated (it missed writes; needs a resync).
     pub outdated: bool,
+    /// Frontend requests (writes, trims, write-zeroes, flushes) sent to this
+    /// peer and not yet acknowledged by it.
+    pub in_flight: usize,
+    /// Bytes of the volume this peer may not hold yet. While it is held
+    /// Outdated: the whole volume size (without dirty bitmaps it needs a full
+    /// resync). Otherwise: the bytes of writes, trims and write-zeroes sent
+    /// to it and not yet acknowledged (0 when it is in sync). Bitmaps (a
+    /// later issue) will refine the Outdated case to the dirty regions.
+    pub out_of_sync_bytes: u64,
 }
 
-impl From<&Peer> for PeerStatus {
-    fn from(p: &Peer) -> PeerStatus {
+impl PeerStatus {
+    /// A snapshot of `p` with the counters the replica computed.
+    pub(crate) fn new(p: &Peer, in_flight: usize, out_of_sync_bytes: u64) -> PeerStatus {
         PeerStatus {
             name: p.name.clone(),
             conn: p.conn,
@@ -105,6 +115,8 @@ impl From<&Peer> for PeerStatus {
             role: p.role,
             disk: p.effective_disk(),
             outdated: p.outdated,
+            in_flight,
+            out_of_sync_bytes,
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Replica {
     /// Peer operations being applied locally, by arrival order.
     pub(crate) applies: BTreeMap<u64, Apply>,
     pub(crate) ios: BTreeMap<IoId, IoOwner>,
+    /// Dual-primary conflicts detected (R9), for status.
+    pub(crate) conflicts: u64,
 }
 
 impl Replica {
@@ -67,6 +69,7 @@ impl Replica {
             requests: BTreeMap::new(),
             applies: BTreeMap::new(),
             ios: BTreeMap::new(),
+            conflicts: 0,
         })
     }
 
@@ -181,9 +184,37 @@ impl Replica {
         &self.cfg
     }
 
-    /// What this node knows about a peer (`None` for an unknown id).
+    /// What this node knows about a peer (`None` for an unknown id),
+    /// including the requests it has not acknowledged yet and the bytes it
+    /// is out of sync by (see [`PeerStatus::out_of_sync_bytes`]).
     pub fn peer_status(&self, peer: PeerId) -> Option<PeerStatus> {
-        self.peer(peer).map(PeerStatus::from)
+        let p = self.peer(peer)?;
+        let mut in_flight = 0usize;
+        let mut unacked_bytes = 0u64;
+        for r in self
+            .requests
+            .values()
+            .filter(|r| r.peers_pending.contains(peer))
+        {
+            in_flight += 1;
+            if let Some((start, end)) = r.range {
+                unacked_bytes = unacked_bytes.saturating_add(end.saturating_sub(start));
+            }
+        }
+        // R7 keeps overlapping requests from being in flight together, so
+        // the sum counts no byte twice; the cap is for safety only.
+        let out_of_sync = if p.outdated {
+            self.cfg.size
+        } else {
+            unacked_bytes.min(self.cfg.size)
+        };
+        Some(PeerStatus::new(p, in_flight, out_of_sync))
+    }
+
+    /// Dual-primary concurrent-write conflicts detected since start (each
+    /// also reported as [`Event::ConcurrentWriteConflict`], R9).
+    pub fn concurrent_write_conflicts(&self) -> u64 {
+        self.conflicts
     }
 
     /// Frontend requests not yet completed or still awaiting peer acks.

@@ -488,6 +488,80 @@ fn r6_peer_timeout_and_keepalive() {
 }
 
 #[test]
+fn status_counts_unacked_requests_and_out_of_sync_bytes() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    let s = c.status(0, 1);
+    assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, 0));
+    // Acks held: a 2-block write, a 3-block trim, a 1-block write-zeroes
+    // and a flush are sent and not acknowledged.
+    c.links[1][0].hold = true;
+    c.submit(0, 1, w(0, 1, 2, false));
+    c.submit(
+        0,
+        2,
+        Op::Trim {
+            offset: 4096,
+            len: 3 * u64::from(BS),
+            fua: false,
+        },
+    );
+    c.submit(
+        0,
+        3,
+        Op::WriteZeroes {
+            offset: 8192,
+            len: u64::from(BS),
+            no_hole: false,
+            fua: false,
+        },
+    );
+    c.submit(0, 4, Op::Flush);
+    c.run();
+    let s = c.status(0, 1);
+    assert_eq!(s.in_flight, 4);
+    assert_eq!(s.out_of_sync_bytes, 6 * u64::from(BS));
+    // The secondary sends nothing of its own.
+    let back = c.status(1, 0);
+    assert_eq!((back.in_flight, back.out_of_sync_bytes), (0, 0));
+    // Acked: back in sync.
+    c.links[1][0].hold = false;
+    c.run();
+    let s = c.status(0, 1);
+    assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, 0));
+    // Lost with a write unacknowledged: held Outdated, the whole volume is
+    // out of sync (no bitmaps yet) and nothing is waiting for it.
+    c.links[0][1].hold = true;
+    c.submit(0, 5, w(0, 5, 1, false));
+    c.run();
+    assert_eq!(c.status(0, 1).in_flight, 1);
+    c.break_link(0, 1);
+    c.run();
+    let s = c.status(0, 1);
+    assert!(s.outdated);
+    assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, SIZE));
+    // Writes continue; still the whole volume, also after reconnecting.
+    c.submit(0, 6, w(512, 6, 1, false));
+    c.connect(0, 1);
+    c.run();
+    let s = c.status(0, 1);
+    assert_eq!(s.conn, ConnState::Connected);
+    assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, SIZE));
+}
+
+#[test]
+fn status_reports_a_missed_write_as_the_whole_volume_out_of_sync() {
+    let mut c = Cluster::new(2, |_, _| {});
+    // Never connected, nothing written: a new volume is zero everywhere.
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 0);
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    let s = c.status(0, 1);
+    assert!(s.outdated);
+    assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, SIZE));
+}
+
+#[test]
 fn r7_overlapping_writes_wait_for_earlier_ones() {
     let mut c = Cluster::connected(2, |_, _| {});
     c.links[1][0].hold = true; // first write stays in flight (no ack)
@@ -567,6 +641,9 @@ fn r9_dual_primary_conflicts_are_detected_and_ordered_the_same_everywhere() {
                 .any(|e| matches!(e, Event::ConcurrentWriteConflict { .. })));
         }
         assert_eq!(c.nodes[0].disk, c.nodes[1].disk, "replicas diverged");
+        for n in &c.nodes {
+            assert_eq!(n.r.concurrent_write_conflicts(), 1, "conflict counter");
+        }
         // Lower node name ("a", node 0) wins the overlap.
         let a_byte = if first == 0 { 0xA } else { 0xB };
         assert_eq!(c.nodes[0].disk[512], a_byte);

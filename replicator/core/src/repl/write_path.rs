@@ -257,6 +257,7 @@ impl Replica {
         let mut reapply_after = Vec::new();
         if !conflicts.is_empty() {
             let (offset, end) = range.unwrap_or((0, 0));
+            self.conflicts += 1;
             self.event(Event::ConcurrentWriteConflict {
                 peer,
                 offset,
