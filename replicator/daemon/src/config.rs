@@ -22,6 +22,17 @@
 //! direct = "auto"                    # auto (default) | on | off: O_DIRECT
 //! read_only = false
 //! queue_depth = 256                  # io_uring entries
+//!
+//! [export.replication]               # optional: replicate this export
+//! node = "alpha"                     # this node (the SAN of cert)
+//! listen = "10.0.0.1:7788"           # QUIC (UDP)
+//! cert = "/etc/tandem/alpha.crt"
+//! key = "/etc/tandem/alpha.key"
+//! ca = "/etc/tandem/ca.crt"
+//! role = "secondary"                 # primary | secondary (default)
+//! protocol = "C"                     # C (default) | A
+//! allow_two_primaries = false        # dual-primary for live migration; needs protocol C
+//! peers = [{ name = "beta", address = "10.0.0.2:7788" }]
 //! ```
 
 use std::collections::HashSet;
@@ -185,6 +196,12 @@ pub struct ReplicationConfig {
     /// Replication protocol.
     #[serde(default)]
     pub protocol: ProtocolConfig,
+    /// Dual-primary mode, for live migration only: a second node may be
+    /// promoted while this one is Primary (exactly two Primaries; needs
+    /// protocol C). Concurrent writes to the same blocks are detected,
+    /// reported and ordered the same on both (docs/replication.md, R9).
+    #[serde(default)]
+    pub allow_two_primaries: bool,
     /// The other replicas (1 to 3).
     pub peers: Vec<PeerConfig>,
 }
@@ -424,6 +441,13 @@ impl Config {
                         "a replicated export cannot be read_only",
                     ));
                 }
+                if r.allow_two_primaries && r.protocol != ProtocolConfig::C {
+                    return Err(err(
+                        source,
+                        f("allow_two_primaries"),
+                        "dual-primary needs protocol = \"C\" (every write acknowledged by both Primaries)",
+                    ));
+                }
             }
             if !(1..=4096).contains(&e.queue_depth) || !e.queue_depth.is_power_of_two() {
                 return Err(err(
@@ -496,6 +520,50 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("export[1].name"));
+    }
+
+    const REPLICATED: &str = r#"
+        [nbd]
+        unix = "/s"
+        [[export]]
+        name = "a"
+        backing = "/a"
+        [export.replication]
+        node = "alpha"
+        listen = "127.0.0.1:7788"
+        cert = "/c"
+        key = "/k"
+        ca = "/ca"
+        peers = [{ name = "beta", address = "127.0.0.1:7789" }]
+        "#;
+
+    #[test]
+    fn allow_two_primaries_defaults_off_and_needs_protocol_c() {
+        let c = Config::parse(REPLICATED, "f.toml").unwrap();
+        c.validate("f.toml").unwrap();
+        let r = c.exports[0].replication.as_ref().unwrap();
+        assert!(!r.allow_two_primaries);
+        assert_eq!(r.protocol, ProtocolConfig::C);
+        let on = format!("{REPLICATED}allow_two_primaries = true\n");
+        let c = Config::parse(&on, "f.toml").unwrap();
+        c.validate("f.toml").unwrap();
+        assert!(
+            c.exports[0]
+                .replication
+                .as_ref()
+                .unwrap()
+                .allow_two_primaries
+        );
+        let a = format!("{on}protocol = \"A\"\n");
+        let e = Config::parse(&a, "f.toml")
+            .unwrap()
+            .validate("f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("f.toml: export[0].replication.allow_two_primaries: dual-primary needs protocol = \"C\""),
+            "{e}"
+        );
     }
 
     #[test]

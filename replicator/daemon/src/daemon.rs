@@ -109,6 +109,7 @@ fn start_replication(r: &ReplicationConfig, volume: &Arc<Volume>) -> Result<Repl
         ProtocolConfig::C => repl::Protocol::C,
         ProtocolConfig::A => repl::Protocol::A,
     };
+    cfg.allow_two_primaries = r.allow_two_primaries;
     let replica = repl::Replica::new(cfg, repl::Time::ZERO)
         .map_err(|e| anyhow::anyhow!("replication config: {e}"))?;
     let identity = TlsIdentity::load(&r.cert, &r.key, &r.ca)?;
@@ -126,7 +127,10 @@ fn start_replication(r: &ReplicationConfig, volume: &Arc<Volume>) -> Result<Repl
         r.peers.iter().map(|p| p.name.clone()).collect(),
     )?);
     let replicator = Replicator::spawn(replica, volume.clone());
-    info!(node = %r.node, listen = %r.listen, role = ?r.role, protocol = ?r.protocol, "replication listening");
+    info!(
+        node = %r.node, listen = %r.listen, role = ?r.role, protocol = ?r.protocol,
+        allow_two_primaries = r.allow_two_primaries, "replication listening"
+    );
     tokio::spawn(replication::run_acceptor(
         endpoint.clone(),
         replicator.clone(),
