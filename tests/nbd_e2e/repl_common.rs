@@ -100,6 +100,12 @@ pub struct NodeSpec<'a> {
 }
 
 pub fn node(s: NodeSpec) -> Daemon {
+    node_with(s, "")
+}
+
+/// Like [`node`], with `extra` TOML lines appended to `[export.replication]`
+/// (e.g. `allow_two_primaries = true`).
+pub fn node_with(s: NodeSpec, extra: &str) -> Daemon {
     let mut b = Daemon::builder().volume_with("vol", s.size, &["--uuid", UUID]);
     if let Some(ns) = s.netns {
         b = b.netns(ns);
@@ -119,6 +125,7 @@ key = "{key}"
 ca = "{ca}"
 role = "{role}"
 peers = [{{ name = "{peer}", address = "{peer_addr}" }}]
+{extra}
 "#,
         me = s.me,
         listen = s.listen,
@@ -156,6 +163,21 @@ pub fn ctl(d: &Daemon, verb: &str) {
             .arg("--admin-socket")
             .arg(d.admin_socket()),
     );
+}
+
+/// `tandemctl status vol` (human output).
+pub fn status_text(d: &Daemon) -> String {
+    run_ok(
+        Command::new(tandemctl())
+            .args(["status", "vol", "--admin-socket"])
+            .arg(d.admin_socket()),
+    )
+}
+
+/// A UDP port free right now on loopback.
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    s.local_addr().expect("local_addr").port()
 }
 
 pub fn data_area(d: &Daemon, size: u64) -> Vec<u8> {

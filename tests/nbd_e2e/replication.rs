@@ -6,14 +6,10 @@
 use std::time::Duration;
 
 use crate::repl_common::{
-    cluster_certs, ctl, data_area, fio, node, peer_connected, wait_until, NodeFiles, NodeSpec, SIZE,
+    cluster_certs, ctl, data_area, fio, free_udp_port, node, peer, peer_connected, status_text,
+    wait_until, NodeFiles, NodeSpec, SIZE,
 };
-use tandem_tests::{heavy_lock, require};
-
-fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    s.local_addr().expect("local_addr").port()
-}
+use tandem_tests::{block_on, heavy_lock, require};
 
 #[test]
 fn two_nodes_replicate_synchronously_and_swap_roles() {
@@ -50,12 +46,51 @@ fn two_nodes_replicate_synchronously_and_swap_roles() {
     assert_eq!(first_diff, None, "data areas differ between alpha and beta");
     assert!(da.iter().any(|&x| x != 0), "fio wrote nothing?");
 
+    // Status while connected: nothing in flight, nothing out of sync.
+    for d in [&a, &b] {
+        let p = peer(d);
+        assert_eq!(p["in_flight"], 0, "{p}");
+        assert_eq!(p["out_of_sync_bytes"], 0, "{p}");
+    }
+    let text = status_text(&a);
+    assert!(
+        text.contains(
+            "  beta role:Secondary connection:Connected replication:Established \
+             peer-disk:UpToDate in-flight:0 out-of-sync:0B\n"
+        ),
+        "tandemctl status:\n{text}"
+    );
+
     // Swap roles: beta becomes primary and serves the same data.
     ctl(&a, "demote");
     ctl(&b, "promote");
     let s = b.export_status("vol");
     assert_eq!(s["replication"]["role"], "Primary", "{s}");
     fio(&b.uri("vol"), true);
+
+    // The peer is lost and writes continue: without bitmaps the whole
+    // volume is out of sync with it.
     a.stop();
+    block_on(async {
+        let mut c = b.client("vol").await;
+        c.write(0, &[0x5a; 4096], false)
+            .await
+            .expect("write on beta");
+        c.flush().await.expect("flush on beta");
+    });
+    wait_until(
+        "beta to mark alpha outdated",
+        Duration::from_secs(15),
+        || peer(&b)["outdated"] == true,
+    );
+    let p = peer(&b);
+    assert_ne!(p["connection"], "Connected", "{p}");
+    assert_eq!(p["out_of_sync_bytes"], SIZE, "{p}");
+    assert_eq!(p["in_flight"], 0, "{p}");
+    let text = status_text(&b);
+    assert!(
+        text.contains("in-flight:0 out-of-sync:64MiB (outdated: needs resync)"),
+        "tandemctl status:\n{text}"
+    );
     b.stop();
 }

@@ -192,6 +192,10 @@ fn link_cut_during_writes(how: Cut) {
     );
     let p = peer(&a);
     assert_ne!(p["disk"], "UpToDate", "cut-off peer claimed UpToDate: {p}");
+    assert_eq!(
+        p["out_of_sync_bytes"], SIZE,
+        "an outdated peer is out of sync by the whole volume (no bitmaps yet): {p}"
+    );
     a.assert_running();
     b.assert_running();
     fio(&a.uri("vol"), true);

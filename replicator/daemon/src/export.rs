@@ -84,6 +84,10 @@ pub struct ReplicationStatus {
     pub disk: String,
     /// Frontend requests in flight in the replica.
     pub in_flight: usize,
+    /// Dual-primary concurrent-write conflicts detected since start (both
+    /// Primaries wrote overlapping blocks; ordered the same on both, R9).
+    #[serde(default)]
+    pub conflicts: u64,
     /// Per peer.
     pub peers: Vec<PeerStatusJson>,
 }
@@ -101,6 +105,16 @@ pub struct PeerStatusJson {
     pub disk: String,
     /// The peer missed writes and needs a resync.
     pub outdated: bool,
+    /// Role the peer last reported: Primary, Secondary or Unknown.
+    #[serde(default)]
+    pub role: String,
+    /// Requests sent to the peer and not yet acknowledged by it.
+    #[serde(default)]
+    pub in_flight: usize,
+    /// Bytes the peer may lack: the whole volume while it is outdated (no
+    /// bitmaps yet: full resync), else the bytes sent and not yet acked.
+    #[serde(default)]
+    pub out_of_sync_bytes: u64,
 }
 
 /// One exported volume.
@@ -200,6 +214,7 @@ impl Export {
                     role: format!("{:?}", rs.role),
                     disk: format!("{:?}", rs.disk),
                     in_flight: rs.in_flight,
+                    conflicts: rs.conflicts,
                     peers: rs
                         .peers
                         .iter()
@@ -211,6 +226,11 @@ impl Export {
                                 .disk
                                 .map_or_else(|| "DUnknown".into(), |d| format!("{d:?}")),
                             outdated: p.outdated,
+                            role: p
+                                .role
+                                .map_or_else(|| "Unknown".into(), |r| format!("{r:?}")),
+                            in_flight: p.in_flight,
+                            out_of_sync_bytes: p.out_of_sync_bytes,
                         })
                         .collect(),
                 });

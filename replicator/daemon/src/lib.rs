@@ -48,6 +48,25 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
+/// Formats a byte count for humans, binary units, no space so it stays one
+/// token: `0B`, `512B`, `4KiB`, `64MiB`, `1.5GiB` (one decimal when not whole).
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && bytes >= 1u64 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    if unit == 0 {
+        return format!("{bytes}B");
+    }
+    let div = 1u64 << (10 * unit);
+    if bytes % div == 0 {
+        format!("{}{}", bytes / div, UNITS[unit])
+    } else {
+        format!("{:.1}{}", bytes as f64 / div as f64, UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -57,5 +76,17 @@ mod tests {
         assert_eq!(super::parse_size("4096"), Ok(4096));
         assert!(super::parse_size("12Q").is_err());
         assert!(super::parse_size("-1G").is_err());
+    }
+
+    #[test]
+    fn human_sizes() {
+        use super::format_size;
+        assert_eq!(format_size(0), "0B");
+        assert_eq!(format_size(1023), "1023B");
+        assert_eq!(format_size(4096), "4KiB");
+        assert_eq!(format_size(64 << 20), "64MiB");
+        assert_eq!(format_size(3 << 29), "1.5GiB");
+        assert_eq!(format_size(1 << 50), "1PiB");
+        assert_eq!(format_size(u64::MAX), "16384.0PiB");
     }
 }

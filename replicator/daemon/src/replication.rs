@@ -45,6 +45,8 @@ pub struct ReplicaStatus {
     pub disk: DiskState,
     /// Frontend requests in flight.
     pub in_flight: usize,
+    /// Dual-primary concurrent-write conflicts detected since start.
+    pub conflicts: u64,
     /// Per peer.
     pub peers: Vec<PeerStatus>,
 }
@@ -338,6 +340,7 @@ impl Driver {
                     role: self.replica.role(),
                     disk: self.replica.disk_state(),
                     in_flight: self.replica.requests_in_flight(),
+                    conflicts: self.replica.concurrent_write_conflicts(),
                     peers,
                 });
             }

@@ -63,8 +63,12 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
-    /// Show a running tandemd's exports and counters.
+    /// Show a running tandemd's exports: role, disk state, counters and,
+    /// per peer, connection, replication, peer disk, requests in flight and
+    /// bytes out of sync (like `drbdadm status`).
     Status {
+        /// Only this export (default: all).
+        export: Option<String>,
         /// Admin socket of the daemon.
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
@@ -227,65 +231,95 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             println!("{export}: Secondary");
         }
-        Cmd::Status { admin_socket, json } => {
+        Cmd::Status {
+            export,
+            admin_socket,
+            json,
+        } => {
             let resp = admin::call(&admin_socket, &AdminRequest::Status).await?;
             if !resp.ok {
                 bail!("tandemd: {}", resp.error.unwrap_or_default());
             }
-            let st = resp.status.context("tandemd sent no status")?;
+            let mut st = resp.status.context("tandemd sent no status")?;
+            if let Some(name) = &export {
+                st.exports.retain(|e| &e.name == name);
+                if st.exports.is_empty() {
+                    bail!("no export named {name:?}");
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
                 return Ok(());
             }
-            println!(
-                "tandemd {}  listening on {}",
-                st.version,
-                st.listeners.join(", ")
-            );
-            for e in &st.exports {
-                let (role, disk) = e.replication.as_ref().map_or(("Primary", "UpToDate"), |r| {
-                    (r.role.as_str(), r.disk.as_str())
-                });
-                println!(
-                    "{} role:{role} disk:{disk}{}  size:{} MiB  engine:{}  backing:{}",
-                    e.name,
-                    if e.read_only { " read-only" } else { "" },
-                    e.size >> 20,
-                    e.engine,
-                    e.backing
-                );
-                println!(
-                    "  connections:{} reads:{} ({} MiB) writes:{} ({} MiB) flushes:{} discards:{} invalid:{} io-errors:{}",
-                    e.connections,
-                    e.reads,
-                    e.read_bytes >> 20,
-                    e.writes,
-                    e.write_bytes >> 20,
-                    e.flushes,
-                    e.discards,
-                    e.invalid,
-                    e.io_errors
-                );
-                if let Some(r) = &e.replication {
-                    for p in &r.peers {
-                        println!(
-                            "  {} connection:{} replication:{} peer-disk:{}{}",
-                            p.name,
-                            p.connection,
-                            p.replication,
-                            p.disk,
-                            if p.outdated {
-                                " (outdated: needs resync)"
-                            } else {
-                                ""
-                            }
-                        );
-                    }
-                }
-            }
+            print!("{}", human_status(&st));
         }
         Cmd::Ca(cmd) => println!("{}", cmd.run()?),
         Cmd::Cert(cmd) => println!("{}", cmd.run()?),
     }
     Ok(())
+}
+
+/// `tandemctl status` without `--json`: one line per export, its counters,
+/// and for a replicated export one line per peer, e.g.
+/// `  beta role:Secondary connection:Connected replication:Established
+/// peer-disk:UpToDate in-flight:0 out-of-sync:0B` (on one line).
+fn human_status(st: &admin::Status) -> String {
+    use std::fmt::Write;
+    use tandem_daemon::format_size;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "tandemd {}  listening on {}",
+        st.version,
+        st.listeners.join(", ")
+    );
+    for e in &st.exports {
+        let (role, disk) = e.replication.as_ref().map_or(("Primary", "UpToDate"), |r| {
+            (r.role.as_str(), r.disk.as_str())
+        });
+        let _ = writeln!(
+            o,
+            "{} role:{role} disk:{disk}{}  size:{}  engine:{}  backing:{}",
+            e.name,
+            if e.read_only { " read-only" } else { "" },
+            format_size(e.size),
+            e.engine,
+            e.backing
+        );
+        let _ = writeln!(
+            o,
+            "  connections:{} reads:{} ({}) writes:{} ({}) flushes:{} discards:{} invalid:{} io-errors:{}",
+            e.connections,
+            e.reads,
+            format_size(e.read_bytes),
+            e.writes,
+            format_size(e.write_bytes),
+            e.flushes,
+            e.discards,
+            e.invalid,
+            e.io_errors
+        );
+        if let Some(r) = &e.replication {
+            let _ = writeln!(o, "  in-flight:{} conflicts:{}", r.in_flight, r.conflicts);
+            for p in &r.peers {
+                let _ = writeln!(
+                    o,
+                    "  {} role:{} connection:{} replication:{} peer-disk:{} in-flight:{} out-of-sync:{}{}",
+                    p.name,
+                    p.role,
+                    p.connection,
+                    p.replication,
+                    p.disk,
+                    p.in_flight,
+                    format_size(p.out_of_sync_bytes),
+                    if p.outdated {
+                        " (outdated: needs resync)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+    }
+    o
 }
