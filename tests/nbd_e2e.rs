@@ -7,6 +7,8 @@
 mod bad_input;
 #[path = "nbd_e2e/config_refusal.rs"]
 mod config_refusal;
+#[path = "nbd_e2e/dual_primary.rs"]
+mod dual_primary;
 #[path = "nbd_e2e/filesystem.rs"]
 mod filesystem;
 #[path = "nbd_e2e/fio_verify.rs"]

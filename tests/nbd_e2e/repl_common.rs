@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tandem_tests::{data_offset, read_file_at, run_ok, run_timeout, tandemctl, Daemon};
+use tandem_tests::{data_offset, read_file_at, run, run_ok, run_timeout, tandemctl, Daemon};
 
 /// Size of the replicated test volumes.
 pub const SIZE: u64 = 64 << 20;
@@ -163,6 +163,15 @@ pub fn ctl(d: &Daemon, verb: &str) {
             .arg("--admin-socket")
             .arg(d.admin_socket()),
     );
+}
+
+/// `tandemctl VERB vol` without asserting success (for refusals).
+pub fn ctl_output(d: &Daemon, verb: &str) -> std::process::Output {
+    run(Command::new(tandemctl())
+        .arg(verb)
+        .arg("vol")
+        .arg("--admin-socket")
+        .arg(d.admin_socket()))
 }
 
 /// `tandemctl status vol` (human output).
