@@ -931,6 +931,98 @@ mod tests {
         assert_eq!(pm.backlog_bytes.get(), 0);
     }
 
+    /// A peer that sends a frame with a bad CRC, then (reconnecting) one
+    /// with bad magic: both counted as bad frames, the first also as a
+    /// checksum error, and the second connection as a reconnect.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_frames_from_a_real_peer_are_counted() {
+        use crate::replication::{run_acceptor, Replicator};
+        use crate::storage::{memory::MemoryEngine, Engine};
+        use crate::transport::{certs, PeerEndpoint, TlsIdentity};
+        use crate::volume::Volume;
+        use bytes::BytesMut;
+        use std::time::SystemTime;
+        use tandem_core::repl::{Frame, Replica, Time};
+        use tandem_core::superblock::Superblock;
+
+        const SIZE: u64 = 8 << 20;
+        let ca = certs::create_ca("test CA", Duration::from_secs(3600)).expect("ca");
+        let identity = |node: &str| {
+            let now = SystemTime::now();
+            let c = certs::issue_node_cert(
+                &ca,
+                node,
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(3600),
+            )
+            .expect("cert");
+            TlsIdentity::from_pem(&c.cert_pem, &c.key_pem, &ca.cert_pem).expect("identity")
+        };
+        let uuid = [7; 16];
+        let sb = Superblock::new(uuid, "m", SIZE, 512, 0).expect("superblock");
+        let mem = MemoryEngine::new(sb.backing_len());
+        let path = std::path::Path::new("mem");
+        crate::volume::create(&mem, path, sb, false)
+            .await
+            .expect("create");
+        let engine: Arc<dyn Engine> = Arc::new(mem);
+        let volume = Volume::open(engine, path, &Default::default(), false)
+            .await
+            .expect("open");
+        let cfg = tandem_core::repl::Config::new("beta", uuid, SIZE, 512, vec!["alpha".into()]);
+        let replica = Replica::new(cfg, Time::ZERO).expect("replica");
+        let registry = Metrics::new();
+        let rm = registry.replication("m", &["alpha".to_string()]);
+        let r = Replicator::spawn_with_metrics(replica, Arc::new(volume), rm.clone());
+        let addr = "127.0.0.1:0".parse().expect("addr");
+        let beta = Arc::new(
+            PeerEndpoint::bind(addr, &identity("beta"), vec!["alpha".into()]).expect("bind"),
+        );
+        tokio::spawn(run_acceptor(beta.clone(), r));
+        let alpha =
+            PeerEndpoint::bind(addr, &identity("alpha"), vec!["beta".into()]).expect("bind");
+        let pm = rm.peer(PeerId(0)).expect("peer").clone();
+
+        for round in 0..2u64 {
+            let conn = alpha
+                .connect(beta.local_addr().expect("addr"), "beta")
+                .await
+                .expect("connect");
+            let (mut send, _recv) = conn.open_bi().await.expect("open stream");
+            let mut buf = BytesMut::new();
+            Frame::Ping { nonce: 42 }.encode(&mut buf);
+            if round == 0 {
+                buf[12] ^= 1; // in the CRC-covered header: checksum mismatch
+            } else {
+                buf[0] ^= 0xff; // bad magic
+            }
+            send.write_all(&buf).await.expect("send");
+            // Beta closes the connection on the bad frame.
+            tokio::time::timeout(Duration::from_secs(10), conn.closed())
+                .await
+                .expect("beta closes the connection");
+            for _ in 0..200 {
+                if pm.frame_errors().1 > round {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        assert_eq!(pm.frame_errors(), (1, 2), "(checksum errors, bad frames)");
+        assert_eq!(pm.reconnects(), 1);
+        let text = registry.encode();
+        for line in [
+            r#"tandem_peer_checksum_errors_total{volume="m",peer="alpha"} 1"#,
+            r#"tandem_peer_bad_frames_total{volume="m",peer="alpha"} 2"#,
+            r#"tandem_peer_reconnects_total{volume="m",peer="alpha"} 1"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+    }
+
     #[test]
     fn checksum_errors_are_a_subset_of_bad_frames() {
         let r = ReplicationMetrics::detached(2);
