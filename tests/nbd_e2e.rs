@@ -17,6 +17,8 @@ mod fio_verify;
 mod interop;
 #[path = "nbd_e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "nbd_e2e/metrics.rs"]
+mod metrics;
 #[path = "nbd_e2e/multi_conn.rs"]
 mod multi_conn;
 #[path = "nbd_e2e/repl_common.rs"]

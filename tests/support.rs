@@ -681,6 +681,11 @@ impl Daemon {
         p
     }
 
+    /// Appends `tandemd run` arguments (takes effect at the next start).
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.extra.extend(args.iter().map(|a| a.to_string()));
+    }
+
     /// Runs `tandemd` with this daemon's arguments expecting it to refuse to
     /// start (see [`tandemd_must_refuse`]); returns its stderr.
     pub fn must_refuse(&self) -> String {

@@ -13,6 +13,9 @@
 //! [log]
 //! level = "info"                     # tracing filter, e.g. "info,tandem_daemon=debug"
 //!
+//! [metrics]                          # optional; no metrics endpoint when absent
+//! listen = "127.0.0.1:9640"          # HTTP: GET /metrics (Prometheus / OpenMetrics text)
+//!
 //! [[export]]
 //! name = "vm1"                       # NBD export name
 //! backing = "/var/lib/tandem/vm1.img"
@@ -121,6 +124,14 @@ impl Default for LogConfig {
             level: default_level(),
         }
     }
+}
+
+/// `[metrics]`: the Prometheus endpoint (absent: none).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address of the HTTP `/metrics` listener.
+    pub listen: SocketAddr,
 }
 
 /// One `[[export]]`.
@@ -233,6 +244,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Prometheus metrics endpoint.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// Exports.
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportConfig>,
@@ -265,6 +279,9 @@ pub struct Overrides {
     /// Log filter (overrides [log].level), e.g. "debug".
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Serve Prometheus metrics over HTTP on this address (overrides [metrics].listen).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 fn err(source: &str, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -323,6 +340,16 @@ impl Config {
         }
         if let Some(l) = &o.log_level {
             c.log.level = l.clone();
+        }
+        if let Some(m) = &o.metrics_listen {
+            let listen = m.parse().map_err(|e| {
+                err(
+                    cli,
+                    "--metrics-listen",
+                    format!("{m:?} is not an address like 127.0.0.1:9640: {e}"),
+                )
+            })?;
+            c.metrics = Some(MetricsConfig { listen });
         }
         let direct = match o.direct.as_str() {
             "auto" => DirectIo::Auto,
@@ -387,6 +414,22 @@ impl Config {
                 "log.level",
                 format!("{:?} is not a tracing filter: {e}", self.log.level),
             ));
+        }
+        if let Some(m) = &self.metrics {
+            if m.listen.port() == 0 {
+                return Err(err(
+                    source,
+                    "metrics.listen",
+                    format!("{}: give a fixed port for Prometheus to scrape", m.listen),
+                ));
+            }
+            if self.nbd.tcp == Some(m.listen) {
+                return Err(err(
+                    source,
+                    "metrics.listen",
+                    format!("{} is also nbd.tcp", m.listen),
+                ));
+            }
         }
         let mut names = HashSet::new();
         for (i, e) in self.exports.iter().enumerate() {
@@ -583,5 +626,72 @@ mod tests {
         };
         let e = Config::from_overrides(&bad).unwrap_err().to_string();
         assert!(e.starts_with("command line: --export:"), "{e}");
+    }
+
+    #[test]
+    fn metrics_section_and_flag() {
+        let base = "[nbd]\nunix='/s'\n[[export]]\nname='a'\nbacking='/a'\n";
+        let c = Config::parse(base, "f.toml").unwrap();
+        c.validate("f.toml").unwrap();
+        assert!(c.metrics.is_none(), "metrics must be off by default");
+
+        let c = Config::parse(
+            &format!("{base}[metrics]\nlisten = '127.0.0.1:9640'\n"),
+            "f.toml",
+        )
+        .unwrap();
+        c.validate("f.toml").unwrap();
+        assert_eq!(
+            c.metrics.as_ref().map(|m| m.listen),
+            Some("127.0.0.1:9640".parse().unwrap())
+        );
+
+        let e = Config::parse(&format!("{base}[metrics]\nlisten = 'nope'\n"), "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("f.toml: line 7:"), "{e}");
+        let e = Config::parse(
+            &format!("{base}[metrics]\nlisten='127.0.0.1:1'\nport = 3\n"),
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `port`"), "{e}");
+        let c = Config::parse(
+            &format!("{base}[metrics]\nlisten = '127.0.0.1:0'\n"),
+            "f.toml",
+        )
+        .unwrap();
+        let e = c.validate("f.toml").unwrap_err().to_string();
+        assert!(e.starts_with("f.toml: metrics.listen: 127.0.0.1:0:"), "{e}");
+        let c = Config::parse(
+            "[nbd]\ntcp='127.0.0.1:10809'\n[metrics]\nlisten='127.0.0.1:10809'\n[[export]]\nname='a'\nbacking='/a'\n",
+            "f.toml",
+        )
+        .unwrap();
+        let e = c.validate("f.toml").unwrap_err().to_string();
+        assert_eq!(e, "f.toml: metrics.listen: 127.0.0.1:10809 is also nbd.tcp");
+
+        let o = Overrides {
+            nbd_unix: Some("/s".into()),
+            exports: vec!["v=/tmp/v.img".into()],
+            direct: "auto".into(),
+            metrics_listen: Some("[::1]:9641".into()),
+            ..Default::default()
+        };
+        let c = Config::from_overrides(&o).unwrap();
+        assert_eq!(
+            c.metrics.map(|m| m.listen),
+            Some("[::1]:9641".parse().unwrap())
+        );
+        let bad = Overrides {
+            metrics_listen: Some("localhost".into()),
+            ..o
+        };
+        let e = Config::from_overrides(&bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with("command line: --metrics-listen: \"localhost\" is not an address"),
+            "{e}"
+        );
     }
 }

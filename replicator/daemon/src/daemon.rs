@@ -12,6 +12,7 @@ use crate::config::{
     Config, EngineKind, ExportConfig, ProtocolConfig, ReplicationConfig, StartRole,
 };
 use crate::export::{Export, Exports};
+use crate::metrics::Metrics;
 use crate::nbd::server::{self, Shutdown};
 use crate::replication::{self, Replicator};
 use crate::storage::{
@@ -63,8 +64,9 @@ pub async fn open_engine(e: &ExportConfig) -> Result<Arc<dyn Engine>> {
     })
 }
 
-/// Opens one export's volume, checking its superblock against the config.
-pub async fn open_export(e: &ExportConfig) -> Result<Arc<Export>> {
+/// Opens one export's volume, checking its superblock against the config,
+/// and registers its metrics in `metrics`.
+pub async fn open_export(e: &ExportConfig, metrics: &Metrics) -> Result<Arc<Export>> {
     let engine = open_engine(e).await?;
     let expect = Expect {
         name: e.volume.clone(),
@@ -80,9 +82,11 @@ pub async fn open_export(e: &ExportConfig) -> Result<Arc<Export>> {
     );
     let volume = Arc::new(volume);
     let mut export = Export::new(e.name.clone(), e.description.clone(), volume.clone());
+    export.io = metrics.io(&e.name, &volume.superblock().uuid_string());
     if let Some(r) = &e.replication {
+        let peers: Vec<String> = r.peers.iter().map(|p| p.name.clone()).collect();
         export.replicator = Some(
-            start_replication(r, &volume)
+            start_replication(r, &volume, metrics.replication(&e.name, &peers))
                 .with_context(|| format!("export {:?}: starting replication", e.name))?,
         );
     }
@@ -92,7 +96,11 @@ pub async fn open_export(e: &ExportConfig) -> Result<Arc<Export>> {
 /// Starts the replication driver of a volume, its QUIC listener, and a
 /// connector for each peer whose name sorts after ours (the other side
 /// connects to us).
-fn start_replication(r: &ReplicationConfig, volume: &Arc<Volume>) -> Result<Replicator> {
+fn start_replication(
+    r: &ReplicationConfig,
+    volume: &Arc<Volume>,
+    metrics: Arc<crate::metrics::ReplicationMetrics>,
+) -> Result<Replicator> {
     let sb = volume.superblock();
     let mut cfg = repl::Config::new(
         r.node.clone(),
@@ -126,7 +134,7 @@ fn start_replication(r: &ReplicationConfig, volume: &Arc<Volume>) -> Result<Repl
         &identity,
         r.peers.iter().map(|p| p.name.clone()).collect(),
     )?);
-    let replicator = Replicator::spawn(replica, volume.clone());
+    let replicator = Replicator::spawn_with_metrics(replica, volume.clone(), metrics);
     info!(
         node = %r.node, listen = %r.listen, role = ?r.role, protocol = ?r.protocol,
         allow_two_primaries = r.allow_two_primaries, "replication listening"
@@ -156,6 +164,8 @@ pub struct Running {
     pub shutdown: Shutdown,
     /// Listener descriptions.
     pub listeners: Vec<String>,
+    /// The metric registry (served on `[metrics].listen` when configured).
+    pub metrics: Arc<Metrics>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     sockets: Vec<std::path::PathBuf>,
 }
@@ -186,10 +196,11 @@ impl Running {
 
 /// Opens every export and starts the listeners. `admin`: bind the admin socket.
 pub async fn start(config: &Config, admin: bool) -> Result<Running> {
+    let metrics = Arc::new(Metrics::new());
     let mut list = Vec::new();
     for e in &config.exports {
         list.push(
-            open_export(e)
+            open_export(e, &metrics)
                 .await
                 .with_context(|| format!("export {:?}", e.name))?,
         );
@@ -221,6 +232,23 @@ pub async fn start(config: &Config, admin: bool) -> Result<Running> {
             shutdown.clone(),
         )));
     }
+    // Bound before the admin socket, so a ready admin socket means a ready
+    // metrics endpoint too.
+    if let Some(m) = &config.metrics {
+        let l = TcpListener::bind(m.listen).await.with_context(|| {
+            format!(
+                "[metrics].listen {}: binding the metrics listener",
+                m.listen
+            )
+        })?;
+        info!(listen = %l.local_addr()?, "serving metrics on http://{}/metrics", l.local_addr()?);
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            l,
+            metrics.clone(),
+            exports.clone(),
+            shutdown.clone(),
+        )));
+    }
     if admin {
         let p = &config.admin.socket;
         let l = crate::admin::bind(p)?;
@@ -239,6 +267,7 @@ pub async fn start(config: &Config, admin: bool) -> Result<Running> {
         exports,
         shutdown,
         listeners,
+        metrics,
         tasks,
         sockets,
     })

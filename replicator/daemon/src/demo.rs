@@ -112,6 +112,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             socket: dir.join("admin.sock"),
         },
         log: Default::default(),
+        metrics: None,
         exports: vec![ExportConfig {
             name: "demo".into(),
             backing: backing.clone(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tandem_core::nbd::{tflag, BlockSizes, ExportCatalog, ExportInfo, ExportLimits};
 
+use crate::metrics::IoMetrics;
 use crate::replication::Replicator;
 use crate::volume::Volume;
 
@@ -128,6 +129,8 @@ pub struct Export {
     pub volume: Arc<Volume>,
     /// Counters.
     pub stats: ExportStats,
+    /// Prometheus I/O metric handles (in no registry unless `tandemd` set them).
+    pub io: IoMetrics,
     /// The replication driver, for a replicated volume: every write, flush,
     /// trim and write-zeroes goes through it (reads stay local).
     pub replicator: Option<Replicator>,
@@ -141,6 +144,7 @@ impl Export {
             description,
             volume,
             stats: ExportStats::default(),
+            io: IoMetrics::default(),
             replicator: None,
         }
     }

@@ -5,6 +5,7 @@
 //! * [`volume`] — superblock checks and the data area of a backing.
 //! * [`nbd`] — the NBD server (and a small client for the demo and tests).
 //! * [`export`], [`config`], [`admin`], [`daemon`] — what `tandemd` runs.
+//! * [`metrics`] — Prometheus metrics and the `/metrics` HTTP endpoint.
 //! * [`demo`] — the README's one-command demo.
 //! * [`transport`] — the peer transport: QUIC with mutual TLS, and the
 //!   cluster CA / node certificate tool behind `tandemctl ca` and `tandemctl cert`.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod export;
+pub mod metrics;
 pub mod nbd;
 pub mod replication;
 pub mod storage;

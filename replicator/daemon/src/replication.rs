@@ -32,6 +32,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use crate::metrics::ReplicationMetrics;
 use crate::storage::{IoBuf, IoError};
 use crate::transport::PeerEndpoint;
 use crate::volume::Volume;
@@ -95,6 +96,7 @@ pub struct Replicator {
     tx: mpsc::UnboundedSender<Msg>,
     peers: Arc<Vec<String>>,
     gen: Arc<std::sync::atomic::AtomicU64>,
+    metrics: Arc<ReplicationMetrics>,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -113,6 +115,16 @@ pub struct Stopped;
 impl Replicator {
     /// Starts the driver task for `replica` over `volume`.
     pub fn spawn(replica: Replica, volume: Arc<Volume>) -> Replicator {
+        let metrics = ReplicationMetrics::detached(replica.config().peers.len());
+        Replicator::spawn_with_metrics(replica, volume, metrics)
+    }
+
+    /// [`Replicator::spawn`], reporting to `metrics` (one entry per configured peer).
+    pub fn spawn_with_metrics(
+        replica: Replica,
+        volume: Arc<Volume>,
+        metrics: Arc<ReplicationMetrics>,
+    ) -> Replicator {
         let (tx, rx) = mpsc::unbounded_channel();
         let peers = Arc::new(replica.config().peers.clone());
         let driver = Driver {
@@ -123,13 +135,20 @@ impl Replicator {
             pending: HashMap::new(),
             next_req: 0,
             links: HashMap::new(),
+            metrics: metrics.clone(),
         };
         tokio::spawn(driver.run(rx));
         Replicator {
             tx,
             peers,
             gen: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            metrics,
         }
+    }
+
+    /// This volume's replication metrics.
+    pub fn metrics(&self) -> &Arc<ReplicationMetrics> {
+        &self.metrics
     }
 
     /// Submits a frontend write, flush, trim or write-zeroes and waits for
@@ -183,11 +202,13 @@ impl Replicator {
         mut recv: quinn::RecvStream,
     ) {
         let gen = self.gen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _link = self.metrics.attach(peer, &conn);
         let (ptx, mut prx) = mpsc::unbounded_channel::<PeerCmd>();
         if self.tx.send(Msg::PeerUp { peer, gen, tx: ptx }).is_err() {
             return;
         }
         let writer_conn = conn.clone();
+        let metrics = self.metrics.clone();
         let writer = tokio::spawn(async move {
             let mut buf = BytesMut::new();
             let mut next = prx.recv().await;
@@ -212,6 +233,7 @@ impl Replicator {
                             debug!(error = %e, "peer stream write failed");
                             return;
                         }
+                        metrics.written(peer, buf.len());
                         if next.is_none() {
                             next = prx.recv().await;
                         }
@@ -246,6 +268,7 @@ impl Replicator {
                     }
                     Ok(None) => break,
                     Err(e) => {
+                        self.metrics.bad_frame(peer, &e);
                         warn!(peer = %self.peers[usize::from(peer.0)], error = %e, "bad frame from peer; closing the connection");
                         conn.close(1u32.into(), b"bad frame");
                         break 'read;
@@ -271,6 +294,7 @@ struct Driver {
     pending: HashMap<ReqId, oneshot::Sender<Result<(), i32>>>,
     next_req: u64,
     links: HashMap<PeerId, Link>,
+    metrics: Arc<ReplicationMetrics>,
 }
 
 impl Driver {
@@ -360,6 +384,7 @@ impl Driver {
                 }
                 Output::Send { peer, frame } => {
                     if let Some(l) = self.links.get(&peer) {
+                        self.metrics.enqueued(peer, frame.encoded_len());
                         let _ = l.tx.send(PeerCmd::Frame(frame));
                     }
                 }

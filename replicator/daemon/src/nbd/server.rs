@@ -328,6 +328,7 @@ where
             Ok(r) => r,
             Err(e) => break Err(e.into()),
         };
+        let decoded = std::time::Instant::now();
         // Admission: bound requests and bytes in flight for this connection.
         // Permits travel with the reply and are released only once it is
         // written, so a client that stops reading replies stalls itself
@@ -337,6 +338,7 @@ where
         };
         if let Err(err) = validate_request(&req, &limits) {
             export.stats.invalid.fetch_add(1, Relaxed);
+            export.io.invalid();
             debug!(?req, %err, "invalid request");
             // Consume the payload so the stream stays in step.
             let payload = u64::from(req.payload_len());
@@ -385,6 +387,12 @@ where
         let tx = tx.clone();
         tokio::spawn(async move {
             let mut reply = execute(&export, req, payload).await;
+            export.io.record(
+                req.command,
+                req.length,
+                reply.result.is_ok(),
+                decoded.elapsed(),
+            );
             reply.permits = Permits {
                 _requests: Some(req_permit),
                 _bytes: Some(byte_permit),
