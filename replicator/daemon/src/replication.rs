@@ -277,6 +277,15 @@ impl Replicator {
             }
         }
         writer.abort();
+        let path = conn.stats().path;
+        info!(
+            peer = %self.peers[usize::from(peer.0)],
+            rtt_us = path.rtt.as_micros() as u64,
+            mtu = path.current_mtu,
+            lost_packets = path.lost_packets,
+            congestion_events = path.congestion_events,
+            "peer stream ended"
+        );
         let _ = self.tx.send(Msg::PeerDown { peer, gen });
     }
 }
@@ -711,5 +720,75 @@ mod tests {
             "peer not marked outdated: {:?}",
             s.peers
         );
+    }
+
+    /// In-process replication throughput over loopback QUIC with memory
+    /// disks (no NBD, no storage): isolates the driver and the transport.
+    /// `cargo test --release -p tandem-daemon -- --ignored replication_throughput --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn replication_throughput() {
+        let ca = certs::create_ca("test CA", Duration::from_secs(3600)).expect("ca");
+        let a = node(&ca, "alpha", "beta", Role::Primary).await;
+        let b = node(&ca, "beta", "alpha", Role::Secondary).await;
+        tokio::spawn(run_acceptor(b.endpoint.clone(), b.r.clone()));
+        let addr = b.endpoint.local_addr().expect("addr");
+        tokio::spawn(run_connector(
+            a.endpoint.clone(),
+            a.r.clone(),
+            "beta".into(),
+            addr,
+        ));
+        wait_connected(&a.r).await;
+        let only = std::env::var("TANDEM_BENCH_BS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok());
+        for (bs, qd) in [(1usize << 20, 8usize), (4096, 32), (4096, 1)] {
+            if only.is_some_and(|o| o != bs) {
+                continue;
+            }
+            let data = Bytes::from(vec![0x5au8; bs]);
+            let start = Instant::now();
+            let dur = Duration::from_secs(3);
+            let mut tasks = Vec::new();
+            for q in 0..qd {
+                let r = a.r.clone();
+                let data = data.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut n = 0u64;
+                    let slots = SIZE / bs as u64 / qd as u64;
+                    let mut lat = Vec::new();
+                    while start.elapsed() < dur {
+                        let off = ((n % slots) * qd as u64 + q as u64) * bs as u64;
+                        let t = Instant::now();
+                        r.submit(Op::Write {
+                            offset: off,
+                            data: data.clone(),
+                            fua: false,
+                        })
+                        .await
+                        .expect("write");
+                        lat.push(t.elapsed());
+                        n += 1;
+                    }
+                    (n, lat)
+                }));
+            }
+            let mut total = 0;
+            let mut lat = Vec::new();
+            for t in tasks {
+                let (n, l) = t.await.expect("task");
+                total += n;
+                lat.extend(l);
+            }
+            lat.sort();
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "bs={bs} qd={qd}: {:.0} IOPS, {:.1} MiB/s, p50 {:?}",
+                total as f64 / secs,
+                total as f64 * bs as f64 / secs / 1048576.0,
+                lat.get(lat.len() / 2)
+            );
+        }
     }
 }

@@ -64,6 +64,23 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 40 << 20;
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 128 << 20;
 /// Per-connection send buffer (all streams together).
 pub const SEND_WINDOW: u64 = 128 << 20;
+/// UDP socket receive and send buffer sizes. The kernel default (about
+/// 200 KiB) overflows under a burst of replicated writes; every dropped
+/// datagram is a QUIC loss that halves the congestion window. As root the
+/// size is forced past `net.core.rmem_max`/`wmem_max`; otherwise it is
+/// capped there (check `netstat -su` "receive buffer errors").
+pub const SOCKET_BUFFER: usize = 16 << 20;
+/// Largest UDP payload (QUIC packet) path-MTU discovery probes for, and the
+/// largest this endpoint accepts. Discovery starts at 1200 bytes and settles
+/// on what the path carries: 1452 on a 1500-byte Ethernet link, this bound on
+/// jumbo-frame links and loopback. Why not 8972 (a 9000-byte jumbo frame):
+/// quinn hands the kernel up to 10 packets per GSO send and Linux refuses a
+/// send over 64 KiB, so 10 × 8972 fails with EMSGSIZE, the batch is lost,
+/// and black-hole detection drops the MTU back to 1200. 6500 keeps every
+/// batch under 64 KiB. Measured in-process (replication_throughput, memory
+/// disks, loopback): 1 MiB writes at QD8 ran 655 MiB/s against 270–350 MiB/s
+/// at 1452, and 4 KiB writes at QD32 45k IOPS against 28k.
+pub const MAX_UDP_PAYLOAD: u16 = 6500;
 /// Upper bound on one [`PeerEndpoint::connect`] (handshake and greeting);
 /// an unreachable peer normally fails after [`IDLE_TIMEOUT`].
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -472,7 +489,28 @@ pub fn transport_config() -> TransportConfig {
     t.send_window(SEND_WINDOW);
     t.send_fairness(true);
     t.datagram_receive_buffer_size(None);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// Binds the UDP socket for a peer endpoint with [`SOCKET_BUFFER`]-sized
+/// kernel buffers (best effort: a refusal only logs).
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let forced = setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER)
+        .and_then(|()| setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER));
+    if let Err(e) = forced {
+        debug!(error = %e, "forcing UDP buffer sizes refused; asking within the sysctl limits");
+        let asked = setsockopt(&socket, sockopt::RcvBuf, &SOCKET_BUFFER)
+            .and_then(|()| setsockopt(&socket, sockopt::SndBuf, &SOCKET_BUFFER));
+        if let Err(e) = asked {
+            warn!(error = %e, "setting UDP buffer sizes failed; replication may lose datagrams under load");
+        }
+    }
+    Ok(socket)
 }
 
 /// Classifies a connection error as a TLS / authentication refusal, if it
@@ -601,11 +639,15 @@ impl PeerEndpoint {
         server.transport_config(transport.clone());
         let mut client = quinn::ClientConfig::new(identity.client.clone());
         client.transport_config(transport);
+        let bind_err = |error| TransportError::Bind { addr, error };
+        let socket = bind_udp(addr).map_err(bind_err)?;
+        let runtime = quinn::default_runtime().ok_or(TransportError::NoRuntime)?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(MAX_UDP_PAYLOAD)
+            .map_err(|e| bind_err(std::io::Error::other(e.to_string())))?;
         let mut endpoint =
-            Endpoint::server(server, addr).map_err(|source| TransportError::Bind {
-                addr,
-                error: source,
-            })?;
+            Endpoint::new(endpoint_config, Some(server), socket, runtime).map_err(bind_err)?;
         endpoint.set_default_client_config(client);
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let allowed: Arc<HashSet<String>> = Arc::new(allowed_peers.into_iter().collect());
