@@ -11,7 +11,6 @@
 //!
 //! The metric names and their meaning are listed in `docs/operations.md`.
 
-use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -156,9 +155,9 @@ struct LinkState {
     live: u32,
     /// The newest attached connection, for RTT.
     conn: Option<quinn::Connection>,
-    /// Encoded sizes of the frames queued for the peer writer, oldest first.
-    queue: VecDeque<u64>,
-    /// Sum of `queue`.
+    /// Frames queued for the peer's stream writers and not yet written.
+    frames: u64,
+    /// Their encoded bytes.
     bytes: u64,
 }
 
@@ -201,13 +200,13 @@ impl PeerMetrics {
         self.backlog_bytes
             .set(i64::try_from(s.bytes).unwrap_or(i64::MAX));
         self.backlog_frames
-            .set(i64::try_from(s.queue.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(s.frames).unwrap_or(i64::MAX));
     }
 
     /// The current backlog: (frames, bytes) queued and not yet written.
     pub fn backlog(&self) -> (u64, u64) {
         let s = self.state();
-        (s.queue.len() as u64, s.bytes)
+        (s.frames, s.bytes)
     }
 
     /// Reconnects counted so far.
@@ -241,7 +240,7 @@ impl Drop for LinkGuard {
         }
         if s.live == 0 {
             // Frames queued for a dead link are never written.
-            s.queue.clear();
+            s.frames = 0;
             s.bytes = 0;
             p.publish_backlog(&s);
         }
@@ -306,27 +305,32 @@ impl ReplicationMetrics {
         if s.live == 0 {
             return;
         }
-        s.queue.push_back(len as u64);
+        s.frames += 1;
         s.bytes += len as u64;
         p.publish_backlog(&s);
     }
 
-    /// The peer's writer wrote `len` bytes of whole queued frames to the stream.
-    pub fn written(&self, peer: PeerId, len: usize) {
+    /// A stream writer wrote `frames` queued frames of `len` encoded bytes
+    /// (as counted by [`Self::enqueued`]) to its stream.
+    pub fn written(&self, peer: PeerId, frames: usize, len: usize) {
         let Some(p) = self.peer(peer) else {
             return;
         };
         let mut s = p.state();
-        let mut left = len as u64;
-        while let Some(&f) = s.queue.front() {
-            if f > left {
-                break;
-            }
-            left -= f;
-            s.bytes -= f;
-            s.queue.pop_front();
-        }
+        s.frames = s.frames.saturating_sub(frames as u64);
+        s.bytes = s.bytes.saturating_sub(len as u64);
         p.publish_backlog(&s);
+    }
+
+    /// A frame from the peer failed to decode (the connection is closed).
+    /// A frame envelope from the peer failed its checksum (the connection
+    /// is closed): a bad frame and a checksum error.
+    pub fn bad_envelope(&self, peer: PeerId) {
+        let Some(p) = self.peer(peer) else {
+            return;
+        };
+        p.bad_frames.inc();
+        p.checksum_errors.inc();
     }
 
     /// A frame from the peer failed to decode (the connection is closed).
@@ -921,10 +925,10 @@ mod tests {
         assert_eq!(pm.backlog(), (3, 180));
         assert_eq!(pm.backlog_bytes.get(), 180);
         assert_eq!(pm.backlog_frames.get(), 3);
-        r.written(p, 150);
+        r.written(p, 2, 150);
         assert_eq!(pm.backlog(), (1, 30));
         r.enqueued(p, 20);
-        r.written(p, 50);
+        r.written(p, 2, 50);
         assert_eq!(pm.backlog(), (0, 0));
         assert_eq!(pm.backlog_frames.get(), 0);
         r.enqueued(p, 70);
@@ -995,11 +999,17 @@ mod tests {
                 .expect("connect");
             let (mut send, _recv) = conn.open_bi().await.expect("open stream");
             let mut buf = BytesMut::new();
+            let env = tandem_core::repl::lanes::Envelope {
+                seq: 0,
+                barrier: None,
+            };
+            env.encode(&mut buf);
+            let at = tandem_core::repl::lanes::ENVELOPE_LEN;
             Frame::Ping { nonce: 42 }.encode(&mut buf);
             if round == 0 {
-                buf[12] ^= 1; // in the CRC-covered header: checksum mismatch
+                buf[at + 12] ^= 1; // in the CRC-covered header: checksum mismatch
             } else {
-                buf[0] ^= 0xff; // bad magic
+                buf[at] ^= 0xff; // bad magic
             }
             send.write_all(&buf).await.expect("send");
             // Beta closes the connection on the bad frame.

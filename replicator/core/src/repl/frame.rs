@@ -340,6 +340,26 @@ impl Frame {
     /// produces a frame the peer rejects, so callers keep writes within it
     /// (the replica refuses larger frontend writes with `EINVAL`).
     pub fn encode(&self, buf: &mut impl BufMut) {
+        let tail = self.encode_head(buf);
+        buf.put_slice(tail);
+    }
+
+    /// Like [`Frame::encode`], but leaves a write's data out: appends
+    /// everything before it to `buf` and returns the data, which the caller
+    /// sends right after (zero-copy). `None` for frames without data.
+    pub fn encode_split(&self, buf: &mut impl BufMut) -> Option<Bytes> {
+        let tail = self.encode_head(buf);
+        match self {
+            Frame::Write { data, .. } => Some(data.clone()),
+            _ => {
+                buf.put_slice(tail);
+                None
+            }
+        }
+    }
+
+    /// Appends the header and fixed fields; returns the tail to append.
+    fn encode_head(&self, buf: &mut impl BufMut) -> &[u8] {
         let (id, fl, fixed, tail) = self.parts();
         let len = (fixed.len() + tail.len()) as u32;
         let mut head = [0u8; HEADER_LEN];
@@ -359,7 +379,7 @@ impl Frame {
         head[20..].copy_from_slice(&crc.finalize().to_be_bytes());
         buf.put_slice(&head);
         buf.put_slice(&fixed);
-        buf.put_slice(tail);
+        tail
     }
 
     /// Decodes one frame from the front of `buf`, removing its bytes.
@@ -773,6 +793,17 @@ mod tests {
             }
             prop_assert!(b.is_empty());
             prop_assert_eq!(Frame::decode(&mut b), Ok(None));
+        }
+
+        #[test]
+        fn encode_split_plus_data_is_encode(f in arb_frame()) {
+            let mut whole = Vec::new();
+            f.encode(&mut whole);
+            let mut split = Vec::new();
+            if let Some(data) = f.encode_split(&mut split) {
+                split.extend_from_slice(&data);
+            }
+            prop_assert_eq!(whole, split);
         }
 
         #[test]

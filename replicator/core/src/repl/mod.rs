@@ -25,6 +25,7 @@
 mod config;
 pub mod frame;
 mod handshake;
+pub mod lanes;
 mod peer;
 mod replica;
 mod state;
