@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Compare fio results on a raw file, qemu-nbd and tandemd (see bench/README.md).
+# Compare fio results on a raw file, qemu-nbd, tandemd and a replicated tandemd
+# pair (see bench/README.md). The replicated pair runs in two network namespaces
+# joined by a veth pair when run as root; otherwise (or with --repl-loopback)
+# it replicates over loopback.
 # Usage: bench/fio.sh [fio-compare ARGS], e.g. bench/fio.sh --size 256M --runtime 5
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

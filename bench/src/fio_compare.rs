@@ -68,6 +68,16 @@ struct Args {
     /// Keep the work directory (backing file, fio JSON, server logs).
     #[arg(long)]
     keep: bool,
+    /// MTU of the veth link between the `tandem-repl` primary's and
+    /// secondary's network namespaces (9000: jumbo frames, as on a dedicated
+    /// replication link).
+    #[arg(long, default_value_t = 9000, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    repl_mtu: u32,
+    /// Run the `tandem-repl` primary and secondary in the root network
+    /// namespace, replicating over loopback, instead of in two network
+    /// namespaces joined by a veth pair.
+    #[arg(long)]
+    repl_loopback: bool,
     /// Testing aid: don't call tandemctl; create a plain file and assume the
     /// data area starts at this byte offset.
     #[arg(long, hide = true)]
@@ -79,8 +89,9 @@ enum Target {
     Raw,
     QemuNbd,
     Tandem,
-    /// tandemd primary replicating (protocol C, QUIC + mTLS over loopback)
-    /// to a second tandemd whose backing is another file.
+    /// tandemd primary replicating (protocol C, QUIC + mTLS) to a second
+    /// tandemd whose backing is another file; the two run in separate network
+    /// namespaces joined by a veth pair (loopback if that is unavailable).
     TandemRepl,
 }
 
@@ -242,6 +253,15 @@ impl Proc {
         // SAFETY: sysconf has no memory effects.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         (ticks(11) + ticks(12)) / hz
+    }
+
+    /// The process's current command name (`/proc/PID/comm`), e.g. to check
+    /// that `ip netns exec` has exec'd its program (same pid) rather than
+    /// forked it.
+    fn comm(&self) -> String {
+        fs::read_to_string(format!("/proc/{}/comm", self.child.id()))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
     }
 
     fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
@@ -540,6 +560,9 @@ struct Bench {
     repl: Option<ReplSetup>,
     /// Commands in first-use order, deduplicated.
     commands: Vec<(String, String)>,
+    /// CPU seconds per written GiB (primary, secondary) of the last
+    /// `tandem-repl` job, when it wrote anything.
+    last_repl_cpu: Option<[f64; 2]>,
 }
 
 impl Bench {
@@ -595,8 +618,12 @@ impl Bench {
                 Some(c)
             }
             Target::TandemRepl => {
+                // In the primary's network namespace, if there is one. The
+                // NBD and admin sockets are unix sockets, i.e. files in the
+                // work directory: fio and tandemctl reach them from the root
+                // namespace.
                 let r = self.repl.as_ref()?;
-                let mut c = Command::new(&self.tandemd);
+                let mut c = r.net.tandemd(Side::Primary, &self.tandemd);
                 c.arg("run")
                     .arg("--config")
                     .arg(&r.primary_config)
@@ -609,13 +636,14 @@ impl Bench {
         }
     }
 
-    /// Starts the replication secondary and returns its guard.
-    fn start_secondary(&self, log: &Path) -> Result<Proc> {
+    /// The replication secondary's command (in its own network namespace,
+    /// if there is one).
+    fn secondary_command(&self) -> Result<Command> {
         let r = self
             .repl
             .as_ref()
             .ok_or_else(|| anyhow!("replicated setup missing"))?;
-        let mut c = Command::new(&self.tandemd);
+        let mut c = r.net.tandemd(Side::Secondary, &self.tandemd);
         c.arg("run")
             .arg("--config")
             .arg(&r.secondary_config)
@@ -623,7 +651,7 @@ impl Bench {
             .arg(self.work.join("repl-secondary.sock"))
             .arg("--admin-socket")
             .arg(self.work.join("repl-secondary-admin.sock"));
-        Proc::spawn(c, "tandem-repl secondary", log)
+        Ok(c)
     }
 
     /// Waits until the primary reports its peer Connected.
@@ -738,6 +766,13 @@ impl Bench {
     }
 
     fn run_job(&mut self, target: Target, w: &Workload, round: u32) -> Result<Measurement> {
+        let secondary_cmd = match target {
+            Target::TandemRepl => Some(self.secondary_command()?),
+            _ => None,
+        };
+        if let Some(c) = &secondary_cmd {
+            self.record("tandem-repl secondary".into(), c);
+        }
         let server_cmd = self.server_command(target);
         if let Some(c) = &server_cmd {
             self.record(format!("{} server", target.name()), c);
@@ -752,10 +787,12 @@ impl Bench {
             self.record(format!("{} / {}", w.name, target.name()), &fio);
         }
 
-        let mut secondary = if target == Target::TandemRepl {
-            Some(self.start_secondary(&self.work.join(format!("{base}.secondary.log")))?)
-        } else {
-            None
+        let mut secondary = match secondary_cmd {
+            Some(c) => {
+                let log = self.work.join(format!("{base}.secondary.log"));
+                Some(Proc::spawn(c, "tandem-repl secondary", &log)?)
+            }
+            None => None,
         };
         let server = match server_cmd {
             Some(c) => Some(self.start_server(target, c, &server_log)?),
@@ -763,7 +800,19 @@ impl Bench {
         };
         if target == Target::TandemRepl {
             self.wait_replicating()?;
+            // The CPU figures read /proc/PID/stat of the spawned children;
+            // `ip netns exec` execs tandemd in place, so PID is tandemd's.
+            for p in [server.as_ref(), secondary.as_ref()].into_iter().flatten() {
+                let comm = p.comm();
+                if comm != "tandemd" {
+                    eprintln!(
+                        "warning: {} runs as `{comm}`, not `tandemd`; its CPU figure is not tandemd's",
+                        p.what
+                    );
+                }
+            }
         }
+        self.last_repl_cpu = None;
         let cpu_before =
             [server.as_ref(), secondary.as_ref()].map(|p| p.map_or(0.0, Proc::cpu_secs));
         let result = run_fio(fio, &json_out, &log, self.job_timeout());
@@ -773,11 +822,12 @@ impl Bench {
                 let written = v["jobs"][0]["write"]["io_bytes"].as_f64().unwrap_or(0.0);
                 if written > 0.0 {
                     let gib = written / (1u64 << 30) as f64;
+                    let per_gib = [0, 1].map(|i| (cpu[i] - cpu_before[i]) / gib);
                     println!(
                         "    tandem-repl CPU per written GiB: primary {:.2} s, secondary {:.2} s",
-                        (cpu[0] - cpu_before[0]) / gib,
-                        (cpu[1] - cpu_before[1]) / gib
+                        per_gib[0], per_gib[1]
                     );
+                    self.last_repl_cpu = Some(per_gib);
                 }
             }
         }
@@ -839,11 +889,255 @@ impl Bench {
     }
 }
 
-/// Files of the replicated target.
+/// Files and network of the replicated target.
 struct ReplSetup {
     secondary_file: PathBuf,
     primary_config: PathBuf,
     secondary_config: PathBuf,
+    net: ReplNet,
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Primary,
+    Secondary,
+}
+
+/// Where the two tandemd of `tandem-repl` run and talk QUIC.
+enum ReplNet {
+    /// Primary in namespace `a`, secondary in `b`, joined by a veth pair.
+    Netns(NetnsPair),
+    /// Both in the root namespace, over 127.0.0.1; `note` says why.
+    Loopback { note: String },
+}
+
+impl ReplNet {
+    /// Chooses and sets up the network (prints what it chose).
+    fn new(args: &Args) -> ReplNet {
+        if args.repl_loopback {
+            println!("tandem-repl: loopback (--repl-loopback)");
+            return ReplNet::Loopback {
+                note: "--repl-loopback".into(),
+            };
+        }
+        match NetnsPair::create(args.repl_mtu) {
+            Ok(p) => {
+                println!(
+                    "tandem-repl: primary in netns {} ({}), secondary in netns {} ({}), veth mtu {}",
+                    p.a, p.addr_a, p.b, p.addr_b, p.mtu
+                );
+                ReplNet::Netns(p)
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                println!("tandem-repl: network namespaces unavailable ({reason}); using loopback");
+                ReplNet::Loopback { note: reason }
+            }
+        }
+    }
+
+    /// `netns veth mtu 9000` or `loopback`.
+    fn placement(&self) -> String {
+        match self {
+            ReplNet::Netns(p) => format!("netns veth mtu {}", p.mtu),
+            ReplNet::Loopback { .. } => "loopback".into(),
+        }
+    }
+
+    /// The placement with details, for the results header.
+    fn describe(&self) -> String {
+        match self {
+            ReplNet::Netns(p) => format!(
+                "{} ({} {} <-> {} {})",
+                self.placement(),
+                p.a,
+                p.addr_a,
+                p.b,
+                p.addr_b
+            ),
+            ReplNet::Loopback { note } => {
+                let mtu = self.mtu().map_or("unknown".into(), |m| m.to_string());
+                format!("loopback (lo mtu {mtu}; {note})")
+            }
+        }
+    }
+
+    /// MTU of the link the replication traffic crosses.
+    fn mtu(&self) -> Option<u32> {
+        match self {
+            ReplNet::Netns(p) => Some(p.mtu),
+            ReplNet::Loopback { .. } => fs::read_to_string("/sys/class/net/lo/mtu")
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let mut v = json!({
+            "placement": self.placement(),
+            "mtu": self.mtu(),
+        });
+        match self {
+            ReplNet::Netns(p) => {
+                v["namespaces"] = json!([p.a, p.b]);
+                v["addresses"] = json!([p.addr_a, p.addr_b]);
+            }
+            ReplNet::Loopback { note } => v["loopback_reason"] = json!(note),
+        }
+        v
+    }
+
+    /// QUIC address of one side.
+    fn addr(&self, side: Side, loopback_port: u16) -> String {
+        match (self, side) {
+            (ReplNet::Netns(p), Side::Primary) => format!("{}:{REPL_PORT}", p.addr_a),
+            (ReplNet::Netns(p), Side::Secondary) => format!("{}:{REPL_PORT}", p.addr_b),
+            (ReplNet::Loopback { .. }, _) => format!("127.0.0.1:{loopback_port}"),
+        }
+    }
+
+    /// `tandemd`, or `ip netns exec NS tandemd` (ip execs, so the child's
+    /// pid is tandemd's).
+    fn tandemd(&self, side: Side, tandemd: &Path) -> Command {
+        match self {
+            ReplNet::Netns(p) => {
+                let ns = match side {
+                    Side::Primary => &p.a,
+                    Side::Secondary => &p.b,
+                };
+                let mut c = Command::new(&p.ip);
+                c.args(["netns", "exec", ns]).arg(tandemd);
+                c
+            }
+            ReplNet::Loopback { .. } => Command::new(tandemd),
+        }
+    }
+}
+
+/// QUIC port of both sides when each has a namespace (and address) of its own.
+const REPL_PORT: u16 = 7100;
+
+/// Path of iproute2's `ip` (PATH, then /usr/sbin, /sbin).
+fn ip_tool() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
+        .map(|d| d.join("ip"))
+        .find(|p| p.is_file())
+}
+
+/// Two network namespaces `tandem-bench-PID-a`/`-b` joined by a veth pair
+/// (`tbenchPIDa` in a, `tbenchPIDb` in b) with `10.213.N.1/24` and
+/// `10.213.N.2/24` (N from the pid), loopback up in both. Dropping it deletes
+/// the namespaces it created, and with them the veth pair. Stop the processes
+/// inside first: a namespace outlives `ip netns del` while a process uses it.
+struct NetnsPair {
+    ip: PathBuf,
+    a: String,
+    b: String,
+    veth_a: String,
+    veth_b: String,
+    addr_a: String,
+    addr_b: String,
+    mtu: u32,
+    /// Namespaces this guard created, and so deletes.
+    created: Vec<String>,
+    /// The setup commands, for the report.
+    commands: Vec<String>,
+}
+
+impl NetnsPair {
+    fn create(mtu: u32) -> Result<NetnsPair> {
+        let ip = ip_tool().ok_or_else(|| anyhow!("`ip` not found; install iproute2"))?;
+        let pid = std::process::id();
+        let net = pid % 254 + 1;
+        let mut pair = NetnsPair {
+            ip,
+            a: format!("tandem-bench-{pid}-a"),
+            b: format!("tandem-bench-{pid}-b"),
+            veth_a: format!("tbench{pid}a"),
+            veth_b: format!("tbench{pid}b"),
+            addr_a: format!("10.213.{net}.1"),
+            addr_b: format!("10.213.{net}.2"),
+            mtu,
+            created: Vec::new(),
+            commands: Vec::new(),
+        };
+        let result = pair.setup();
+        // SAFETY: geteuid has no side effects.
+        let euid = unsafe { libc::geteuid() };
+        match result {
+            Ok(()) => Ok(pair), // on error, dropping `pair` undoes the part done
+            Err(e) if euid != 0 => Err(e.context(format!("not root (euid {euid})"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn setup(&mut self) -> Result<()> {
+        let (a, b) = (self.a.clone(), self.b.clone());
+        // Leftovers of an earlier run with the same pid that was killed
+        // before it could clean up.
+        for ns in [&a, &b] {
+            if ["/run/netns", "/var/run/netns"]
+                .iter()
+                .any(|d| Path::new(d).join(ns).exists())
+            {
+                let _ = Command::new(&self.ip)
+                    .args(["netns", "del", ns])
+                    .stdin(Stdio::null())
+                    .output();
+            }
+        }
+        for ns in [&a, &b] {
+            check_interrupted()?;
+            self.ip(&["netns", "add", ns])?;
+            self.created.push(ns.clone());
+        }
+        let (va, vb) = (self.veth_a.clone(), self.veth_b.clone());
+        self.ip(&[
+            "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
+        ])?;
+        let mtu = self.mtu.to_string();
+        for (ns, dev, addr) in [
+            (&a, &va, self.addr_a.clone()),
+            (&b, &vb, self.addr_b.clone()),
+        ] {
+            check_interrupted()?;
+            self.ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            self.ip(&["-n", ns, "link", "set", dev, "mtu", &mtu])?;
+            self.ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            self.ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Runs `ip ARGS` in the root namespace and records it.
+    fn ip(&mut self, args: &[&str]) -> Result<()> {
+        let mut c = Command::new(&self.ip);
+        c.args(args).stdin(Stdio::null());
+        self.commands.push(command_line(&c));
+        run_checked(&mut c).map(drop)
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in self.created.iter().rev() {
+            let out = Command::new(&self.ip)
+                .args(["netns", "del", ns])
+                .stdin(Stdio::null())
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "warning: `ip netns del {ns}` failed ({}): {}; remove it by hand",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => eprintln!("warning: `ip netns del {ns}` failed: {e}; remove it by hand"),
+            }
+        }
+    }
 }
 
 fn free_udp_port() -> Result<u16> {
@@ -865,8 +1159,9 @@ fn run_checked(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Certificates, a secondary backing with the primary's UUID, and the two
-/// configurations of the replicated target (loopback, protocol C).
+/// Certificates, a secondary backing with the primary's UUID, the network
+/// (two namespaces and a veth pair, or loopback) and the two configurations
+/// of the replicated target (protocol C).
 fn setup_repl(work: &Path, file: &Path, args: &Args, tandemctl: &Path) -> Result<ReplSetup> {
     let certs = work.join("certs");
     run_checked(
@@ -906,10 +1201,20 @@ fn setup_repl(work: &Path, file: &Path, args: &Args, tandemctl: &Path) -> Result
             .arg("--uuid")
             .arg(&uuid),
     )?;
-    let (pa, pb) = (free_udp_port()?, free_udp_port()?);
-    let config = |me: &str, role: &str, listen: u16, peer: &str, peer_port: u16, backing: &Path| {
+    let net = ReplNet::new(args);
+    let (pa, pb) = match net {
+        ReplNet::Netns(_) => (REPL_PORT, REPL_PORT),
+        ReplNet::Loopback { .. } => (free_udp_port()?, free_udp_port()?),
+    };
+    let (pa, pb) = (net.addr(Side::Primary, pa), net.addr(Side::Secondary, pb));
+    let config = |me: &str,
+                  role: &str,
+                  listen: &str,
+                  peer: &str,
+                  peer_addr: &str,
+                  backing: &Path| {
         format!(
-            "[[export]]\nname = \"{EXPORT_NAME}\"\nbacking = \"{}\"\n[export.replication]\nnode = \"{me}\"\nlisten = \"127.0.0.1:{listen}\"\ncert = \"{c}/{me}.crt\"\nkey = \"{c}/{me}.key\"\nca = \"{c}/ca.crt\"\nrole = \"{role}\"\npeers = [{{ name = \"{peer}\", address = \"127.0.0.1:{peer_port}\" }}]\n",
+            "[[export]]\nname = \"{EXPORT_NAME}\"\nbacking = \"{}\"\n[export.replication]\nnode = \"{me}\"\nlisten = \"{listen}\"\ncert = \"{c}/{me}.crt\"\nkey = \"{c}/{me}.key\"\nca = \"{c}/ca.crt\"\nrole = \"{role}\"\npeers = [{{ name = \"{peer}\", address = \"{peer_addr}\" }}]\n",
             backing.display(),
             c = certs.display()
         )
@@ -918,16 +1223,17 @@ fn setup_repl(work: &Path, file: &Path, args: &Args, tandemctl: &Path) -> Result
     let secondary_config = work.join("repl-secondary.toml");
     fs::write(
         &primary_config,
-        config("alpha", "primary", pa, "beta", pb, file),
+        config("alpha", "primary", &pa, "beta", &pb, file),
     )?;
     fs::write(
         &secondary_config,
-        config("beta", "secondary", pb, "alpha", pa, &secondary_file),
+        config("beta", "secondary", &pb, "alpha", &pa, &secondary_file),
     )?;
     Ok(ReplSetup {
         secondary_file,
         primary_config,
         secondary_config,
+        net,
     })
 }
 
@@ -1197,6 +1503,12 @@ fn real_main() -> Result<()> {
     } else {
         None
     };
+    let mut create_cmds = create_cmds;
+    if let Some(ReplNet::Netns(p)) = repl.as_ref().map(|r| &r.net) {
+        create_cmds.push(("tandem-repl network".into(), p.commands.join("\n")));
+    }
+    // Dropped after every server and before the work directory; when it
+    // holds namespaces, dropping it deletes them (on errors and Ctrl-C too).
     let mut bench = Bench {
         args,
         work,
@@ -1206,6 +1518,7 @@ fn real_main() -> Result<()> {
         tandemctl,
         repl,
         commands: create_cmds,
+        last_repl_cpu: None,
     };
     bench.fill()?;
     check_interrupted()?;
@@ -1232,7 +1545,7 @@ fn real_main() -> Result<()> {
                 check_interrupted()?;
                 let m = bench.run_job(t, w, round)?;
                 println!(
-                    "  round {} {:<24} {:<9} {:>10.0} IOPS {:>9.1} MiB/s  p50 {:>8.1} µs  p99 {:>8.1} µs",
+                    "  round {} {:<24} {:<11} {:>10.0} IOPS {:>9.1} MiB/s  p50 {:>8.1} µs  p99 {:>8.1} µs",
                     round + 1,
                     w.name,
                     t.name(),
@@ -1242,12 +1555,21 @@ fn real_main() -> Result<()> {
                     m.p99_us
                 );
                 let ti = targets.iter().position(|x| *x == t).unwrap_or(0);
-                per_round.push(json!({
+                let mut entry = json!({
                     "round": round + 1,
                     "workload": w.name,
                     "target": t.name(),
                     "result": m.to_json(),
-                }));
+                });
+                if t == Target::TandemRepl {
+                    if let Some(r) = &bench.repl {
+                        entry["placement"] = json!(r.net.placement());
+                    }
+                    if let Some([p, s]) = bench.last_repl_cpu {
+                        entry["cpu_s_per_written_gib"] = json!({"primary": p, "secondary": s});
+                    }
+                }
+                per_round.push(entry);
                 results.entry((wi, ti)).or_default().push(m);
             }
         }
@@ -1283,10 +1605,13 @@ fn real_main() -> Result<()> {
         },
         format_size(bench.args.size)
     );
+    if let Some(r) = &bench.repl {
+        let _ = writeln!(table, "tandem-repl placement: {}", r.net.describe());
+    }
     let spread = rounds > 1;
     let _ = write!(
         table,
-        "{:<24} {:<9} {:>10} {:>9} {:>9} {:>9}",
+        "{:<24} {:<11} {:>10} {:>9} {:>9} {:>9}",
         "workload", "target", "IOPS", "MiB/s", "p50 µs", "p99 µs"
     );
     if spread {
@@ -1301,7 +1626,7 @@ fn real_main() -> Result<()> {
             let Some(m) = summary(wi, ti) else { continue };
             let _ = write!(
                 table,
-                "{:<24} {:<9} {:>10.0} {:>9.1} {:>9.1} {:>9.1}",
+                "{:<24} {:<11} {:>10.0} {:>9.1} {:>9.1} {:>9.1}",
                 w.name,
                 t.name(),
                 m.iops,
@@ -1319,11 +1644,15 @@ fn real_main() -> Result<()> {
                 let _ = write!(table, "   (fsync p50 {s50:.1} / p99 {s99:.1} µs)");
             }
             table.push('\n');
-            summary_json.push(json!({
+            let mut entry = json!({
                 "workload": w.name,
                 "target": t.name(),
                 "result": m.to_json(),
-            }));
+            });
+            if let (Target::TandemRepl, Some(r)) = (t, &bench.repl) {
+                entry["placement"] = json!(r.net.placement());
+            }
+            summary_json.push(entry);
         }
         // Ratios: tandem vs qemu-nbd and raw; qemu-nbd vs raw.
         let get = |t: Target| {
@@ -1389,6 +1718,7 @@ fn real_main() -> Result<()> {
                 "ramp_s": RAMP_SECS,
                 "rounds": rounds,
                 "targets": targets.iter().map(|t| t.name()).collect::<Vec<_>>(),
+                "repl": bench.repl.as_ref().map(|r| r.net.to_json()),
                 "workloads": workloads.iter().map(|w| json!({
                     "name": w.name, "rw": w.rw, "bs": w.bs, "iodepth": w.iodepth, "fsync": w.fsync,
                 })).collect::<Vec<_>>(),
