@@ -9,14 +9,14 @@
 //! completion for a frontend request, a disconnect — and sleeps until the
 //! next input or [`Replica::poll_timeout`].
 //!
-//! Peers talk over one bidirectional QUIC stream per connection (ordered, as
-//! the replica requires). The node whose name sorts first connects; the
-//! other accepts (see [`run_connector`] and [`run_acceptor`]).
-//!
-//! Status: the driver, the transport and the core are exercised together by
-//! the tests below (two replicas over real QUIC + mTLS on loopback). Wiring
-//! replicated volumes into `tandemd`'s configuration and NBD exports is the
-//! next step.
+//! Peers talk over one QUIC connection each: an ordered bidirectional
+//! control stream plus [`lanes::BULK_LANES`] unidirectional bulk streams per
+//! direction for large writes, so one large write does not hold back small
+//! frames. Every frame carries an [`Envelope`]; the receiving side's
+//! [`Reorder`] (per link, in the driver) hands frames to the replica in an
+//! order its rules allow (see `tandem_core::repl::lanes`). The node whose
+//! name sorts first connects; the other accepts (see [`run_connector`] and
+//! [`run_acceptor`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
