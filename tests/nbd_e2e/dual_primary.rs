@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::repl_common::{
-    cluster_certs, ctl, ctl_output, data_area, free_udp_port, node_with, peer, peer_connected,
-    wait_until, NodeFiles, NodeSpec, SIZE,
+    cluster_certs, ctl, ctl_output, data_area, loopback_specs, node_with, peer, peer_connected,
+    wait_until, SIZE,
 };
 use tandem_daemon::nbd::client::Client;
 use tandem_tests::{block_on, heavy_lock, Daemon};
@@ -33,19 +33,9 @@ struct Pair {
 fn pair(extra: &str) -> Pair {
     let certs = tempfile::tempdir().expect("tempdir");
     cluster_certs(certs.path());
-    let (pa, pb) = (free_udp_port(), free_udp_port());
-    let spec = |me, role, listen: u16, peer, peer_port: u16| NodeSpec {
-        me,
-        role,
-        listen: format!("127.0.0.1:{listen}"),
-        peer,
-        peer_addr: format!("127.0.0.1:{peer_port}"),
-        files: NodeFiles::from_dir(certs.path(), me),
-        netns: None,
-        size: SIZE,
-    };
-    let a = node_with(spec("alpha", "primary", pa, "beta", pb), extra);
-    let b = node_with(spec("beta", "secondary", pb, "alpha", pa), extra);
+    let (sa, sb) = loopback_specs(certs.path());
+    let a = node_with(sa, extra);
+    let b = node_with(sb, extra);
     Pair {
         a,
         b,

@@ -11,14 +11,9 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use crate::repl_common::{
-    cluster_certs, node, peer_connected, wait_until, NodeFiles, NodeSpec, SIZE, UUID,
+    cluster_certs, loopback_specs, node, peer_connected, wait_until, SIZE, UUID,
 };
 use tandem_tests::{block_on, heavy_lock, Daemon};
-
-fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    s.local_addr().expect("local_addr").port()
-}
 
 fn free_tcp_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
@@ -141,23 +136,13 @@ fn metrics_endpoint_counts_io_and_replication() {
     let _heavy = heavy_lock();
     let certs = tempfile::tempdir().expect("tempdir");
     cluster_certs(certs.path());
-    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let (sa, sb) = loopback_specs(certs.path());
     let (ma, mb) = (free_tcp_port(), free_tcp_port());
-    let spec = |me, role, listen: u16, peer, peer_port: u16| NodeSpec {
-        me,
-        role,
-        listen: format!("127.0.0.1:{listen}"),
-        peer,
-        peer_addr: format!("127.0.0.1:{peer_port}"),
-        files: NodeFiles::from_dir(certs.path(), me),
-        netns: None,
-        size: SIZE,
-    };
     // alpha: [metrics] in the config file; beta: the command-line flag.
-    let mut a = node(spec("alpha", "primary", pa, "beta", pb));
+    let mut a = node(sa);
     let cfg = std::fs::read_to_string(a.dir().join("tandemd.toml")).expect("alpha config");
     a.set_config(&format!("[metrics]\nlisten = \"127.0.0.1:{ma}\"\n{cfg}"));
-    let mut b = node(spec("beta", "secondary", pb, "alpha", pa));
+    let mut b = node(sb);
     b.add_args(&["--metrics-listen", &format!("127.0.0.1:{mb}")]);
     a.start();
     b.start();

@@ -99,6 +99,26 @@ pub struct NodeSpec<'a> {
     pub size: u64,
 }
 
+/// Specs for a loopback pair: alpha (primary) and beta (secondary) on free
+/// UDP ports, certificates from `certs` (see [`cluster_certs`]).
+pub fn loopback_specs(certs: &Path) -> (NodeSpec<'static>, NodeSpec<'static>) {
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let spec = |me, role, listen: u16, peer, peer_port: u16| NodeSpec {
+        me,
+        role,
+        listen: format!("127.0.0.1:{listen}"),
+        peer,
+        peer_addr: format!("127.0.0.1:{peer_port}"),
+        files: NodeFiles::from_dir(certs, me),
+        netns: None,
+        size: SIZE,
+    };
+    (
+        spec("alpha", "primary", pa, "beta", pb),
+        spec("beta", "secondary", pb, "alpha", pa),
+    )
+}
+
 pub fn node(s: NodeSpec) -> Daemon {
     node_with(s, "")
 }

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::repl_common::{
-    cluster_certs, ctl, data_area, fio, free_udp_port, node, peer, peer_connected, status_text,
-    wait_until, NodeFiles, NodeSpec, SIZE,
+    cluster_certs, ctl, data_area, fio, loopback_specs, node, peer, peer_connected, status_text,
+    wait_until, SIZE,
 };
 use tandem_tests::{block_on, heavy_lock, require};
 
@@ -19,19 +19,9 @@ fn two_nodes_replicate_synchronously_and_swap_roles() {
     let _heavy = heavy_lock();
     let certs = tempfile::tempdir().expect("tempdir");
     cluster_certs(certs.path());
-    let (pa, pb) = (free_udp_port(), free_udp_port());
-    let spec = |me, role, listen: u16, peer, peer_port: u16| NodeSpec {
-        me,
-        role,
-        listen: format!("127.0.0.1:{listen}"),
-        peer,
-        peer_addr: format!("127.0.0.1:{peer_port}"),
-        files: NodeFiles::from_dir(certs.path(), me),
-        netns: None,
-        size: SIZE,
-    };
-    let mut a = node(spec("alpha", "primary", pa, "beta", pb));
-    let mut b = node(spec("beta", "secondary", pb, "alpha", pa));
+    let (sa, sb) = loopback_specs(certs.path());
+    let mut a = node(sa);
+    let mut b = node(sb);
     a.start();
     b.start();
     wait_until("alpha to connect to beta", Duration::from_secs(20), || {

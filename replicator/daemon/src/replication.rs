@@ -759,8 +759,22 @@ mod tests {
         endpoint: Arc<PeerEndpoint>,
     }
 
-    async fn node(ca: &certs::CaFiles, name: &str, peer: &str, role: Role) -> Node {
-        node_sized(ca, name, peer, role, SIZE).await
+    /// alpha (Primary) connected to beta (Secondary) over loopback QUIC.
+    async fn connected_pair(size: u64) -> (Node, Node) {
+        let ca = certs::create_ca("test CA", Duration::from_secs(3600)).expect("ca");
+        let a = node_sized(&ca, "alpha", "beta", Role::Primary, size).await;
+        let b = node_sized(&ca, "beta", "alpha", Role::Secondary, size).await;
+        tokio::spawn(run_acceptor(b.endpoint.clone(), b.r.clone()));
+        let addr = b.endpoint.local_addr().expect("addr");
+        tokio::spawn(run_connector(
+            a.endpoint.clone(),
+            a.r.clone(),
+            "beta".into(),
+            addr,
+        ));
+        wait_connected(&a.r).await;
+        wait_connected(&b.r).await;
+        (a, b)
     }
 
     async fn node_sized(
@@ -824,19 +838,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn protocol_c_writes_reach_the_peer_before_completion_over_quic_mtls() {
-        let ca = certs::create_ca("test CA", Duration::from_secs(3600)).expect("ca");
-        let a = node(&ca, "alpha", "beta", Role::Primary).await;
-        let b = node(&ca, "beta", "alpha", Role::Secondary).await;
-        tokio::spawn(run_acceptor(b.endpoint.clone(), b.r.clone()));
-        let addr = b.endpoint.local_addr().expect("addr");
-        tokio::spawn(run_connector(
-            a.endpoint.clone(),
-            a.r.clone(),
-            "beta".into(),
-            addr,
-        ));
-        wait_connected(&a.r).await;
-        wait_connected(&b.r).await;
+        let (a, b) = connected_pair(SIZE).await;
 
         for i in 0..64u64 {
             let len = 512 * (1 + (i as usize * 7) % 64);
@@ -915,18 +917,7 @@ mod tests {
     async fn a_large_write_does_not_hold_back_small_ones() {
         const BIG: usize = 32 << 20;
         let size = 64 << 20;
-        let ca = certs::create_ca("test CA", Duration::from_secs(3600)).expect("ca");
-        let a = node_sized(&ca, "alpha", "beta", Role::Primary, size).await;
-        let b = node_sized(&ca, "beta", "alpha", Role::Secondary, size).await;
-        tokio::spawn(run_acceptor(b.endpoint.clone(), b.r.clone()));
-        let addr = b.endpoint.local_addr().expect("addr");
-        tokio::spawn(run_connector(
-            a.endpoint.clone(),
-            a.r.clone(),
-            "beta".into(),
-            addr,
-        ));
-        wait_connected(&a.r).await;
+        let (a, b) = connected_pair(size).await;
         let mut fast = 0;
         let mut seen = Vec::new();
         for round in 0..5u64 {
@@ -983,18 +974,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore]
     async fn replication_throughput() {
-        let ca = certs::create_ca("test CA", Duration::from_secs(3600)).expect("ca");
-        let a = node(&ca, "alpha", "beta", Role::Primary).await;
-        let b = node(&ca, "beta", "alpha", Role::Secondary).await;
-        tokio::spawn(run_acceptor(b.endpoint.clone(), b.r.clone()));
-        let addr = b.endpoint.local_addr().expect("addr");
-        tokio::spawn(run_connector(
-            a.endpoint.clone(),
-            a.r.clone(),
-            "beta".into(),
-            addr,
-        ));
-        wait_connected(&a.r).await;
+        let (a, _b) = connected_pair(SIZE).await;
         let only = std::env::var("TANDEM_BENCH_BS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok());
