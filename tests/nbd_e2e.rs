@@ -27,3 +27,5 @@ mod repl_common;
 mod replication;
 #[path = "nbd_e2e/replication_netns.rs"]
 mod replication_netns;
+#[path = "nbd_e2e/three_replicas.rs"]
+mod three_replicas;

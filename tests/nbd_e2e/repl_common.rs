@@ -126,6 +126,12 @@ pub fn node(s: NodeSpec) -> Daemon {
 /// Like [`node`], with `extra` TOML lines appended to `[export.replication]`
 /// (e.g. `allow_two_primaries = true`).
 pub fn node_with(s: NodeSpec, extra: &str) -> Daemon {
+    node_with_peers(s, &[], extra)
+}
+
+/// Like [`node_with`], with `more_peers` (name, address) configured after
+/// the spec's peer (volumes with three or four replicas).
+pub fn node_with_peers(s: NodeSpec, more_peers: &[(&str, String)], extra: &str) -> Daemon {
     let mut b = Daemon::builder().volume_with("vol", s.size, &["--uuid", UUID]);
     if let Some(ns) = s.netns {
         b = b.netns(ns);
@@ -144,7 +150,7 @@ cert = "{cert}"
 key = "{key}"
 ca = "{ca}"
 role = "{role}"
-peers = [{{ name = "{peer}", address = "{peer_addr}" }}]
+peers = [{{ name = "{peer}", address = "{peer_addr}" }}{more}]
 {extra}
 "#,
         me = s.me,
@@ -155,6 +161,10 @@ peers = [{{ name = "{peer}", address = "{peer_addr}" }}]
         role = s.role,
         peer = s.peer,
         peer_addr = s.peer_addr,
+        more = more_peers
+            .iter()
+            .map(|(name, addr)| format!(r#", {{ name = "{name}", address = "{addr}" }}"#))
+            .collect::<String>(),
     ));
     d
 }
