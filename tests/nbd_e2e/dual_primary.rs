@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::repl_common::{
-    cluster_certs, ctl, ctl_output, data_area, loopback_specs, node_with, peer, peer_connected,
-    wait_until, SIZE,
+    assert_same_data, cluster_certs, ctl, ctl_output, data_area, loopback_specs, node_with, peer,
+    peer_connected, wait_until, SIZE,
 };
 use tandem_daemon::nbd::client::Client;
 use tandem_tests::{block_on, heavy_lock, Daemon};
@@ -151,11 +151,10 @@ fn dual_primary_writes_from_both_nodes_replicate_and_conflicts_are_reported() {
             }
         }
     });
-    let (da, db) = (data_area(&p.a, SIZE), data_area(&p.b, SIZE));
-    let first_diff = da.iter().zip(&db).position(|(x, y)| x != y);
-    assert_eq!(
-        first_diff, None,
-        "the two Primaries diverged after concurrent writes to the same blocks"
+    let da = assert_same_data(
+        &p.a,
+        &p.b,
+        "the two Primaries diverged after concurrent writes to the same blocks",
     );
     for k in 0..HOT_BLOCKS {
         let o = (HOT_BASE + k * BS as u64) as usize;

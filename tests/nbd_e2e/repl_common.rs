@@ -219,6 +219,15 @@ pub fn free_udp_port() -> u16 {
     s.local_addr().expect("local_addr").port()
 }
 
+/// Asserts that `a` and `b` hold byte-identical data areas (`what` says
+/// why they should); returns `a`'s data area.
+pub fn assert_same_data(a: &Daemon, b: &Daemon, what: &str) -> Vec<u8> {
+    let (da, db) = (data_area(a, SIZE), data_area(b, SIZE));
+    let first_diff = da.iter().zip(&db).position(|(x, y)| x != y);
+    assert_eq!(first_diff, None, "data areas differ: {what}");
+    da
+}
+
 pub fn data_area(d: &Daemon, size: u64) -> Vec<u8> {
     let f = d.backing("vol");
     read_file_at(f, data_offset(f), size as usize)

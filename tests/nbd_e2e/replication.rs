@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::repl_common::{
-    cluster_certs, ctl, data_area, fio, loopback_specs, node, peer, peer_connected, status_text,
-    wait_until, SIZE,
+    assert_same_data, cluster_certs, ctl, fio, loopback_specs, node, peer, peer_connected,
+    status_text, wait_until, SIZE,
 };
 use tandem_tests::{block_on, heavy_lock, require};
 
@@ -31,9 +31,7 @@ fn two_nodes_replicate_synchronously_and_swap_roles() {
     fio(&a.uri("vol"), false);
 
     // Protocol C: everything fio was acknowledged is on both sites.
-    let (da, db) = (data_area(&a, SIZE), data_area(&b, SIZE));
-    let first_diff = da.iter().zip(&db).position(|(x, y)| x != y);
-    assert_eq!(first_diff, None, "data areas differ between alpha and beta");
+    let da = assert_same_data(&a, &b, "alpha and beta after fio");
     assert!(da.iter().any(|&x| x != 0), "fio wrote nothing?");
 
     // Status while connected: nothing in flight, nothing out of sync.

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::repl_common::{
-    cluster_certs, ctl, data_area, fio, fio_cmd, issue, node, peer, peer_connected, wait_until,
-    NodeFiles, NodeSpec, SIZE,
+    assert_same_data, cluster_certs, ctl, data_area, fio, fio_cmd, issue, node, peer,
+    peer_connected, wait_until, NodeFiles, NodeSpec, SIZE,
 };
 use tandem_daemon::transport::certs::{issue_node_cert, CaFiles};
 use tandem_tests::{
@@ -20,6 +20,17 @@ use tandem_tests::{
 const PORT: u16 = 7789;
 
 /// alpha (primary) in `ns.a`, beta (secondary) in `ns.b`, started.
+/// Certificates, alpha and beta in `ns` (see [`netns_pair`]), connected.
+fn connected_netns_pair(ns: &NetnsPair) -> (tempfile::TempDir, Daemon, Daemon) {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_certs(certs.path());
+    let (a, b) = netns_pair(ns, certs.path());
+    wait_until("alpha and beta to connect", Duration::from_secs(20), || {
+        peer_connected(&a) && peer_connected(&b)
+    });
+    (certs, a, b)
+}
+
 fn netns_pair(ns: &NetnsPair, certs: &Path) -> (Daemon, Daemon) {
     let mut a = node(NodeSpec {
         me: "alpha",
@@ -55,18 +66,11 @@ fn replication_across_namespaces() {
     let Some(ns) = NetnsPair::create() else {
         return;
     };
-    let certs = tempfile::tempdir().expect("tempdir");
-    cluster_certs(certs.path());
-    let (mut a, mut b) = netns_pair(&ns, certs.path());
-    wait_until("alpha and beta to connect", Duration::from_secs(20), || {
-        peer_connected(&a) && peer_connected(&b)
-    });
+    let (_certs, mut a, mut b) = connected_netns_pair(&ns);
 
     fio(&a.uri("vol"), false);
 
-    let (da, db) = (data_area(&a, SIZE), data_area(&b, SIZE));
-    let first_diff = da.iter().zip(&db).position(|(x, y)| x != y);
-    assert_eq!(first_diff, None, "data areas differ between alpha and beta");
+    let da = assert_same_data(&a, &b, "alpha and beta after fio");
     assert!(da.iter().any(|&x| x != 0), "fio wrote nothing?");
 
     ctl(&a, "demote");
@@ -144,12 +148,7 @@ fn link_cut_during_writes(how: Cut) {
     let Some(ns) = NetnsPair::create() else {
         return;
     };
-    let certs = tempfile::tempdir().expect("tempdir");
-    cluster_certs(certs.path());
-    let (mut a, mut b) = netns_pair(&ns, certs.path());
-    wait_until("alpha and beta to connect", Duration::from_secs(20), || {
-        peer_connected(&a) && peer_connected(&b)
-    });
+    let (_certs, mut a, mut b) = connected_netns_pair(&ns);
 
     // ~6 s of rate-limited writes, then verify; the link goes away after 2 s.
     let mut job: Child = fio_cmd(&a.uri("vol"), false, &["--rate=12m"])

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use crate::repl_common::{
-    cluster_certs, data_area, fio, free_udp_port, issue, node_with_peers, wait_until, NodeFiles,
-    NodeSpec, SIZE,
+    assert_same_data, cluster_certs, data_area, fio, free_udp_port, issue, node_with_peers,
+    wait_until, NodeFiles, NodeSpec, SIZE,
 };
 use tandem_tests::{block_on, heavy_lock, require, Daemon};
 
@@ -65,17 +65,9 @@ fn three_replicas_receive_every_write_and_lose_one_independently() {
     );
 
     fio(&nodes[0].uri("vol"), false);
-    let da = data_area(&nodes[0], SIZE);
+    let da = assert_same_data(&nodes[0], &nodes[1], "alpha and beta after fio");
     assert!(da.iter().any(|&x| x != 0), "fio wrote nothing?");
-    for (i, n) in nodes.iter().enumerate().skip(1) {
-        let d = data_area(n, SIZE);
-        let first_diff = da.iter().zip(&d).position(|(x, y)| x != y);
-        assert_eq!(
-            first_diff, None,
-            "data areas differ between alpha and {}",
-            names[i]
-        );
-    }
+    assert_same_data(&nodes[0], &nodes[2], "alpha and gamma after fio");
 
     // gamma is lost; writes continue and still reach beta.
     nodes[2].kill9();

@@ -343,11 +343,23 @@ impl Replicator {
 
 /// Appends `env` and `f` to the pending stream write: small parts are
 /// copied into `head`; a write's data becomes its own chunk (no copy).
-fn encode_into(env: Envelope, f: &Frame, head: &mut BytesMut, chunks: &mut Vec<bytes::Bytes>) {
+/// Returns the frame's encoded length (without the envelope).
+fn encode_into(
+    env: Envelope,
+    f: &Frame,
+    head: &mut BytesMut,
+    chunks: &mut Vec<bytes::Bytes>,
+) -> usize {
     env.encode(head);
-    if let Some(data) = f.encode_split(head) {
-        chunks.push(head.split().freeze());
-        chunks.push(data);
+    let before = head.len();
+    match f.encode_split(head) {
+        Some(data) => {
+            let len = head.len() - before + data.len();
+            chunks.push(head.split().freeze());
+            chunks.push(data);
+            len
+        }
+        None => head.len() - before,
     }
 }
 
@@ -368,14 +380,13 @@ async fn write_frames(
     while let Some(cmd) = next.take() {
         match cmd {
             PeerCmd::Frame(env, f) => {
-                let (mut frames, mut bytes) = (1usize, f.encoded_len());
-                encode_into(env, &f, &mut head, &mut chunks);
+                let mut frames = 1usize;
+                let mut bytes = encode_into(env, &f, &mut head, &mut chunks);
                 while bytes < WRITE_BATCH {
                     match rx.try_recv() {
                         Ok(PeerCmd::Frame(env, f)) => {
-                            encode_into(env, &f, &mut head, &mut chunks);
+                            bytes += encode_into(env, &f, &mut head, &mut chunks);
                             frames += 1;
-                            bytes += f.encoded_len();
                         }
                         Ok(close) => {
                             next = Some(close);

@@ -84,8 +84,9 @@ impl Logs {
 }
 
 /// Connects `client` to `server` expecting `peer`, asserts a refusal of
-/// `kind` (by the peer or not), that nothing reached `server.accept()`, and
-/// that both sides logged a warning naming the reason.
+/// `kind` (by the peer or not), that nothing reached `server.accept()`, that
+/// both sides logged a warning naming the reason, and that a warning holds
+/// every word of `warn`.
 async fn assert_refused(
     logs: &Logs,
     server: &PeerEndpoint,
@@ -93,6 +94,7 @@ async fn assert_refused(
     peer: &str,
     kind: RefusalKind,
     by_peer: bool,
+    warn: &[&str],
 ) -> Refusal {
     let addr = server.local_addr().unwrap();
     let err = client.connect(addr, peer).await.unwrap_err();
@@ -119,6 +121,12 @@ async fn assert_refused(
     eprintln!("--- logs ---\n{}", logs.text());
     assert!(client_side, "no client-side warning:\n{}", logs.text());
     assert!(server_side, "no server-side warning:\n{}", logs.text());
+    assert!(
+        logs.warn_with(warn),
+        "no warning with {warn:?}:\n{}",
+        logs.text()
+    );
+    eprintln!("{refusal}");
     refusal
 }
 
@@ -249,21 +257,16 @@ async fn refuses_client_from_foreign_ca() {
         &identity(&valid(&foreign, "node-b"), &[&cluster, &foreign]),
         &[],
     );
-    let r = assert_refused(
+    assert_refused(
         &logs,
         &server,
         &client,
         "node-a",
         RefusalKind::UnknownIssuer,
         true,
+        &["refused peer at", "unknown issuer"],
     )
     .await;
-    assert!(
-        logs.warn_with(&["refused peer at", "unknown issuer"]),
-        "{}",
-        logs.text()
-    );
-    eprintln!("{r}");
 }
 
 #[tokio::test]
@@ -276,21 +279,16 @@ async fn refuses_server_from_foreign_ca() {
         &["node-b"],
     );
     let client = bind(&identity(&valid(&cluster, "node-b"), &[&cluster]), &[]);
-    let r = assert_refused(
+    assert_refused(
         &logs,
         &server,
         &client,
         "node-a",
         RefusalKind::UnknownIssuer,
         false,
+        &["refused our certificate", "unknown issuer"],
     )
     .await;
-    assert!(
-        logs.warn_with(&["refused our certificate", "unknown issuer"]),
-        "{}",
-        logs.text()
-    );
-    eprintln!("{r}");
 }
 
 #[tokio::test]
@@ -302,21 +300,16 @@ async fn refuses_expired_client_cert() {
         &["node-b"],
     );
     let client = bind(&identity(&expired(&cluster, "node-b"), &[&cluster]), &[]);
-    let r = assert_refused(
+    assert_refused(
         &logs,
         &server,
         &client,
         "node-a",
         RefusalKind::Expired,
         true,
+        &["refused peer at", "expired"],
     )
     .await;
-    assert!(
-        logs.warn_with(&["refused peer at", "expired"]),
-        "{}",
-        logs.text()
-    );
-    eprintln!("{r}");
 }
 
 #[tokio::test]
@@ -328,21 +321,16 @@ async fn refuses_expired_server_cert() {
         &["node-b"],
     );
     let client = bind(&identity(&valid(&cluster, "node-b"), &[&cluster]), &[]);
-    let r = assert_refused(
+    assert_refused(
         &logs,
         &server,
         &client,
         "node-a",
         RefusalKind::Expired,
         false,
+        &["refused our certificate", "expired"],
     )
     .await;
-    assert!(
-        logs.warn_with(&["refused our certificate", "expired"]),
-        "{}",
-        logs.text()
-    );
-    eprintln!("{r}");
 }
 
 #[tokio::test]
@@ -361,14 +349,10 @@ async fn refuses_client_not_in_allowed_peers() {
         "node-a",
         RefusalKind::UnexpectedName,
         true,
+        &["refused peer at", "unexpected node name", "node-c"],
     )
     .await;
     assert!(r.detail.contains("node-c"), "{r}");
-    assert!(
-        logs.warn_with(&["refused peer at", "unexpected node name", "node-c"]),
-        "{}",
-        logs.text()
-    );
 }
 
 #[tokio::test]
@@ -388,14 +372,10 @@ async fn refuses_server_with_wrong_name() {
         "node-z",
         RefusalKind::UnexpectedName,
         false,
+        &["refused our certificate"],
     )
     .await;
     assert!(r.detail.contains("node-z"), "{r}");
-    assert!(
-        logs.warn_with(&["refused our certificate"]),
-        "{}",
-        logs.text()
-    );
 }
 
 #[tokio::test]
