@@ -232,3 +232,19 @@ pub fn data_area(d: &Daemon, size: u64) -> Vec<u8> {
     let f = d.backing("vol");
     read_file_at(f, data_offset(f), size as usize)
 }
+
+/// Bytes `d` sent as sync source in finished resyncs, from its log
+/// (`SyncFinished { .., role: Source, bytes: N }` events).
+pub fn resynced_bytes(d: &Daemon) -> u64 {
+    d.log()
+        .lines()
+        .filter(|l| l.contains("SyncFinished") && l.contains("role: Source"))
+        .filter_map(|l| {
+            let rest = &l[l.find("bytes: ")? + 7..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            rest[..end].parse::<u64>().ok()
+        })
+        .sum()
+}

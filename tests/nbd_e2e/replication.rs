@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use crate::repl_common::{
     assert_same_data, cluster_certs, ctl, fio, loopback_specs, node, peer, peer_connected,
-    status_text, wait_until, SIZE,
+    resynced_bytes, status_text, wait_until, SIZE, UUID,
 };
-use tandem_tests::{block_on, heavy_lock, require};
+use tandem_tests::{block_on, create_volume, data_offset, heavy_lock, require, write_file_at};
 
 #[test]
 fn two_nodes_replicate_synchronously_and_swap_roles() {
@@ -56,8 +56,8 @@ fn two_nodes_replicate_synchronously_and_swap_roles() {
     assert_eq!(s["replication"]["role"], "Primary", "{s}");
     fio(&b.uri("vol"), true);
 
-    // The peer is lost and writes continue: without bitmaps the whole
-    // volume is out of sync with it.
+    // The peer is lost and writes continue: the chunk written is marked
+    // out of sync with it.
     a.stop();
     block_on(async {
         let mut c = b.client("vol").await;
@@ -73,12 +73,89 @@ fn two_nodes_replicate_synchronously_and_swap_roles() {
     );
     let p = peer(&b);
     assert_ne!(p["connection"], "Connected", "{p}");
-    assert_eq!(p["out_of_sync_bytes"], SIZE, "{p}");
+    assert_eq!(p["out_of_sync_bytes"], 4096, "{p}");
     assert_eq!(p["in_flight"], 0, "{p}");
     let text = status_text(&b);
     assert!(
-        text.contains("in-flight:0 out-of-sync:64MiB (outdated: needs resync)"),
+        text.contains("in-flight:0 out-of-sync:4KiB (outdated: needs resync)"),
         "tandemctl status:\n{text}"
     );
+
+    // alpha comes back (as configured, Primary: refused while beta is
+    // Primary), is demoted, and beta resyncs it: not the whole volume.
+    a.start();
+    ctl(&a, "demote");
+    wait_until("beta to resync alpha", Duration::from_secs(30), || {
+        let p = peer(&b);
+        p["connection"] == "Connected"
+            && p["replication"] == "Established"
+            && p["out_of_sync_bytes"] == 0
+            && p["outdated"] == false
+    });
+    assert_eq!(a.export_status("vol")["replication"]["disk"], "UpToDate");
+    assert_same_data(&a, &b, "alpha after the resync");
+    // The dirty chunk, plus at most the one 4 MiB extent of writes beta had
+    // sent to alpha unflushed before alpha stopped (alpha restarted, so
+    // beta cannot know they reached its disk).
+    let moved = resynced_bytes(&b);
+    assert!(
+        (4096..=4096 + (4 << 20)).contains(&moved),
+        "resync moved {moved} bytes; beta's log:\n{}",
+        b.log()
+    );
     b.stop();
+    a.stop();
+}
+
+/// A replica rebuilt with `tandemctl create --inconsistent` (a replaced disk)
+/// holds no data: it cannot be promoted, and the primary gives it a full
+/// sync, after which both backings are byte-identical.
+#[test]
+fn a_rebuilt_replica_takes_a_full_sync() {
+    if !require("fio", "fio") {
+        return;
+    }
+    let _heavy = heavy_lock();
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_certs(certs.path());
+    let (sa, sb) = loopback_specs(certs.path());
+    let mut a = node(sa);
+    let mut b = node(sb);
+    a.start();
+    b.start();
+    wait_until("alpha to connect to beta", Duration::from_secs(20), || {
+        peer_connected(&a) && peer_connected(&b)
+    });
+    fio(&a.uri("vol"), false);
+
+    // beta's disk is replaced: fill it with garbage, re-create it.
+    b.stop();
+    wait_until(
+        "alpha to notice beta is gone",
+        Duration::from_secs(15),
+        || peer(&a)["connection"] != "Connected",
+    );
+    let backing = b.backing("vol").to_path_buf();
+    let off = data_offset(&backing);
+    write_file_at(&backing, off, &vec![0xee; 1 << 20]);
+    create_volume(
+        &backing,
+        "vol",
+        SIZE,
+        &["--uuid", UUID, "--force", "--inconsistent"],
+    );
+    b.start();
+    wait_until(
+        "alpha to fully resync beta",
+        Duration::from_secs(60),
+        || {
+            let p = peer(&a);
+            p["replication"] == "Established" && p["out_of_sync_bytes"] == 0
+        },
+    );
+    assert_eq!(b.export_status("vol")["replication"]["disk"], "UpToDate");
+    assert_eq!(resynced_bytes(&a), SIZE, "a full sync moves every chunk");
+    a.stop();
+    b.stop();
+    assert_same_data(&a, &b, "alpha and the rebuilt beta");
 }

@@ -13,6 +13,7 @@
 //! * [`repl`] — replication: wire frames and the per-volume replica state
 //!   machine (roles, disk and peer states, write ordering, completion).
 
+pub mod meta;
 pub mod nbd;
 pub mod repl;
 pub mod superblock;

@@ -85,8 +85,12 @@ pub async fn open_export(e: &ExportConfig, metrics: &Metrics) -> Result<Arc<Expo
     export.io = metrics.io(&e.name, &volume.superblock().uuid_string());
     if let Some(r) = &e.replication {
         let peers: Vec<String> = r.peers.iter().map(|p| p.name.clone()).collect();
+        let meta = volume
+            .load_replica_meta(tandem_core::meta::DEFAULT_CHUNK)
+            .await
+            .with_context(|| format!("export {:?}", e.name))?;
         export.replicator = Some(
-            start_replication(r, &volume, metrics.replication(&e.name, &peers))
+            start_replication(r, &volume, meta, metrics.replication(&e.name, &peers))
                 .with_context(|| format!("export {:?}: starting replication", e.name))?,
         );
     }
@@ -99,6 +103,7 @@ pub async fn open_export(e: &ExportConfig, metrics: &Metrics) -> Result<Arc<Expo
 fn start_replication(
     r: &ReplicationConfig,
     volume: &Arc<Volume>,
+    meta: (repl::LoadedMeta, tandem_core::meta::Layout),
     metrics: Arc<crate::metrics::ReplicationMetrics>,
 ) -> Result<Replicator> {
     let sb = volume.superblock();
@@ -118,7 +123,20 @@ fn start_replication(
         ProtocolConfig::A => repl::Protocol::A,
     };
     cfg.allow_two_primaries = r.allow_two_primaries;
-    let replica = repl::Replica::new(cfg, repl::Time::ZERO)
+    cfg.gen_seed = u64::from_le_bytes(
+        uuid::Uuid::new_v4().as_bytes()[..8]
+            .try_into()
+            .unwrap_or([7; 8]),
+    );
+    let (loaded, layout) = meta;
+    cfg.bitmap_chunk = loaded.record.chunk;
+    info!(
+        volume = %sb.name,
+        disk = ?loaded.record.disk,
+        generation = format_args!("{:016x}", loaded.record.current),
+        "replica metadata loaded"
+    );
+    let replica = repl::Replica::with_meta(cfg, loaded, repl::Time::ZERO)
         .map_err(|e| anyhow::anyhow!("replication config: {e}"))?;
     let identity = TlsIdentity::load(&r.cert, &r.key, &r.ca)?;
     if identity.node_name() != r.node {
@@ -134,7 +152,7 @@ fn start_replication(
         &identity,
         r.peers.iter().map(|p| p.name.clone()).collect(),
     )?);
-    let replicator = Replicator::spawn_with_metrics(replica, volume.clone(), metrics);
+    let replicator = Replicator::spawn_with_metrics(replica, volume.clone(), layout, metrics);
     info!(
         node = %r.node, listen = %r.listen, role = ?r.role, protocol = ?r.protocol,
         allow_two_primaries = r.allow_two_primaries, "replication listening"

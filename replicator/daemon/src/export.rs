@@ -112,10 +112,30 @@ pub struct PeerStatusJson {
     /// Requests sent to the peer and not yet acknowledged by it.
     #[serde(default)]
     pub in_flight: usize,
-    /// Bytes the peer may lack: the whole volume while it is outdated (no
-    /// bitmaps yet: full resync), else the bytes sent and not yet acked.
+    /// Bytes the peer may lack: the regions marked in this node's bitmap
+    /// for it, plus the bytes sent and not yet acknowledged.
     #[serde(default)]
     pub out_of_sync_bytes: u64,
+    /// The resync running with this peer, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncJson>,
+    /// The last handshake found a split brain.
+    #[serde(default)]
+    pub split_brain: bool,
+}
+
+/// A resync in progress, as `tandemctl status` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SyncJson {
+    /// `SyncSource` or `SyncTarget`: this node's side.
+    pub role: String,
+    /// Bytes moved so far.
+    pub done_bytes: u64,
+    /// Bytes left (known on the source; 0 on the target).
+    pub remaining_bytes: u64,
+    /// Estimated seconds left at the rate so far (source only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<u64>,
 }
 
 /// One exported volume.
@@ -235,6 +255,19 @@ impl Export {
                                 .map_or_else(|| "Unknown".into(), |r| format!("{r:?}")),
                             in_flight: p.in_flight,
                             out_of_sync_bytes: p.out_of_sync_bytes,
+                            sync: p.sync.map(|s| SyncJson {
+                                role: match s.role {
+                                    tandem_core::repl::SyncRole::Source => "SyncSource".into(),
+                                    tandem_core::repl::SyncRole::Target => "SyncTarget".into(),
+                                },
+                                done_bytes: s.done_bytes,
+                                remaining_bytes: s.remaining_bytes,
+                                eta_secs: (s.done_bytes > 0 && !s.elapsed.is_zero()).then(|| {
+                                    let rate = s.done_bytes as f64 / s.elapsed.as_secs_f64();
+                                    (s.remaining_bytes as f64 / rate).ceil() as u64
+                                }),
+                            }),
+                            split_brain: p.split_brain,
                         })
                         .collect(),
                 });

@@ -172,6 +172,9 @@ pub struct PeerMetrics {
     bad_frames: Counter,
     backlog_bytes: Gauge,
     backlog_frames: Gauge,
+    resync_bytes: Counter,
+    resyncs: Counter,
+    split_brain: Counter,
     attaches: AtomicU64,
     link: Mutex<LinkState>,
 }
@@ -187,6 +190,9 @@ impl PeerMetrics {
             bad_frames: Counter::default(),
             backlog_bytes: Gauge::default(),
             backlog_frames: Gauge::default(),
+            resync_bytes: Counter::default(),
+            resyncs: Counter::default(),
+            split_brain: Counter::default(),
             attaches: AtomicU64::new(0),
             link: Mutex::new(LinkState::default()),
         }
@@ -217,6 +223,11 @@ impl PeerMetrics {
     /// Checksum errors and all bad frames counted so far.
     pub fn frame_errors(&self) -> (u64, u64) {
         (self.checksum_errors.get(), self.bad_frames.get())
+    }
+
+    /// Resyncs finished as source and the bytes they moved.
+    pub fn resynced(&self) -> (u64, u64) {
+        (self.resyncs.get(), self.resync_bytes.get())
     }
 }
 
@@ -257,6 +268,29 @@ pub struct ReplicationMetrics {
 }
 
 impl ReplicationMetrics {
+    /// Counts a replication event (finished resyncs, split brains).
+    pub fn event(&self, e: &tandem_core::repl::Event) {
+        use tandem_core::repl::{Event, SyncRole};
+        match e {
+            Event::SyncFinished {
+                peer,
+                role: SyncRole::Source,
+                bytes,
+            } => {
+                if let Some(p) = self.peer(*peer) {
+                    p.resyncs.inc();
+                    p.resync_bytes.inc_by(*bytes);
+                }
+            }
+            Event::SplitBrain { peer } => {
+                if let Some(p) = self.peer(*peer) {
+                    p.split_brain.inc();
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Handles in no registry, for `n_peers` peers (tests, tools).
     pub fn detached(n_peers: usize) -> Arc<Self> {
         Arc::new(ReplicationMetrics {
@@ -374,6 +408,9 @@ pub struct Metrics {
     peer_bad_frames: Family<PeerLabels, Counter>,
     backlog_bytes: Family<PeerLabels, Gauge>,
     backlog_frames: Family<PeerLabels, Gauge>,
+    resync_bytes: Family<PeerLabels, Counter>,
+    resyncs: Family<PeerLabels, Counter>,
+    split_brain: Family<PeerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -403,6 +440,9 @@ impl Metrics {
             peer_bad_frames: Family::default(),
             backlog_bytes: Family::default(),
             backlog_frames: Family::default(),
+            resync_bytes: Family::default(),
+            resyncs: Family::default(),
+            split_brain: Family::default(),
         };
         let r = &mut m.registry;
         // Counter names get `_total` appended by the encoder.
@@ -458,6 +498,21 @@ impl Metrics {
             "peer_connected",
             "1 if the replication link to the peer is Connected (handshake done), else 0 (sampled at scrape)",
             m.peer_connected.clone(),
+        );
+        r.register(
+            "peer_resync_bytes",
+            "Bytes this node sent to the peer in finished resyncs (as sync source)",
+            m.resync_bytes.clone(),
+        );
+        r.register(
+            "peer_resyncs",
+            "Resyncs to the peer finished with this node as sync source",
+            m.resyncs.clone(),
+        );
+        r.register(
+            "peer_split_brains",
+            "Handshakes with the peer that found a split brain (both sides wrote while apart)",
+            m.split_brain.clone(),
         );
         r.register(
             "peer_outdated",
@@ -543,6 +598,9 @@ impl Metrics {
                     bad_frames: self.peer_bad_frames.get_or_create_owned(&l),
                     backlog_bytes: self.backlog_bytes.get_or_create_owned(&l),
                     backlog_frames: self.backlog_frames.get_or_create_owned(&l),
+                    resync_bytes: self.resync_bytes.get_or_create_owned(&l),
+                    resyncs: self.resyncs.get_or_create_owned(&l),
+                    split_brain: self.split_brain.get_or_create_owned(&l),
                     attaches: AtomicU64::new(0),
                     link: Mutex::new(LinkState::default()),
                 })
@@ -982,7 +1040,8 @@ mod tests {
         let replica = Replica::new(cfg, Time::ZERO).expect("replica");
         let registry = Metrics::new();
         let rm = registry.replication("m", &["alpha".to_string()]);
-        let r = Replicator::spawn_with_metrics(replica, Arc::new(volume), rm.clone());
+        let layout = volume.bitmap_layout(4096).expect("layout");
+        let r = Replicator::spawn_with_metrics(replica, Arc::new(volume), layout, rm.clone());
         let addr = "127.0.0.1:0".parse().expect("addr");
         let beta = Arc::new(
             PeerEndpoint::bind(addr, &identity("beta"), vec!["alpha".into()]).expect("bind"),

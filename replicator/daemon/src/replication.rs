@@ -24,8 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+use tandem_core::meta::{self, Layout};
 use tandem_core::repl::lanes::{self, Envelope, Reorder, Sequencer};
-use tandem_core::repl::{DiskState, Event};
+use tandem_core::repl::{DiskState, Event, MetaAt};
 use tandem_core::repl::{
     Frame, Input, IoId, Op, Output, PeerId, PeerStatus, Replica, ReqId, Role, RoleError, Time,
 };
@@ -75,6 +76,10 @@ enum Msg {
         io: IoId,
         result: Result<(), i32>,
     },
+    ReadDone {
+        io: IoId,
+        result: Result<bytes::Bytes, i32>,
+    },
     PeerUp {
         peer: PeerId,
         gen: u64,
@@ -120,16 +125,18 @@ impl std::fmt::Debug for Replicator {
 pub struct Stopped;
 
 impl Replicator {
-    /// Starts the driver task for `replica` over `volume`.
-    pub fn spawn(replica: Replica, volume: Arc<Volume>) -> Replicator {
+    /// Starts the driver task for `replica` over `volume`, whose bitmaps
+    /// are laid out as `layout`.
+    pub fn spawn(replica: Replica, volume: Arc<Volume>, layout: Layout) -> Replicator {
         let metrics = ReplicationMetrics::detached(replica.config().peers.len());
-        Replicator::spawn_with_metrics(replica, volume, metrics)
+        Replicator::spawn_with_metrics(replica, volume, layout, metrics)
     }
 
     /// [`Replicator::spawn`], reporting to `metrics` (one entry per configured peer).
     pub fn spawn_with_metrics(
         replica: Replica,
         volume: Arc<Volume>,
+        layout: Layout,
         metrics: Arc<ReplicationMetrics>,
     ) -> Replicator {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -137,6 +144,7 @@ impl Replicator {
         let driver = Driver {
             replica,
             volume,
+            layout,
             start: Instant::now(),
             tx: tx.clone(),
             pending: HashMap::new(),
@@ -434,6 +442,7 @@ struct Link {
 struct Driver {
     replica: Replica,
     volume: Arc<Volume>,
+    layout: Layout,
     start: Instant,
     tx: mpsc::UnboundedSender<Msg>,
     pending: HashMap<ReqId, oneshot::Sender<Result<(), i32>>>,
@@ -480,6 +489,9 @@ impl Driver {
             }
             Msg::LocalDone { io, result } => {
                 self.replica.handle(now, Input::LocalDone { io, result });
+            }
+            Msg::ReadDone { io, result } => {
+                self.replica.handle(now, Input::ReadDone { io, result });
             }
             Msg::PeerUp {
                 peer,
@@ -593,7 +605,41 @@ impl Driver {
                         let _ = l.control.send(PeerCmd::Close(reason));
                     }
                 }
-                Output::Event(e) => log_event(&e),
+                Output::MetaWrite { io, at, data } => {
+                    let volume = self.volume.clone();
+                    let tx = self.tx.clone();
+                    let offset = match at {
+                        MetaAt::Record(c) => meta::RECORD_OFFSETS[usize::from(c & 1)],
+                        MetaAt::BitmapPage { slot, page } => {
+                            self.layout.page_offset(usize::from(slot), page)
+                        }
+                    };
+                    tokio::spawn(async move {
+                        let result = volume.write_meta(offset, &data).await.map_err(|e| {
+                            warn!(error = %e, "replica metadata write failed");
+                            errno(&e)
+                        });
+                        let _ = tx.send(Msg::LocalDone { io, result });
+                    });
+                }
+                Output::Read { io, offset, len } => {
+                    let volume = self.volume.clone();
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let n = usize::try_from(len).unwrap_or(usize::MAX);
+                        let (buf, res) = volume.read(offset, IoBuf::pooled(n)).await;
+                        let result = match res {
+                            Ok(()) => Ok(bytes::Bytes::copy_from_slice(&buf)),
+                            Err(e) => Err(errno(&e)),
+                        };
+                        buf.recycle();
+                        let _ = tx.send(Msg::ReadDone { io, result });
+                    });
+                }
+                Output::Event(e) => {
+                    self.metrics.event(&e);
+                    log_event(&e);
+                }
             }
         }
     }
@@ -616,12 +662,19 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 fn log_event(e: &Event) {
     match e {
+        Event::NewGeneration { current } => {
+            info!(
+                generation = format_args!("{current:016x}"),
+                "new data generation"
+            );
+        }
         Event::HandshakeRefused { .. }
         | Event::PeerOutdated { .. }
         | Event::PeerTimeout { .. }
         | Event::SplitRoleRefused { .. }
         | Event::ConcurrentWriteConflict { .. }
         | Event::LocalIoError { .. }
+        | Event::SplitBrain { .. }
         | Event::ProtocolViolation { .. } => warn!(event = ?e, "replication"),
         _ => info!(event = ?e, "replication"),
     }
@@ -799,8 +852,9 @@ mod tests {
         let (v, mem, data_offset) = volume(uuid, size).await;
         let mut cfg = Config::new(name, uuid, size, 512, vec![peer.to_string()]);
         cfg.initial_role = role;
+        let layout = v.bitmap_layout(cfg.bitmap_chunk).expect("layout");
         let replica = Replica::new(cfg, Time::ZERO).expect("replica");
-        let r = Replicator::spawn(replica, v);
+        let r = Replicator::spawn(replica, v, layout);
         let endpoint = Arc::new(
             PeerEndpoint::bind(
                 "127.0.0.1:0".parse().expect("addr"),

@@ -10,6 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tandem_core::meta::{self, Layout};
+use tandem_core::repl::{DiskState, LoadedMeta};
 use tandem_core::superblock::{self, format_uuid, Selected, Superblock, SUPERBLOCK_SIZE};
 
 use crate::storage::{Engine, IoBuf, IoError, IoResult, Op};
@@ -344,6 +346,86 @@ impl Volume {
             self.engine.flush().await?;
         }
         Ok(())
+    }
+
+    /// Writes one metadata block (replica metadata record or bitmap page)
+    /// at backing offset `at`, durably. Refused outside the metadata area
+    /// past the superblocks.
+    pub async fn write_meta(&self, at: u64, data: &[u8]) -> IoResult<()> {
+        let len = data.len() as u64;
+        let first = 2 * SUPERBLOCK_SIZE as u64;
+        if at < first || at.saturating_add(len) > self.superblock.data_offset {
+            return Err(IoError::new(
+                Op::Write,
+                at,
+                len,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "metadata write outside the metadata area",
+                ),
+            ));
+        }
+        self.writable(Op::Write, at, len)?;
+        let (_, res) = self.engine.write(at, IoBuf::from_slice(data), true).await;
+        res
+    }
+
+    /// Reads `len` bytes of the metadata area at backing offset `at`.
+    pub async fn read_meta(&self, at: u64, len: usize) -> IoResult<IoBuf> {
+        if at.saturating_add(len as u64) > self.superblock.data_offset {
+            return Err(IoError::new(
+                Op::Read,
+                at,
+                len as u64,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "metadata read outside the metadata area",
+                ),
+            ));
+        }
+        let (buf, res) = self.engine.read(at, IoBuf::zeroed(len)).await;
+        res.map(|()| buf)
+    }
+
+    /// Where this volume's bitmaps live at `chunk` bytes per bit.
+    pub fn bitmap_layout(&self, chunk: u32) -> Result<Layout, String> {
+        Layout::new(self.superblock.size, chunk, self.superblock.data_offset)
+    }
+
+    /// Reads the replica metadata (generations, bitmaps; `docs/on-disk-format.md`).
+    /// A volume whose record was never written (new, or created before
+    /// replication metadata existed) gets the metadata of a new volume with
+    /// `chunk` bytes per bitmap bit.
+    pub async fn load_replica_meta(&self, chunk: u32) -> anyhow::Result<(LoadedMeta, Layout)> {
+        let p = self.path.display();
+        let rec = self
+            .read_meta(meta::RECORD_OFFSETS[0], 2 * meta::RECORD_SIZE)
+            .await
+            .map_err(|e| anyhow::anyhow!("{p}: reading the replica metadata: {e}"))?;
+        let (a, b) = rec.split_at(meta::RECORD_SIZE);
+        let chunk = match meta::select(a, b) {
+            Ok(Some((r, _))) => r.chunk,
+            Ok(None) => chunk,
+            Err(e) => anyhow::bail!("{p}: {e}"),
+        };
+        let sb = &self.superblock;
+        let layout =
+            Layout::new(sb.size, chunk, sb.data_offset).map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
+        let mut slots: Vec<Vec<u8>> = Vec::new();
+        for s in 0..meta::SLOTS {
+            let bytes = usize::try_from(layout.slot_bytes).unwrap_or(usize::MAX);
+            let buf = self
+                .read_meta(layout.page_offset(s, 0), bytes)
+                .await
+                .map_err(|e| anyhow::anyhow!("{p}: reading bitmap slot {s}: {e}"))?;
+            slots.push(buf.to_vec());
+        }
+        let loaded = LoadedMeta::from_parts(a, b, sb.size, chunk, DiskState::UpToDate, |s, n| {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            slots[s][..n.min(slots[s].len())].to_vec()
+        })
+        .map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
+        Ok((loaded, layout))
     }
 
     /// Zeroes a range; `may_punch` allows deallocating it.

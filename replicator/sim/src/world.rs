@@ -3,10 +3,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use tandem_core::meta::{PAGE_SIZE, RECORD_SIZE};
 use tandem_core::repl::{
-    Config, ConnState, DiskState, Event, Frame, Input, IoId, Op, Output, PeerId, Protocol,
-    ReplState, Replica, ReqId, Role, Time,
+    Config, ConnState, DiskState, Event, Frame, Input, IoId, LoadedMeta, MetaAt, Op, Output,
+    PeerId, Protocol, ReplState, Replica, ReqId, Role, Time,
 };
 
 use crate::check::{self, block_content, tag_of, Model};
@@ -28,6 +29,11 @@ const PEER_TIMEOUT: Duration = Duration::from_millis(500);
 const QUIESCE_DEADLINE: Duration = Duration::from_secs(30);
 const CHAOS_DEADLINE: Duration = Duration::from_secs(120);
 const MS: u64 = 1_000_000;
+/// Bytes per bitmap bit in the simulation (one block, so partial-chunk
+/// logic and whole-chunk clears are both exercised with 2-block writes).
+const CHUNK: u32 = 1024;
+/// Extent of unflushed-write tracking.
+const EXTENT: u64 = 4096;
 
 /// A deliberate defect, to prove the checks can fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -73,6 +79,10 @@ pub struct Stats {
     pub conflicts: u64,
     /// `PeerOutdated` events.
     pub outdated: u64,
+    /// Resyncs finished (counted on the source).
+    pub resyncs: u64,
+    /// Bytes moved by resyncs.
+    pub resync_bytes: u64,
     /// Secondaries still replicated (UpToDate) at the last check.
     pub up_to_date_at_end: u64,
     /// Virtual time at the end.
@@ -104,10 +114,17 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// A local I/O of a node.
+enum SimIo {
+    Op(Op),
+    Meta(MetaAt, Bytes),
+    Read(u64, u64),
+}
+
 struct PendingIo {
     due: Time,
     io: IoId,
-    op: Op,
+    op: SimIo,
     mark: u64,
     fail: bool,
 }
@@ -117,6 +134,8 @@ struct Node {
     cfg: Config,
     r: Option<Replica>,
     disk: SimDisk,
+    /// Metadata blocks written (durable: they survive crashes).
+    meta: BTreeMap<MetaAt, Bytes>,
     ios: Vec<PendingIo>,
     restart_at: Option<Time>,
     in_flight: usize,
@@ -222,7 +241,10 @@ impl World {
         } else {
             Protocol::A
         };
-        let faults = rng.chance(4, 5);
+        // Dual-primary runs have no faults: a disconnect while both write is
+        // a split brain, which needs an operator (or an automatic policy,
+        // not implemented yet) to resolve.
+        let faults = !dual && rng.chance(4, 5);
         let names = ["alpha", "bravo", "charlie"];
         let nodes = (0..n)
             .map(|i| {
@@ -241,6 +263,9 @@ impl World {
                 cfg.keepalive_interval = KEEPALIVE;
                 cfg.peer_timeout = PEER_TIMEOUT;
                 cfg.allow_two_primaries = dual;
+                cfg.bitmap_chunk = CHUNK;
+                cfg.extent_size = EXTENT;
+                cfg.gen_seed = rng.next_u64();
                 let issuer = i == 0 || (dual && i == 1);
                 if issuer {
                     cfg.initial_role = Role::Primary;
@@ -252,6 +277,7 @@ impl World {
                     r: Some(Replica::new(cfg.clone(), Time::ZERO).expect("valid sim config")),
                     cfg,
                     disk,
+                    meta: BTreeMap::new(),
                     ios: Vec::new(),
                     restart_at: None,
                     in_flight: 0,
@@ -387,7 +413,10 @@ impl World {
                     );
                     for p in 0..n.cfg.peers.len() {
                         if let Some(st) = r.peer_status(PeerId(p as u8)) {
-                            s += &format!("{}:{:?}/{:?} ", st.name, st.conn, st.repl);
+                            s += &format!(
+                                "{}:{:?}/{:?}/oos={}/sync={:?} ",
+                                st.name, st.conn, st.repl, st.out_of_sync_bytes, st.sync
+                            );
                         }
                     }
                     s += "] ";
@@ -407,8 +436,9 @@ impl World {
                     && n.r.as_ref().is_some_and(|r| {
                         r.is_idle()
                             && (0..n.cfg.peers.len()).all(|p| {
-                                r.peer_status(PeerId(p as u8))
-                                    .is_some_and(|s| s.conn == ConnState::Connected)
+                                r.peer_status(PeerId(p as u8)).is_some_and(|s| {
+                                    s.conn == ConnState::Connected && s.sync.is_none()
+                                })
                             })
                     })
             })
@@ -476,8 +506,11 @@ impl World {
         for i in 0..self.nodes.len() {
             if self.nodes[i].restart_at.is_some_and(|t| t <= now) {
                 self.nodes[i].restart_at = None;
+                self.nodes[i].cfg.gen_seed = self.rng.next_u64();
                 let cfg = self.nodes[i].cfg.clone();
-                self.nodes[i].r = Some(Replica::new(cfg, now).map_err(|e| e.to_string())?);
+                let loaded = load_meta(&self.nodes[i].meta, &cfg)?;
+                self.nodes[i].r =
+                    Some(Replica::with_meta(cfg, loaded, now).map_err(|e| e.to_string())?);
                 self.log(|| format!("n{i} restarted"));
             }
         }
@@ -576,15 +609,48 @@ impl World {
     fn complete_io(&mut self, i: usize, p: PendingIo) {
         let lose = self.opts.bug == Bug::LossySecondaryDisk
             && !self.nodes[i].issuer
-            && matches!(p.op, Op::Write { .. })
+            && matches!(p.op, SimIo::Op(Op::Write { .. }))
             && self.rng.chance(1, 10);
         let n = &mut self.nodes[i];
+        let op = match p.op {
+            SimIo::Op(op) => op,
+            SimIo::Meta(at, data) => {
+                n.meta.insert(at, data);
+                if let Some(r) = &mut n.r {
+                    r.handle(
+                        self.now,
+                        Input::LocalDone {
+                            io: p.io,
+                            result: Ok(()),
+                        },
+                    );
+                }
+                return;
+            }
+            SimIo::Read(offset, len) => {
+                let first = offset as usize / BS;
+                let mut d = BytesMut::with_capacity(len as usize);
+                for b in first..first + len as usize / BS {
+                    d.extend_from_slice(n.disk.current(b));
+                }
+                if let Some(r) = &mut n.r {
+                    r.handle(
+                        self.now,
+                        Input::ReadDone {
+                            io: p.io,
+                            result: Ok(d.freeze()),
+                        },
+                    );
+                }
+                return;
+            }
+        };
         let result = if p.fail {
             Err(tandem_core::repl::errno::EIO)
         } else if lose {
             Ok(())
         } else {
-            match &p.op {
+            match &op {
                 Op::Write { offset, data, fua } => n.disk.write(*offset as usize / BS, data, *fua),
                 Op::Trim { offset, len, fua }
                 | Op::WriteZeroes {
@@ -641,9 +707,29 @@ impl World {
                 self.nodes[i].ios.push(PendingIo {
                     due: self.now + Duration::from_nanos(lat),
                     io,
-                    op,
+                    op: SimIo::Op(op),
                     mark,
                     fail,
+                });
+            }
+            Output::MetaWrite { io, at, data } => {
+                let lat = self.rng.range(5_000, 200_000);
+                self.nodes[i].ios.push(PendingIo {
+                    due: self.now + Duration::from_nanos(lat),
+                    io,
+                    op: SimIo::Meta(at, data),
+                    mark: 0,
+                    fail: false,
+                });
+            }
+            Output::Read { io, offset, len } => {
+                let lat = self.rng.range(5_000, 200_000);
+                self.nodes[i].ios.push(PendingIo {
+                    due: self.now + Duration::from_nanos(lat),
+                    io,
+                    op: SimIo::Read(offset, len),
+                    mark: 0,
+                    fail: false,
                 });
             }
             Output::Send { peer, frame } => {
@@ -670,6 +756,14 @@ impl World {
             Output::Event(e) => match e {
                 Event::ConcurrentWriteConflict { .. } => self.stats.conflicts += 1,
                 Event::PeerOutdated { .. } => self.stats.outdated += 1,
+                Event::SyncFinished {
+                    role: tandem_core::repl::SyncRole::Source,
+                    bytes,
+                    ..
+                } => {
+                    self.stats.resyncs += 1;
+                    self.stats.resync_bytes += bytes;
+                }
                 _ => {}
             },
         }
@@ -908,9 +1002,32 @@ impl World {
                 st.outdated,
                 r.disk_state() == DiskState::UpToDate,
                 self.content_equal(0, j),
-            )?;
+            )
+            .map_err(|e| {
+                let b = (0..BLOCKS)
+                    .find(|b| self.nodes[0].disk.current(*b) != self.nodes[j].disk.current(*b));
+                match b {
+                    Some(b) => format!(
+                        "{e} (first at block {b}: primary holds {:?}, {} holds {:?})",
+                        tag_of(self.nodes[0].disk.current(b), b),
+                        self.nodes[j].name,
+                        tag_of(self.nodes[j].disk.current(b), b)
+                    ),
+                    None => e,
+                }
+            })?;
             if st.repl == ReplState::Established {
                 up += 1;
+            }
+            // (e) convergence: once healed, every secondary has been
+            // resynced and replicates again.
+            if st.repl != ReplState::Established || r.disk_state() != DiskState::UpToDate {
+                return Err(format!(
+                    "{} did not converge after healing: {:?}, own disk {:?}",
+                    self.nodes[j].name,
+                    st,
+                    r.disk_state()
+                ));
             }
         }
         self.stats.up_to_date_at_end = up;
@@ -928,6 +1045,37 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// The metadata a restarted node reads back.
+fn load_meta(meta: &BTreeMap<MetaAt, Bytes>, cfg: &Config) -> Result<LoadedMeta, String> {
+    let rec = |c: u8| {
+        meta.get(&MetaAt::Record(c))
+            .map(|b| b.to_vec())
+            .unwrap_or_else(|| vec![0; RECORD_SIZE])
+    };
+    LoadedMeta::from_parts(
+        &rec(0),
+        &rec(1),
+        cfg.size,
+        cfg.bitmap_chunk,
+        cfg.initial_disk,
+        |slot, bytes| {
+            let mut out = Vec::new();
+            let mut page = 0;
+            while (out.len() as u64) < bytes {
+                match meta.get(&MetaAt::BitmapPage {
+                    slot: slot as u8,
+                    page,
+                }) {
+                    Some(b) => out.extend_from_slice(b),
+                    None => out.extend_from_slice(&[0; PAGE_SIZE]),
+                }
+                page += 1;
+            }
+            out
+        },
+    )
 }
 
 /// Runs one seed with default options.

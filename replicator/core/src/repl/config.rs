@@ -45,7 +45,22 @@ pub struct Config {
     /// Replication protocol version sent in Hello (default
     /// [`PROTOCOL_VERSION`]; only tests change it).
     pub protocol_version: u32,
+    /// Bytes of data per dirty-bitmap bit (default 4 KiB; a power of two
+    /// from the block size to 1 MiB). Fixed when the volume is created.
+    pub bitmap_chunk: u32,
+    /// Granularity at which a Primary remembers the writes a peer has not
+    /// flushed yet (default 4 MiB; a power of two, at least `bitmap_chunk`).
+    /// If the peer restarts, those extents are resynced.
+    pub extent_size: u64,
+    /// Seed for new generation ids and the instance id; the driver passes
+    /// fresh randomness on every start (the core reads no entropy itself).
+    pub gen_seed: u64,
 }
+
+/// Default bytes per bitmap bit: 4 KiB.
+pub const DEFAULT_BITMAP_CHUNK: u32 = crate::meta::DEFAULT_CHUNK;
+/// Default extent for unflushed-write tracking: 4 MiB.
+pub const DEFAULT_EXTENT: u64 = 4 << 20;
 
 /// A configuration field holds an impossible value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +95,9 @@ impl Config {
             keepalive_interval: DEFAULT_KEEPALIVE,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             protocol_version: PROTOCOL_VERSION,
+            bitmap_chunk: DEFAULT_BITMAP_CHUNK.max(block_size),
+            extent_size: DEFAULT_EXTENT,
+            gen_seed: 0,
         }
     }
 
@@ -120,6 +138,24 @@ impl Config {
         }
         if self.initial_role == Role::Primary && self.initial_disk != DiskState::UpToDate {
             return err("initial_role", "only an UpToDate disk may start Primary");
+        }
+        if !self.bitmap_chunk.is_power_of_two()
+            || self.bitmap_chunk < self.block_size
+            || self.bitmap_chunk > crate::meta::MAX_CHUNK
+        {
+            return err(
+                "bitmap_chunk",
+                "must be a power of two from the block size to 1 MiB",
+            );
+        }
+        if !self.extent_size.is_power_of_two()
+            || self.extent_size < u64::from(self.bitmap_chunk)
+            || self.extent_size > 1 << 30
+        {
+            return err(
+                "extent_size",
+                "must be a power of two from bitmap_chunk to 1 GiB",
+            );
         }
         if self.keepalive_interval.is_zero() {
             return err("keepalive_interval", "must be positive");

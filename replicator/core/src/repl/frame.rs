@@ -28,7 +28,7 @@ pub const MAGIC: u32 = u32::from_be_bytes(*b"TNDR");
 /// Framing version this build writes and reads.
 pub const FRAMING_VERSION: u8 = 1;
 /// Replication protocol version carried in [`Hello`] and compared at handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 24;
 /// Largest write data a single frame carries (32 MiB).
@@ -50,7 +50,12 @@ pub mod flags {
     /// `StateUpdate`: the sender holds the receiver's disk as Outdated (it
     /// missed writes); the receiver must adopt Outdated.
     pub const PEER_OUTDATED: u16 = 1 << 2;
+    /// `SyncBits`: the last frame of the set.
+    pub const LAST: u16 = 1 << 3;
 }
+
+/// Most ranges one [`Frame::SyncBits`] carries.
+pub const MAX_SYNC_RANGES: usize = 65536;
 
 /// Frame kinds (the header's `kind` byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,6 +81,18 @@ pub enum Kind {
     Pong = 9,
     /// [`Frame::StateUpdate`].
     StateUpdate = 10,
+    /// [`Frame::SyncBits`].
+    SyncBits = 11,
+    /// [`Frame::ResyncData`].
+    ResyncData = 12,
+    /// [`Frame::ResyncZeroes`].
+    ResyncZeroes = 13,
+    /// [`Frame::ResyncAck`].
+    ResyncAck = 14,
+    /// [`Frame::SyncDone`].
+    SyncDone = 15,
+    /// [`Frame::Generation`].
+    Generation = 16,
 }
 
 impl Kind {
@@ -93,6 +110,12 @@ impl Kind {
             8 => Ping,
             9 => Pong,
             10 => StateUpdate,
+            11 => SyncBits,
+            12 => ResyncData,
+            13 => ResyncZeroes,
+            14 => ResyncAck,
+            15 => SyncDone,
+            16 => Generation,
             _ => return None,
         })
     }
@@ -115,6 +138,30 @@ pub struct Hello {
     pub role: Role,
     /// Sender's own disk state.
     pub disk: DiskState,
+    /// Sender's generations and bitmap, which decide the sync direction.
+    pub gens: HelloGens,
+}
+
+/// The part of a [`Hello`] that decides who syncs from whom
+/// (`docs/replication.md`, "Generations and resync").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HelloGens {
+    /// Sender's current generation.
+    pub current: u64,
+    /// The generation the sender's bitmap for the receiver started in (0: none).
+    pub bitmap_gen: u64,
+    /// Another generation the receiver may still be in when that bitmap
+    /// started (0: none).
+    pub bitmap_alt: u64,
+    /// Sender's earlier generations, newest first.
+    pub history: [u64; 2],
+    /// Bits set in the sender's bitmap for the receiver.
+    pub dirty_bits: u64,
+    /// Bytes per bitmap bit; both sides must agree.
+    pub chunk: u32,
+    /// Changes whenever the sender restarts: writes it acknowledged but had
+    /// not flushed may have been lost.
+    pub instance: u64,
 }
 
 /// One replication frame.
@@ -193,6 +240,53 @@ pub enum Frame {
         /// The sender holds the receiver as Outdated ([`flags::PEER_OUTDATED`]).
         peer_outdated: bool,
     },
+    /// Sync target to source: bitmap ranges (bit numbers, `[first, last)`)
+    /// the target needs besides the source's own bitmap.
+    SyncBits {
+        /// Runs of set bits.
+        ranges: Vec<(u64, u64)>,
+        /// The last frame of the set ([`flags::LAST`]).
+        last: bool,
+    },
+    /// Resync data, source to target.
+    ResyncData {
+        /// Echoed in the [`Frame::ResyncAck`].
+        id: u64,
+        /// Byte offset in the volume.
+        offset: u64,
+        /// The data.
+        data: Bytes,
+    },
+    /// A resync range that is all zeroes on the source (no payload).
+    ResyncZeroes {
+        /// Echoed in the ack.
+        id: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// The target wrote (durably) a resync frame.
+    ResyncAck {
+        /// The resync frame's id.
+        id: u64,
+        /// 0 for success, otherwise an errno.
+        status: u32,
+    },
+    /// Source to target: every bit is synced; adopt these generations.
+    SyncDone {
+        /// The source's current generation.
+        current: u64,
+        /// The source's history.
+        history: [u64; 2],
+    },
+    /// A Primary started a new generation; an in-sync peer adopts it.
+    Generation {
+        /// New current generation.
+        current: u64,
+        /// History after the change.
+        history: [u64; 2],
+    },
 }
 
 /// Why bytes are not a valid frame. Any of these ends the connection.
@@ -253,6 +347,12 @@ impl Frame {
             Frame::Ping { .. } => Kind::Ping,
             Frame::Pong { .. } => Kind::Pong,
             Frame::StateUpdate { .. } => Kind::StateUpdate,
+            Frame::SyncBits { .. } => Kind::SyncBits,
+            Frame::ResyncData { .. } => Kind::ResyncData,
+            Frame::ResyncZeroes { .. } => Kind::ResyncZeroes,
+            Frame::ResyncAck { .. } => Kind::ResyncAck,
+            Frame::SyncDone { .. } => Kind::SyncDone,
+            Frame::Generation { .. } => Kind::Generation,
         }
     }
 
@@ -262,13 +362,22 @@ impl Frame {
         match self {
             Frame::Hello(h) => {
                 let name = truncate_utf8(&h.node_name, MAX_NODE_NAME);
-                let mut p = Vec::with_capacity(35 + name.len());
+                let mut p = Vec::with_capacity(HELLO_FIXED + name.len());
                 p.put_u32(h.protocol_version);
                 p.put_slice(&h.volume_uuid);
                 p.put_u64(h.volume_size);
                 p.put_u32(h.block_size);
                 p.put_u8(h.role.code());
                 p.put_u8(h.disk.code());
+                let g = &h.gens;
+                p.put_u64(g.current);
+                p.put_u64(g.bitmap_gen);
+                p.put_u64(g.bitmap_alt);
+                p.put_u64(g.history[0]);
+                p.put_u64(g.history[1]);
+                p.put_u64(g.dirty_bits);
+                p.put_u32(g.chunk);
+                p.put_u64(g.instance);
                 p.put_u8(name.len() as u8);
                 p.put_slice(name.as_bytes());
                 (0, 0, p, &[])
@@ -326,6 +435,33 @@ impl Frame {
                 };
                 (0, f, vec![role.code(), disk.code()], &[])
             }
+            Frame::SyncBits { ranges, last } => {
+                let n = ranges.len().min(MAX_SYNC_RANGES);
+                let mut p = Vec::with_capacity(4 + 16 * n);
+                p.put_u32(n as u32);
+                for (a, b) in &ranges[..n] {
+                    p.put_u64(*a);
+                    p.put_u64(*b);
+                }
+                (0, if *last { flags::LAST } else { 0 }, p, &[])
+            }
+            Frame::ResyncData { id, offset, data } => {
+                (*id, 0, offset.to_be_bytes().to_vec(), &data[..])
+            }
+            Frame::ResyncZeroes { id, offset, len } => {
+                let mut p = Vec::with_capacity(16);
+                p.put_u64(*offset);
+                p.put_u64(*len);
+                (*id, 0, p, &[])
+            }
+            Frame::ResyncAck { id, status } => (*id, 0, status.to_be_bytes().to_vec(), &[]),
+            Frame::SyncDone { current, history } | Frame::Generation { current, history } => {
+                let mut p = Vec::with_capacity(24);
+                p.put_u64(*current);
+                p.put_u64(history[0]);
+                p.put_u64(history[1]);
+                (0, 0, p, &[])
+            }
         }
     }
 
@@ -350,7 +486,7 @@ impl Frame {
     pub fn encode_split(&self, buf: &mut impl BufMut) -> Option<Bytes> {
         let tail = self.encode_head(buf);
         match self {
-            Frame::Write { data, .. } => Some(data.clone()),
+            Frame::Write { data, .. } | Frame::ResyncData { data, .. } => Some(data.clone()),
             _ => {
                 buf.put_slice(tail);
                 None
@@ -437,6 +573,10 @@ impl Frame {
                     data,
                 }
             }
+            Parsed::ResyncData { id, offset } => {
+                let data = whole.split_off(HEADER_LEN + 8).freeze();
+                Frame::ResyncData { id, offset, data }
+            }
         };
         Ok(Some(frame))
     }
@@ -450,7 +590,15 @@ enum Parsed {
         offset: u64,
         fua: bool,
     },
+    /// Likewise for resync data.
+    ResyncData {
+        id: u64,
+        offset: u64,
+    },
 }
+
+/// Fixed part of a Hello payload, before the node name.
+const HELLO_FIXED: usize = 35 + 60;
 
 fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameError> {
     let bad = |why| FrameError::Malformed { kind, why };
@@ -458,6 +606,7 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
         Kind::Write | Kind::Trim => flags::FUA,
         Kind::WriteZeroes => flags::FUA | flags::NO_HOLE,
         Kind::StateUpdate => flags::PEER_OUTDATED,
+        Kind::SyncBits => flags::LAST,
         _ => 0,
     };
     if fl & !allowed != 0 {
@@ -465,7 +614,14 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
     }
     let uses_id = matches!(
         kind,
-        Kind::Write | Kind::Trim | Kind::WriteZeroes | Kind::Flush | Kind::Ack
+        Kind::Write
+            | Kind::Trim
+            | Kind::WriteZeroes
+            | Kind::Flush
+            | Kind::Ack
+            | Kind::ResyncData
+            | Kind::ResyncZeroes
+            | Kind::ResyncAck
     );
     if !uses_id && id != 0 {
         return Err(bad("non-zero id on a frame without one"));
@@ -480,7 +636,7 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
     let fua = fl & flags::FUA != 0;
     let f = match kind {
         Kind::Hello => {
-            if p.len() < 35 {
+            if p.len() < HELLO_FIXED {
                 return Err(bad("payload too short"));
             }
             let protocol_version = p.get_u32();
@@ -490,6 +646,15 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
             let block_size = p.get_u32();
             let role = Role::from_code(p.get_u8()).ok_or(bad("unknown role"))?;
             let disk = DiskState::from_code(p.get_u8()).ok_or(bad("unknown disk state"))?;
+            let gens = HelloGens {
+                current: p.get_u64(),
+                bitmap_gen: p.get_u64(),
+                bitmap_alt: p.get_u64(),
+                history: [p.get_u64(), p.get_u64()],
+                dirty_bits: p.get_u64(),
+                chunk: p.get_u32(),
+                instance: p.get_u64(),
+            };
             let n = p.get_u8() as usize;
             if n > MAX_NODE_NAME {
                 return Err(bad("node name too long"));
@@ -506,6 +671,7 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
                 block_size,
                 role,
                 disk,
+                gens,
             })
         }
         Kind::HelloRefused => {
@@ -578,6 +744,64 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
                 peer_outdated: fl & flags::PEER_OUTDATED != 0,
             }
         }
+        Kind::SyncBits => {
+            if p.len() < 4 {
+                return Err(bad("payload too short"));
+            }
+            let n = p.get_u32() as usize;
+            if n > MAX_SYNC_RANGES {
+                return Err(bad("too many ranges"));
+            }
+            exact(p, n * 16)?;
+            let mut ranges = Vec::with_capacity(n);
+            for _ in 0..n {
+                let a = p.get_u64();
+                let b = p.get_u64();
+                if b <= a {
+                    return Err(bad("empty or inverted range"));
+                }
+                ranges.push((a, b));
+            }
+            Frame::SyncBits {
+                ranges,
+                last: fl & flags::LAST != 0,
+            }
+        }
+        Kind::ResyncData => {
+            if p.len() < 8 {
+                return Err(bad("payload too short"));
+            }
+            if p.len() - 8 > MAX_DATA {
+                return Err(bad("data too long"));
+            }
+            let offset = p.get_u64();
+            return Ok(Parsed::ResyncData { id, offset });
+        }
+        Kind::ResyncZeroes => {
+            exact(p, 16)?;
+            Frame::ResyncZeroes {
+                id,
+                offset: p.get_u64(),
+                len: p.get_u64(),
+            }
+        }
+        Kind::ResyncAck => {
+            exact(p, 4)?;
+            Frame::ResyncAck {
+                id,
+                status: p.get_u32(),
+            }
+        }
+        Kind::SyncDone | Kind::Generation => {
+            exact(p, 24)?;
+            let current = p.get_u64();
+            let history = [p.get_u64(), p.get_u64()];
+            if kind == Kind::SyncDone {
+                Frame::SyncDone { current, history }
+            } else {
+                Frame::Generation { current, history }
+            }
+        }
     };
     Ok(Parsed::Done(f))
 }
@@ -609,16 +833,27 @@ mod tests {
                 any::<u64>(),
                 any::<u32>(),
                 arb_role(),
-                arb_disk()
+                arb_disk(),
+                any::<[u64; 7]>(),
+                any::<u32>()
             )
-                .prop_map(|(v, u, n, s, b, r, d)| Frame::Hello(Hello {
+                .prop_map(|(v, u, n, s, b, r, d, g, c)| Frame::Hello(Hello {
                     protocol_version: v,
                     volume_uuid: u,
                     node_name: n,
                     volume_size: s,
                     block_size: b,
                     role: r,
-                    disk: d
+                    disk: d,
+                    gens: HelloGens {
+                        current: g[0],
+                        bitmap_gen: g[1],
+                        bitmap_alt: g[6],
+                        history: [g[2], g[3]],
+                        dirty_bits: g[4],
+                        chunk: c,
+                        instance: g[5],
+                    }
                 })),
             ".{0,100}".prop_map(|reason| Frame::HelloRefused { reason }),
             (
@@ -666,6 +901,31 @@ mod tests {
                     peer_outdated,
                 }
             }),
+            (
+                proptest::collection::vec((0u64..1 << 40, 1u64..1000), 0..20),
+                any::<bool>()
+            )
+                .prop_map(|(r, last)| Frame::SyncBits {
+                    ranges: r.into_iter().map(|(a, n)| (a, a + n)).collect(),
+                    last
+                }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..2048)
+            )
+                .prop_map(|(id, offset, d)| Frame::ResyncData {
+                    id,
+                    offset,
+                    data: Bytes::from(d)
+                }),
+            (any::<u64>(), any::<u64>(), any::<u64>())
+                .prop_map(|(id, offset, len)| Frame::ResyncZeroes { id, offset, len }),
+            (any::<u64>(), any::<u32>()).prop_map(|(id, status)| Frame::ResyncAck { id, status }),
+            (any::<u64>(), any::<[u64; 2]>())
+                .prop_map(|(current, history)| Frame::SyncDone { current, history }),
+            (any::<u64>(), any::<[u64; 2]>())
+                .prop_map(|(current, history)| Frame::Generation { current, history }),
         ]
     }
 

@@ -3,10 +3,11 @@
 use super::frame::{Frame, Hello};
 use super::replica::Replica;
 use super::state::{ConnState, DiskState, Role};
+use super::sync::{decide, Decision, View};
 use super::{Event, PeerId};
 
 impl Replica {
-    fn hello(&self) -> Frame {
+    fn hello(&self, peer: PeerId) -> Frame {
         Frame::Hello(Hello {
             protocol_version: self.cfg.protocol_version,
             volume_uuid: self.cfg.volume_uuid,
@@ -15,6 +16,7 @@ impl Replica {
             block_size: self.cfg.block_size,
             role: self.role,
             disk: self.disk,
+            gens: self.hello_gens(peer),
         })
     }
 
@@ -37,7 +39,10 @@ impl Replica {
             peer,
             state: ConnState::Connecting,
         });
-        let h = self.hello();
+        let h = self.hello(peer);
+        if let Frame::Hello(sent) = &h {
+            self.peers[peer.0 as usize].hello_sent = Some((sent.gens, self.role, self.disk));
+        }
         self.send(peer, h);
     }
 
@@ -74,6 +79,12 @@ impl Replica {
             | Frame::Trim { .. }
             | Frame::WriteZeroes { .. }
             | Frame::Flush { .. }) => self.on_peer_data(peer, data),
+            Frame::SyncBits { ranges, last } => self.on_sync_bits(peer, ranges, last),
+            data @ (Frame::ResyncData { .. }
+            | Frame::ResyncZeroes { .. }
+            | Frame::SyncDone { .. }) => self.on_resync_frame(peer, data),
+            Frame::ResyncAck { id, status } => self.on_resync_ack(peer, id, status),
+            Frame::Generation { current, history } => self.on_generation(peer, current, history),
         }
     }
 
@@ -135,6 +146,11 @@ impl Replica {
                 "block size mismatch: peer {}, this node {}",
                 h.block_size, cfg.block_size
             ))
+        } else if h.gens.chunk != cfg.bitmap_chunk {
+            Some(format!(
+                "bitmap chunk mismatch: peer {} bytes per bit, this node {}",
+                h.gens.chunk, cfg.bitmap_chunk
+            ))
         } else {
             None
         };
@@ -155,7 +171,63 @@ impl Replica {
                 return self.refuse(peer, "more than two Primaries".into());
             }
         }
+        // Decide from what each side put in its Hello. New writes were
+        // frozen meanwhile, but a lost peer may have moved the generation:
+        // then start over.
+        let Some((mine, my_role, my_disk)) = self.peers[peer.0 as usize].hello_sent else {
+            return self.violation(peer, "Hello before this node sent its own");
+        };
+        if mine != self.hello_gens(peer) || (my_role, my_disk) != (self.role, self.disk) {
+            return self.disconnect(
+                peer,
+                "state changed during the handshake; reconnecting".into(),
+            );
+        }
+        let me = View {
+            gens: mine,
+            role: my_role,
+            disk: my_disk,
+            name: &self.cfg.node_name,
+        };
+        let them = View {
+            gens: h.gens,
+            role: h.role,
+            disk: h.disk,
+            name: &h.node_name,
+        };
+        let decision = decide(&me, &them);
+        let refusal = match decision {
+            Decision::SplitBrain => {
+                self.peers[peer.0 as usize].split_brain = true;
+                self.event(Event::SplitBrain { peer });
+                Some(format!(
+                    "split brain: both sides wrote while disconnected (this node: generation {:016x}, from {:016x}; peer: {:016x}, from {:016x}); resolve by discarding one side's data",
+                    mine.current, mine.bitmap_gen, h.gens.current, h.gens.bitmap_gen
+                ))
+            }
+            Decision::Unrelated => Some(format!(
+                "unrelated data: no generation in common (this node {:016x}, peer {:016x})",
+                mine.current, h.gens.current
+            )),
+            Decision::NoUpToDate => {
+                Some("the side that would have to be the sync source is not UpToDate".to_owned())
+            }
+            Decision::TargetIsPrimary => Some(
+                "the side that would have to be the sync target is Primary; demote it first"
+                    .to_owned(),
+            ),
+            _ => None,
+        };
+        if let Some(r) = refusal {
+            return self.refuse(peer, r);
+        }
         let p = &mut self.peers[peer.0 as usize];
+        p.split_brain = false;
+        p.sync_deferred = false;
+        p.gen_unconfirmed.clear();
+        if decision == Decision::InSync {
+            p.confirmed_gen = mine.current;
+        }
         p.conn = ConnState::Connected;
         p.role = Some(h.role);
         p.disk = Some(h.disk);
@@ -168,15 +240,18 @@ impl Replica {
             role: h.role,
             disk: h.disk,
         });
-        // Completes the handshake from this side: re-state own role and disk
-        // and, crucially, tell a peer held Outdated that it is (R6).
+        // Completes the handshake from this side: re-state own role and disk.
         let f = self.state_update_for(peer);
         self.send(peer, f);
+        self.start_sync(peer, decision, &h.gens);
     }
 
-    fn on_state_update(&mut self, peer: PeerId, role: Role, disk: DiskState, peer_outdated: bool) {
+    fn on_state_update(&mut self, peer: PeerId, role: Role, disk: DiskState, _peer_outdated: bool) {
         let p = &mut self.peers[peer.0 as usize];
         let changed = p.role != Some(role) || p.disk != Some(disk);
+        let fell_behind = p.disk == Some(DiskState::UpToDate)
+            && disk != DiskState::UpToDate
+            && matches!(p.sync, super::peer::PeerSync::None);
         p.role = Some(role);
         p.disk = Some(disk);
         if changed {
@@ -189,8 +264,16 @@ impl Replica {
                 return self.disconnect(peer, "both nodes are Primary".into());
             }
         }
-        if peer_outdated && self.disk == DiskState::UpToDate {
-            self.set_disk(DiskState::Outdated);
+        if disk == DiskState::UpToDate {
+            self.on_peer_up_to_date(peer);
+        }
+        if fell_behind && self.role == Role::Primary && self.disk == DiskState::UpToDate {
+            // It missed something (a failed write, or it learned it is
+            // behind): a new handshake decides the resync.
+            self.disconnect(
+                peer,
+                format!("peer's disk became {disk:?}; reconnecting to resync it"),
+            );
         }
     }
 }

@@ -126,6 +126,9 @@ pub fn is_barrier(frame: &Frame) -> bool {
             | Frame::HelloRefused { .. }
             | Frame::StateUpdate { .. }
             | Frame::Flush { .. }
+            | Frame::SyncBits { .. }
+            | Frame::SyncDone { .. }
+            | Frame::Generation { .. }
     )
 }
 
@@ -139,7 +142,9 @@ pub fn choose_lane(
     next_bulk: &mut usize,
 ) -> Option<usize> {
     match frame {
-        Frame::Write { data, .. } if !single_lane && bulk_lanes > 0 && data.len() >= BULK_MIN => {
+        Frame::Write { data, .. } | Frame::ResyncData { data, .. }
+            if !single_lane && bulk_lanes > 0 && data.len() >= BULK_MIN =>
+        {
             let lane = *next_bulk % bulk_lanes;
             *next_bulk = next_bulk.wrapping_add(1);
             Some(lane)

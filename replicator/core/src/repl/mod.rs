@@ -29,16 +29,21 @@ pub mod lanes;
 mod peer;
 mod replica;
 mod state;
+mod sync;
 mod write_path;
 
 #[cfg(test)]
 mod tests;
 
-pub use config::{Config, ConfigError, DEFAULT_KEEPALIVE, DEFAULT_PEER_TIMEOUT, MAX_PEERS};
-pub use frame::{Frame, FrameError, Hello};
-pub use peer::PeerStatus;
+pub use config::{
+    Config, ConfigError, DEFAULT_BITMAP_CHUNK, DEFAULT_EXTENT, DEFAULT_KEEPALIVE,
+    DEFAULT_PEER_TIMEOUT, MAX_PEERS,
+};
+pub use frame::{Frame, FrameError, Hello, HelloGens};
+pub use peer::{PeerStatus, SyncProgress};
 pub use replica::{Replica, RoleError};
 pub use state::{ConnState, DiskState, Protocol, ReplState, Role};
+pub use sync::{decide, Decision, LoadedMeta, MetaAt, SyncRole};
 
 use bytes::Bytes;
 use std::time::Duration;
@@ -200,6 +205,13 @@ pub enum Input {
         /// Which peer.
         peer: PeerId,
     },
+    /// An [`Output::Read`] finished.
+    ReadDone {
+        /// The read.
+        io: IoId,
+        /// The data (exactly the length asked for) or `Err(errno)`.
+        result: Result<Bytes, i32>,
+    },
 }
 
 /// Something the driver must do, from [`Replica::poll_output`].
@@ -235,6 +247,26 @@ pub enum Output {
         peer: PeerId,
         /// Why, for logs.
         reason: String,
+    },
+    /// Write `data` to the metadata area at `at`, durably (FUA or write +
+    /// flush), then report [`Input::LocalDone`].
+    MetaWrite {
+        /// Echo in `LocalDone`.
+        io: IoId,
+        /// Which metadata block.
+        at: MetaAt,
+        /// Its new content (4 KiB).
+        data: Bytes,
+    },
+    /// Read `len` bytes of the data area at `offset` (for a resync), then
+    /// report [`Input::ReadDone`].
+    Read {
+        /// Echo in `ReadDone`.
+        io: IoId,
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
     },
     /// Something worth logging or counting.
     Event(Event),
@@ -320,6 +352,35 @@ pub enum Event {
     LocalIoError {
         /// errno.
         errno: i32,
+    },
+    /// A resync with a peer started.
+    SyncStarted {
+        /// Which peer.
+        peer: PeerId,
+        /// This node's side.
+        role: SyncRole,
+        /// Bytes to move (known on the source; 0 on the target).
+        bytes: u64,
+    },
+    /// A resync with a peer finished: both hold the same data.
+    SyncFinished {
+        /// Which peer.
+        peer: PeerId,
+        /// This node's side.
+        role: SyncRole,
+        /// Bytes moved (source), or received (target).
+        bytes: u64,
+    },
+    /// Both sides wrote while apart: the connection is refused until an
+    /// operator resolves it.
+    SplitBrain {
+        /// Which peer.
+        peer: PeerId,
+    },
+    /// This node started a new generation (its data diverges from a peer's).
+    NewGeneration {
+        /// The new current generation.
+        current: u64,
     },
     /// The peer broke the protocol (e.g. data frames from a non-Primary).
     ProtocolViolation {

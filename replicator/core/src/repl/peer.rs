@@ -1,7 +1,12 @@
 //! What a replica knows about each peer.
 
+use std::collections::BTreeMap;
+
+use super::frame::HelloGens;
 use super::state::{ConnState, DiskState, ReplState, Role};
-use super::{PeerId, Time};
+use super::sync::SyncRole;
+use super::{IoId, PeerId, Time};
+use crate::meta::Bitmap;
 
 /// A small set of peers (at most [`super::MAX_PEERS`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -22,6 +27,60 @@ impl PeerSet {
     pub(crate) fn is_empty(&self) -> bool {
         self.0 == 0
     }
+    pub(crate) fn iter(self) -> impl Iterator<Item = PeerId> {
+        (0..8u8).filter(move |i| self.0 & (1 << i) != 0).map(PeerId)
+    }
+}
+
+/// This node as a sync source towards a peer.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Source {
+    /// Waiting for the target's `SyncBits` (last frame not yet received).
+    pub(crate) awaiting_bits: bool,
+    /// Next bit to look at.
+    pub(crate) cursor: u64,
+    /// Reads in flight: io → (resync id, first bit, last bit).
+    pub(crate) reads: BTreeMap<IoId, (u64, u64, u64)>,
+    /// Frames sent and not acked: id → (first bit, last bit).
+    pub(crate) sent: BTreeMap<u64, (u64, u64)>,
+    pub(crate) next_id: u64,
+    /// Bytes moved so far.
+    pub(crate) done: u64,
+    /// Bytes to move when the sync started (bits known then).
+    pub(crate) total: u64,
+    /// When the sync started.
+    pub(crate) started: Time,
+}
+
+/// Sync state towards one peer.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum PeerSync {
+    /// No sync (in sync, or not connected).
+    #[default]
+    None,
+    /// This node sends.
+    Source(Source),
+    /// Every bit is synced and `SyncDone` sent; waiting for the peer to
+    /// report UpToDate before forgetting its bitmap generation.
+    SourceDone {
+        /// Bytes moved.
+        done: u64,
+    },
+    /// This node receives.
+    Target {
+        /// Bytes written so far.
+        received: u64,
+    },
+}
+
+/// Writes sent to a peer and not yet covered by a flush it acknowledged, at
+/// extent granularity: if the peer restarts, they may be lost there.
+#[derive(Debug, Clone)]
+pub(crate) struct Unflushed {
+    /// Since the last flush sent.
+    pub(crate) cur: Bitmap,
+    /// Covered by flushes in flight: flush id → extents.
+    pub(crate) pending: Vec<(u64, Bitmap)>,
 }
 
 /// Per-peer state.
@@ -35,43 +94,100 @@ pub(crate) struct Peer {
     /// Role and own disk state the peer last reported (None: never heard).
     pub(crate) role: Option<Role>,
     pub(crate) disk: Option<DiskState>,
-    /// Sticky: the peer missed writes (or may have) and needs a full resync.
-    /// Cleared only by a resync (a later issue).
-    pub(crate) outdated: bool,
     pub(crate) last_rx: Time,
     pub(crate) next_ping: Time,
+    /// What this node put in its Hello to the peer (the decision uses it).
+    pub(crate) hello_sent: Option<(HelloGens, Role, DiskState)>,
+    pub(crate) sync: PeerSync,
+    /// The handshake found a resync needed but neither side Primary.
+    pub(crate) sync_deferred: bool,
+    /// Sync target: a Generation that arrived before the SyncDone applied.
+    pub(crate) pending_gen: Option<(u64, [u64; 2])>,
+    /// The generation the peer is known to hold durably.
+    pub(crate) confirmed_gen: u64,
+    /// Source: the generation sent in SyncDone (confirmed with UpToDate).
+    pub(crate) sync_done_gen: Option<u64>,
+    /// Generations sent and not yet confirmed: (first request seq whose
+    /// ack confirms it, generation).
+    pub(crate) gen_unconfirmed: std::collections::VecDeque<(u64, u64)>,
+    /// The last handshake found a split brain (cleared by a good handshake).
+    pub(crate) split_brain: bool,
+    /// The peer's instance id at the last handshake.
+    pub(crate) instance: Option<u64>,
+    pub(crate) unflushed: Unflushed,
+    /// Extents unflushed on the peer when it was lost: resynced if it turns
+    /// out to have restarted since.
+    pub(crate) lost_unflushed: Option<Bitmap>,
 }
 
 impl Peer {
-    pub(crate) fn new(name: String) -> Peer {
+    pub(crate) fn new(name: String, size: u64, extent: u64) -> Peer {
+        let ext = u32::try_from(extent).unwrap_or(u32::MAX);
         Peer {
             name,
             conn: ConnState::StandAlone,
             epoch: 0,
             role: None,
             disk: None,
-            outdated: false,
             last_rx: Time::ZERO,
             next_ping: Time::ZERO,
+            hello_sent: None,
+            sync: PeerSync::None,
+            sync_deferred: false,
+            pending_gen: None,
+            confirmed_gen: 0,
+            sync_done_gen: None,
+            gen_unconfirmed: std::collections::VecDeque::new(),
+            split_brain: false,
+            instance: None,
+            unflushed: Unflushed {
+                cur: Bitmap::new(size, ext),
+                pending: Vec::new(),
+            },
+            lost_unflushed: None,
         }
     }
 
-    /// Whether writes are replicated to this peer: connected, reports an
-    /// UpToDate disk, and not held Outdated.
+    /// Whether writes are replicated to this peer: connected and either
+    /// reporting UpToDate with no sync running, or a sync target of this
+    /// node (it gets every write while the resync fills in the rest).
     pub(crate) fn replicating(&self) -> bool {
-        self.conn == ConnState::Connected
-            && self.disk == Some(DiskState::UpToDate)
-            && !self.outdated
-    }
-
-    /// The peer's disk as this node sees it: its report, lowered to Outdated
-    /// if this node holds it Outdated.
-    pub(crate) fn effective_disk(&self) -> Option<DiskState> {
-        match self.disk {
-            Some(d) if self.outdated => Some(d.min(DiskState::Outdated)),
-            other => other.or(self.outdated.then_some(DiskState::Outdated)),
+        if self.conn != ConnState::Connected {
+            return false;
+        }
+        match self.sync {
+            PeerSync::None => self.disk == Some(DiskState::UpToDate),
+            PeerSync::Source(_) | PeerSync::SourceDone { .. } => true,
+            PeerSync::Target { .. } => self.disk == Some(DiskState::UpToDate),
         }
     }
+
+    pub(crate) fn repl_state(&self) -> ReplState {
+        if self.conn != ConnState::Connected {
+            return ReplState::Off;
+        }
+        match self.sync {
+            PeerSync::Source(_) => ReplState::SyncSource,
+            PeerSync::Target { .. } => ReplState::SyncTarget,
+            PeerSync::SourceDone { .. } | PeerSync::None if self.replicating() => {
+                ReplState::Established
+            }
+            _ => ReplState::Off,
+        }
+    }
+}
+
+/// Progress of a resync with one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncProgress {
+    /// This node's side.
+    pub role: SyncRole,
+    /// Bytes moved so far.
+    pub done_bytes: u64,
+    /// Bytes still to move (known on the source; 0 on the target).
+    pub remaining_bytes: u64,
+    /// Time since the sync started (source; zero on the target).
+    pub elapsed: std::time::Duration,
 }
 
 /// A snapshot of one peer, from [`super::Replica::peer_status`].
@@ -81,42 +197,24 @@ pub struct PeerStatus {
     pub name: String,
     /// Connection state.
     pub conn: ConnState,
-    /// Whether writes are replicated to it.
+    /// Whether writes are replicated to it, or a resync runs.
     pub repl: ReplState,
     /// Role it last reported.
     pub role: Option<Role>,
-    /// Its disk as this node sees it (its report, lowered to Outdated when
-    /// this node holds it Outdated; `None` if never heard and not outdated).
+    /// Its disk as this node sees it: its report, lowered to Outdated while
+    /// this node holds writes it lacks (`None` if never heard and in sync).
     pub disk: Option<DiskState>,
-    /// This node holds it Outdated (it missed writes; needs a resync).
+    /// This node holds writes the peer lacks (its bitmap for the peer has
+    /// bits, or started in an earlier generation): it needs a resync.
     pub outdated: bool,
     /// Frontend requests (writes, trims, write-zeroes, flushes) sent to this
     /// peer and not yet acknowledged by it.
     pub in_flight: usize,
-    /// Bytes of the volume this peer may not hold yet. While it is held
-    /// Outdated: the whole volume size (without dirty bitmaps it needs a full
-    /// resync). Otherwise: the bytes of writes, trims and write-zeroes sent
-    /// to it and not yet acknowledged (0 when it is in sync). Bitmaps (a
-    /// later issue) will refine the Outdated case to the dirty regions.
+    /// Bytes of the volume this peer may not hold: the regions marked in
+    /// this node's bitmap for it, plus writes sent and not yet acknowledged.
     pub out_of_sync_bytes: u64,
-}
-
-impl PeerStatus {
-    /// A snapshot of `p` with the counters the replica computed.
-    pub(crate) fn new(p: &Peer, in_flight: usize, out_of_sync_bytes: u64) -> PeerStatus {
-        PeerStatus {
-            name: p.name.clone(),
-            conn: p.conn,
-            repl: if p.replicating() {
-                ReplState::Established
-            } else {
-                ReplState::Off
-            },
-            role: p.role,
-            disk: p.effective_disk(),
-            outdated: p.outdated,
-            in_flight,
-            out_of_sync_bytes,
-        }
-    }
+    /// The resync running with this peer, if any.
+    pub sync: Option<SyncProgress>,
+    /// The last handshake found a split brain: both sides wrote while apart.
+    pub split_brain: bool,
 }

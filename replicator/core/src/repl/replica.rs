@@ -4,10 +4,12 @@ use std::collections::{BTreeMap, VecDeque};
 
 use super::config::{Config, ConfigError};
 use super::frame::Frame;
-use super::peer::{Peer, PeerStatus};
+use super::peer::{Peer, PeerSet, PeerStatus, PeerSync, SyncProgress};
 use super::state::{ConnState, DiskState, Role};
+use super::sync::{seed_for, LoadedMeta, MetaTracker, SyncRole};
 use super::write_path::{Apply, IoOwner, Request};
 use super::{Event, Input, IoId, OutdatedReason, Output, PeerId, Time};
+use crate::meta::{Bitmap, MetaRecord, PeerSlot, SLOTS};
 
 /// Why [`Replica::promote`] or [`Replica::demote`] refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,16 +50,119 @@ pub struct Replica {
     pub(crate) ios: BTreeMap<IoId, IoOwner>,
     /// Dual-primary conflicts detected (R9), for status.
     pub(crate) conflicts: u64,
+    /// The metadata record as it is (or is about to be) on disk.
+    pub(crate) meta: MetaRecord,
+    /// The record copy the next update goes to.
+    pub(crate) next_copy: u8,
+    /// Record slot of each peer.
+    pub(crate) slots: Vec<usize>,
+    /// Dirty bitmap of each peer.
+    pub(crate) bitmaps: Vec<Bitmap>,
+    pub(crate) mt: MetaTracker,
+    pub(crate) rng: u64,
+    /// Changes on every start (see `HelloGens::instance`).
+    pub(crate) instance: u64,
+    /// Sync target: metadata version resync writes wait for (Inconsistent
+    /// durable before the first one).
+    pub(crate) target_wait: u64,
+    /// Sync target: (source, version, bytes) — UpToDate once `version` is
+    /// durable.
+    pub(crate) uptodate_at: Option<(PeerId, u64, u64)>,
+    /// Metadata version peer writes wait for: a generation adopted from a
+    /// Primary is durable before anything sent after it is acknowledged.
+    pub(crate) gen_wait: u64,
 }
 
 impl Replica {
-    /// A replica in its initial role and disk state, no peer connected.
+    /// A replica of a new volume: its initial role and disk state, every
+    /// peer in sync, no peer connected.
     pub fn new(cfg: Config, now: Time) -> Result<Replica, ConfigError> {
+        let meta = LoadedMeta::fresh(cfg.bitmap_chunk, cfg.initial_disk);
+        Replica::with_meta(cfg, meta, now)
+    }
+
+    /// A replica resuming from the metadata the driver read from its disk.
+    /// The own disk state comes from the record (`cfg.initial_disk` is
+    /// ignored); peers are matched to record slots by name, and a peer
+    /// without a slot gets a free one (its bitmap starts clear, in sync).
+    pub fn with_meta(cfg: Config, loaded: LoadedMeta, now: Time) -> Result<Replica, ConfigError> {
         cfg.validate()?;
-        let peers = cfg.peers.iter().cloned().map(Peer::new).collect();
+        let err = |field, why: String| Err(ConfigError { field, why });
+        let mut record = loaded.record;
+        if record.chunk != cfg.bitmap_chunk {
+            return err(
+                "bitmap_chunk",
+                format!(
+                    "{} does not match the volume's metadata ({} bytes per bit)",
+                    cfg.bitmap_chunk, record.chunk
+                ),
+            );
+        }
+        if cfg.initial_role == Role::Primary && record.disk != DiskState::UpToDate {
+            return err(
+                "initial_role",
+                format!(
+                    "the local disk is {:?} (from its metadata); only an UpToDate disk may start Primary",
+                    record.disk
+                ),
+            );
+        }
+        let mut mt = MetaTracker::default();
+        let mut bitmaps_in = loaded.bitmaps;
+        let mut slots = Vec::with_capacity(cfg.peers.len());
+        let mut bitmaps = Vec::with_capacity(cfg.peers.len());
+        let mut taken = [false; SLOTS];
+        for name in &cfg.peers {
+            if let Some(s) = record.slot_of(name) {
+                taken[s] = true;
+            }
+        }
+        for name in &cfg.peers {
+            let s = match record.slot_of(name) {
+                Some(s) => s,
+                None => {
+                    let Some(free) = (0..SLOTS).find(|s| !taken[*s]) else {
+                        return err("peers", "no free metadata slot".into());
+                    };
+                    taken[free] = true;
+                    record.peers[free] = PeerSlot {
+                        name: name.clone(),
+                        bitmap_gen: 0,
+                        bitmap_alt: 0,
+                    };
+                    bitmaps_in[free] = None;
+                    mt.touch(super::sync::MetaKey::Record);
+                    free
+                }
+            };
+            slots.push(s);
+            let bm = bitmaps_in[s]
+                .take()
+                .filter(|b| b.chunk() == u64::from(cfg.bitmap_chunk))
+                .unwrap_or_else(|| Bitmap::new(cfg.size, cfg.bitmap_chunk));
+            bitmaps.push(bm);
+        }
+        let mut rng = seed_for(cfg.gen_seed, &cfg.node_name);
+        let instance = super::sync::splitmix(&mut rng);
+        let peers = cfg
+            .peers
+            .iter()
+            .cloned()
+            .map(|n| Peer::new(n, cfg.size, cfg.extent_size))
+            .collect();
         Ok(Replica {
             role: cfg.initial_role,
-            disk: cfg.initial_disk,
+            disk: record.disk,
+            next_copy: if loaded.newest_copy == 0 { 1 } else { 0 },
+            meta: record,
+            slots,
+            bitmaps,
+            mt,
+            rng,
+            instance,
+            target_wait: 0,
+            uptodate_at: None,
+            gen_wait: 0,
             cfg,
             peers,
             out: VecDeque::new(),
@@ -86,6 +191,7 @@ impl Replica {
                     self.peer_lost(peer);
                 }
             }
+            Input::ReadDone { io, result } => self.on_read_done(io, result),
         }
         self.progress();
     }
@@ -152,6 +258,8 @@ impl Replica {
             }
         }
         self.set_role(Role::Primary);
+        self.restart_deferred_syncs();
+        self.progress();
         Ok(())
     }
 
@@ -203,12 +311,59 @@ impl Replica {
         }
         // R7 keeps overlapping requests from being in flight together, so
         // the sum counts no byte twice; the cap is for safety only.
-        let out_of_sync = if p.outdated {
-            self.cfg.size
-        } else {
-            unacked_bytes.min(self.cfg.size)
+        let out_of_sync = self
+            .bitmap_bytes(peer)
+            .saturating_add(unacked_bytes)
+            .min(self.cfg.size);
+        let outdated = self.holds_outdated(peer);
+        let remaining = self.bitmap_bytes(peer);
+        let sync = match &p.sync {
+            PeerSync::None => None,
+            PeerSync::Source(s) => Some(SyncProgress {
+                role: SyncRole::Source,
+                done_bytes: s.done,
+                remaining_bytes: remaining,
+                elapsed: self.now.since(s.started),
+            }),
+            PeerSync::SourceDone { done } => Some(SyncProgress {
+                role: SyncRole::Source,
+                done_bytes: *done,
+                remaining_bytes: 0,
+                elapsed: std::time::Duration::ZERO,
+            }),
+            PeerSync::Target { received } => Some(SyncProgress {
+                role: SyncRole::Target,
+                done_bytes: *received,
+                remaining_bytes: 0,
+                elapsed: std::time::Duration::ZERO,
+            }),
         };
-        Some(PeerStatus::new(p, in_flight, out_of_sync))
+        let disk = match p.disk {
+            Some(d) if outdated => Some(d.min(DiskState::Outdated)),
+            other => other.or(outdated.then_some(DiskState::Outdated)),
+        };
+        Some(PeerStatus {
+            name: p.name.clone(),
+            conn: p.conn,
+            repl: p.repl_state(),
+            role: p.role,
+            disk,
+            outdated,
+            in_flight,
+            out_of_sync_bytes: out_of_sync,
+            sync,
+            split_brain: p.split_brain,
+        })
+    }
+
+    /// The current generation (see `docs/replication.md`).
+    pub fn current_generation(&self) -> u64 {
+        self.meta.current
+    }
+
+    /// The metadata record as this replica last changed it.
+    pub fn meta_record(&self) -> &MetaRecord {
+        &self.meta
     }
 
     /// Dual-primary concurrent-write conflicts detected since start (each
@@ -229,6 +384,7 @@ impl Replica {
             && self.applies.is_empty()
             && self.ios.is_empty()
             && self.out.is_empty()
+            && self.mt.is_idle()
     }
 
     // ---- helpers shared by the other files ----
@@ -252,6 +408,7 @@ impl Replica {
     }
 
     pub(crate) fn set_disk(&mut self, disk: DiskState) {
+        self.persist_disk(disk);
         if self.disk != disk {
             self.disk = disk;
             self.event(Event::DiskStateChanged { state: disk });
@@ -263,7 +420,7 @@ impl Replica {
         Frame::StateUpdate {
             role: self.role,
             disk: self.disk,
-            peer_outdated: self.peer(peer).is_some_and(|p| p.outdated),
+            peer_outdated: self.peer(peer).is_some() && self.holds_outdated(peer),
         }
     }
 
@@ -278,28 +435,16 @@ impl Replica {
         }
     }
 
-    /// Holds a peer Outdated (sticky), telling it if connected.
-    pub(crate) fn mark_outdated(&mut self, peer: PeerId, reason: OutdatedReason) {
-        let i = peer.0 as usize;
-        if self.peers[i].outdated {
-            return;
-        }
-        self.peers[i].outdated = true;
-        self.event(Event::PeerOutdated { peer, reason });
-        if self.peers[i].conn == ConnState::Connected {
-            let f = self.state_update_for(peer);
-            self.send(peer, f);
-        }
-    }
-
     /// Closes the connection from this side: Disconnect output + loss.
     pub(crate) fn disconnect(&mut self, peer: PeerId, reason: String) {
         self.out.push_back(Output::Disconnect { peer, reason });
         self.peer_lost(peer);
     }
 
-    /// The connection is gone: waits for its acks end, a Primary holds the
-    /// peer Outdated (it may have missed or lost writes).
+    /// The connection is gone: requests stop waiting for its acks, and
+    /// the writes it may not have (sent and not acknowledged) are marked in
+    /// its bitmap; those acknowledged but not flushed there are remembered
+    /// in case it restarted (R6).
     pub(crate) fn peer_lost(&mut self, peer: PeerId) {
         let i = peer.0 as usize;
         if self.peers[i].conn == ConnState::StandAlone {
@@ -307,15 +452,46 @@ impl Replica {
         }
         self.peers[i].conn = ConnState::StandAlone;
         self.peers[i].epoch += 1;
+        self.peers[i].hello_sent = None;
+        self.peers[i].sync = PeerSync::None;
+        self.peers[i].pending_gen = None;
         self.event(Event::PeerConnState {
             peer,
             state: ConnState::StandAlone,
         });
-        for r in self.requests.values_mut() {
-            r.peers_pending.remove(peer);
+        let mut only = PeerSet::default();
+        only.insert(peer);
+        let unacked: Vec<(u64, Option<(u64, u64)>)> = self
+            .requests
+            .iter_mut()
+            .filter_map(|(s, r)| r.peers_pending.remove(peer).then_some((*s, r.range)))
+            .collect();
+        for (seq, range) in unacked {
+            if let Some(range) = range {
+                let v = self.mark_missed(only, range, OutdatedReason::ConnectionLost);
+                if let Some(r) = self.requests.get_mut(&seq) {
+                    r.meta_wait = r.meta_wait.max(v);
+                }
+            }
         }
-        if self.role == Role::Primary {
-            self.mark_outdated(peer, OutdatedReason::ConnectionLost);
+        let ext = u32::try_from(self.cfg.extent_size).unwrap_or(u32::MAX);
+        let u = &mut self.peers[i].unflushed;
+        let mut lost = std::mem::replace(&mut u.cur, Bitmap::new(self.cfg.size, ext));
+        for (_, b) in u.pending.drain(..) {
+            for (a, z) in b.runs() {
+                lost.set_bits(a, z);
+            }
+        }
+        if lost.count() > 0 {
+            if let Some(prev) = self.peers[i].lost_unflushed.take() {
+                for (a, z) in prev.runs() {
+                    lost.set_bits(a, z);
+                }
+            }
+            // Should the peer come back restarted, this node must be its
+            // sync source: diverge now.
+            self.diverge_from(only, OutdatedReason::ConnectionLost);
+            self.peers[i].lost_unflushed = Some(lost);
         }
     }
 }

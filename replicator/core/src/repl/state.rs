@@ -52,6 +52,10 @@ pub enum ReplState {
     Off,
     /// Connected and UpToDate: every write is replicated to this peer.
     Established,
+    /// Resync running, this node is the source (writes are replicated too).
+    SyncSource,
+    /// Resync running, this node is the target.
+    SyncTarget,
 }
 
 impl Role {

@@ -8,17 +8,34 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
+use super::sync::View;
 use super::*;
 
 const SIZE: u64 = 64 * 1024;
 const BS: u32 = 512;
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 
+/// A local I/O the harness performs.
+#[derive(Debug, Clone, PartialEq)]
+enum NodeIo {
+    Op(Op),
+    Meta(MetaAt, Bytes),
+    Read(u64, u64),
+}
+
+impl PartialEq<Op> for NodeIo {
+    fn eq(&self, other: &Op) -> bool {
+        matches!(self, NodeIo::Op(o) if o == other)
+    }
+}
+
 struct Node {
     r: Replica,
     disk: Vec<u8>,
+    /// Metadata blocks written.
+    meta: std::collections::BTreeMap<MetaAt, Bytes>,
     /// Local I/O not yet performed.
-    io: VecDeque<(IoId, Op)>,
+    io: VecDeque<(IoId, NodeIo)>,
     hold_io: bool,
     fail_io: Option<i32>,
     done: Vec<(ReqId, Result<(), i32>)>,
@@ -80,6 +97,7 @@ impl Cluster {
                 Node {
                     r: Replica::new(c, Time::ZERO).unwrap(),
                     disk: vec![0; SIZE as usize],
+                    meta: Default::default(),
                     io: VecDeque::new(),
                     hold_io: false,
                     fail_io: None,
@@ -172,7 +190,13 @@ impl Cluster {
         while let Some(o) = self.nodes[i].r.poll_output() {
             any = true;
             match o {
-                Output::LocalIo { io, op } => self.nodes[i].io.push_back((io, op)),
+                Output::LocalIo { io, op } => self.nodes[i].io.push_back((io, NodeIo::Op(op))),
+                Output::MetaWrite { io, at, data } => {
+                    self.nodes[i].io.push_back((io, NodeIo::Meta(at, data)))
+                }
+                Output::Read { io, offset, len } => {
+                    self.nodes[i].io.push_back((io, NodeIo::Read(offset, len)))
+                }
                 Output::Send { peer, frame } => {
                     let j = node_of(i, peer);
                     if self.links[i][j].up {
@@ -195,8 +219,29 @@ impl Cluster {
 
     fn do_io(&mut self, i: usize) -> bool {
         let n = &mut self.nodes[i];
-        let Some((io, op)) = n.io.pop_front() else {
+        let Some((io, nio)) = n.io.pop_front() else {
             return false;
+        };
+        let now = self.now;
+        let op = match nio {
+            NodeIo::Op(op) => op,
+            NodeIo::Meta(at, data) => {
+                n.meta.insert(at, data);
+                n.r.handle(now, Input::LocalDone { io, result: Ok(()) });
+                return true;
+            }
+            NodeIo::Read(offset, len) => {
+                let data =
+                    Bytes::copy_from_slice(&n.disk[offset as usize..(offset + len) as usize]);
+                n.r.handle(
+                    now,
+                    Input::ReadDone {
+                        io,
+                        result: Ok(data),
+                    },
+                );
+                return true;
+            }
         };
         let result = match n.fail_io.take() {
             Some(e) => Err(e),
@@ -214,7 +259,6 @@ impl Cluster {
                 Ok(())
             }
         };
-        let now = self.now;
         n.r.handle(now, Input::LocalDone { io, result });
         true
     }
@@ -375,11 +419,11 @@ fn r3_flush_and_fua_are_durable_on_every_up_to_date_replica() {
     assert!(c.nodes[1]
         .io
         .iter()
-        .any(|(_, op)| matches!(op, Op::Write { fua: true, .. })));
+        .any(|(_, op)| matches!(op, NodeIo::Op(Op::Write { fua: true, .. }))));
     assert!(c.nodes[1]
         .io
         .iter()
-        .any(|(_, op)| matches!(op, Op::Trim { fua: true, .. })));
+        .any(|(_, op)| matches!(op, NodeIo::Op(Op::Trim { fua: true, .. }))));
     c.nodes[1].hold_io = false;
     c.run();
     assert_eq!(c.done(0, 1), Some(Ok(())));
@@ -423,8 +467,9 @@ fn r5_peer_flush_waits_for_earlier_peer_writes() {
 }
 
 #[test]
-fn r6_peer_loss_completes_writes_and_outdates_the_peer_until_resync() {
+fn r6_peer_loss_completes_writes_and_resyncs_only_what_changed() {
     let mut c = Cluster::connected(2, |_, _| {});
+    let chunk = u64::from(c.nodes[0].r.config().bitmap_chunk);
     c.links[0][1].hold = true;
     c.submit(0, 1, w(0, 1, 1, false));
     c.run();
@@ -435,32 +480,60 @@ fn r6_peer_loss_completes_writes_and_outdates_the_peer_until_resync() {
     let s = c.status(0, 1);
     assert!(s.outdated);
     assert_eq!(s.conn, ConnState::StandAlone);
+    assert_eq!(
+        s.out_of_sync_bytes, chunk,
+        "the unacknowledged write's chunk"
+    );
     assert!(c.nodes[0].events.contains(&Event::PeerOutdated {
         peer: pid(0, 1),
         reason: OutdatedReason::ConnectionLost
     }));
-    // The primary keeps serving.
-    c.submit(0, 2, w(512, 2, 1, false));
+    assert_ne!(
+        c.nodes[0].r.current_generation(),
+        c.nodes[1].r.current_generation()
+    );
+    // The primary keeps serving; each write is marked for the peer.
+    c.submit(0, 2, w(8 * chunk, 2, 1, false));
     c.run();
     assert_eq!(c.done(0, 2), Some(Ok(())));
-    // Reconnect: the peer learns it is Outdated and receives nothing.
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 2 * chunk);
+    // Reconnect with the resync held on the target: it is Inconsistent
+    // and cannot be promoted meanwhile.
+    c.nodes[1].hold_io = true;
     c.connect(0, 1);
     c.run();
-    assert_eq!(c.status(0, 1).conn, ConnState::Connected);
-    assert_eq!(c.nodes[1].r.disk_state(), DiskState::Outdated);
-    assert_eq!(c.status(0, 1).disk, Some(DiskState::Outdated));
-    assert_eq!(c.status(0, 1).repl, ReplState::Off);
-    let before = c.nodes[1].log.len();
-    c.submit(0, 3, w(1024, 3, 1, false));
-    c.run();
-    assert_eq!(c.done(0, 3), Some(Ok(())));
-    assert_eq!(c.nodes[1].log.len(), before);
-    // An Outdated node cannot be promoted.
+    assert_eq!(c.status(0, 1).repl, ReplState::SyncSource);
+    assert_eq!(c.status(1, 0).repl, ReplState::SyncTarget);
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::Inconsistent);
     c.nodes[0].r.demote(c.now).unwrap();
     assert_eq!(
         c.nodes[1].r.promote(c.now),
-        Err(RoleError::DiskNotUpToDate(DiskState::Outdated))
+        Err(RoleError::DiskNotUpToDate(DiskState::Inconsistent))
     );
+    c.nodes[0].r.promote(c.now).unwrap();
+    c.nodes[1].hold_io = false;
+    c.run();
+    // Only the two dirty chunks moved; the replicas are identical and in
+    // one generation.
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::UpToDate);
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    assert!(!c.status(0, 1).outdated);
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 0);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    assert_eq!(
+        c.nodes[0].r.current_generation(),
+        c.nodes[1].r.current_generation()
+    );
+    assert!(c.nodes[0].events.contains(&Event::SyncFinished {
+        peer: pid(0, 1),
+        role: SyncRole::Source,
+        bytes: 2 * chunk
+    }));
+    // Replication continues.
+    c.submit(0, 3, w(1024, 3, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 3), Some(Ok(())));
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
 }
 
 #[test]
@@ -490,6 +563,7 @@ fn r6_peer_timeout_and_keepalive() {
 #[test]
 fn status_counts_unacked_requests_and_out_of_sync_bytes() {
     let mut c = Cluster::connected(2, |_, _| {});
+    let chunk = u64::from(c.nodes[0].r.config().bitmap_chunk);
     let s = c.status(0, 1);
     assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, 0));
     // Acks held: a 2-block write, a 3-block trim, a 1-block write-zeroes
@@ -528,8 +602,8 @@ fn status_counts_unacked_requests_and_out_of_sync_bytes() {
     c.run();
     let s = c.status(0, 1);
     assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, 0));
-    // Lost with a write unacknowledged: held Outdated, the whole volume is
-    // out of sync (no bitmaps yet) and nothing is waiting for it.
+    // Lost with a write unacknowledged: outdated by that write's chunk,
+    // nothing waiting for it.
     c.links[0][1].hold = true;
     c.submit(0, 5, w(0, 5, 1, false));
     c.run();
@@ -538,27 +612,32 @@ fn status_counts_unacked_requests_and_out_of_sync_bytes() {
     c.run();
     let s = c.status(0, 1);
     assert!(s.outdated);
-    assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, SIZE));
-    // Writes continue; still the whole volume, also after reconnecting.
-    c.submit(0, 6, w(512, 6, 1, false));
+    assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, chunk));
+    // A write to another chunk adds it; after reconnecting the resync
+    // clears both.
+    c.submit(0, 6, w(4 * chunk, 6, 1, false));
+    c.run();
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 2 * chunk);
     c.connect(0, 1);
     c.run();
     let s = c.status(0, 1);
     assert_eq!(s.conn, ConnState::Connected);
-    assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, SIZE));
+    assert_eq!((s.in_flight, s.out_of_sync_bytes, s.sync), (0, 0, None));
 }
 
 #[test]
-fn status_reports_a_missed_write_as_the_whole_volume_out_of_sync() {
+fn status_reports_missed_writes_as_their_dirty_chunks() {
     let mut c = Cluster::new(2, |_, _| {});
+    let chunk = u64::from(c.nodes[0].r.config().bitmap_chunk);
     // Never connected, nothing written: a new volume is zero everywhere.
     assert_eq!(c.status(0, 1).out_of_sync_bytes, 0);
     c.submit(0, 1, w(0, 1, 1, false));
+    c.submit(0, 2, w(512, 1, 1, false));
     c.run();
     assert_eq!(c.done(0, 1), Some(Ok(())));
     let s = c.status(0, 1);
     assert!(s.outdated);
-    assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, SIZE));
+    assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, chunk));
 }
 
 #[test]
@@ -592,12 +671,25 @@ fn r7_overlapping_writes_wait_for_earlier_ones() {
 }
 
 #[test]
-fn r8_missed_writes_outdate_peers_and_are_never_sent_to_them() {
+fn r8_missed_writes_are_marked_durably_first_and_resynced() {
     let mut c = Cluster::new(3, |_, _| {});
     c.connect(0, 1);
     c.run();
-    // c (node 2) never connected: a write misses it.
+    // c (node 2) never connected: a write misses it. Its bitmap bit and the
+    // new generation are durable before the write is submitted.
+    c.nodes[0].hold_io = true;
     c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    let first = c.nodes[0].io.front().map(|(_, x)| x.clone());
+    assert!(
+        matches!(first, Some(NodeIo::Meta(..))),
+        "metadata first: {first:?}"
+    );
+    assert!(
+        c.nodes[1].log.is_empty(),
+        "not sent before the bitmap is durable"
+    );
+    c.nodes[0].hold_io = false;
     c.run();
     assert_eq!(c.done(0, 1), Some(Ok(())));
     assert!(c.status(0, 2).outdated);
@@ -606,13 +698,20 @@ fn r8_missed_writes_outdate_peers_and_are_never_sent_to_them() {
         peer: pid(0, 2),
         reason: OutdatedReason::MissedWrite
     }));
+    // b stays in the primary's generation.
+    assert_eq!(
+        c.nodes[0].r.current_generation(),
+        c.nodes[1].r.current_generation()
+    );
     c.connect(0, 2);
+    c.connect(1, 2);
     c.run();
-    assert_eq!(c.nodes[2].r.disk_state(), DiskState::Outdated);
+    assert_eq!(c.nodes[2].r.disk_state(), DiskState::UpToDate);
+    assert_eq!(c.nodes[0].disk, c.nodes[2].disk);
     c.submit(0, 2, w(0, 2, 1, false));
     c.run();
-    assert!(c.nodes[2].log.is_empty());
-    assert_eq!(c.nodes[1].log.len(), 2);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    assert_eq!(c.nodes[0].disk, c.nodes[2].disk);
 }
 
 #[test]
@@ -658,7 +757,8 @@ fn r10_handshake_refuses_mismatches() {
         (Box::new(|c| c.volume_uuid = [8; 16]), "uuid"),
         (Box::new(|c| c.size = SIZE * 2), "size"),
         (Box::new(|c| c.block_size = 4096), "block size"),
-        (Box::new(|c| c.protocol_version = 2), "protocol version"),
+        (Box::new(|c| c.protocol_version = 3), "protocol version"),
+        (Box::new(|c| c.bitmap_chunk = 8192), "bitmap chunk"),
         (Box::new(|c| c.initial_role = Role::Primary), "Primary"),
         (Box::new(|c| c.node_name = "x".into()), "node name"),
     ];
@@ -671,6 +771,7 @@ fn r10_handshake_refuses_mismatches() {
         c.run();
         for i in 0..2 {
             assert_eq!(c.status(i, 1 - i).conn, ConnState::StandAlone, "{word}");
+            assert_eq!(c.nodes[i].disk, vec![0; SIZE as usize], "{word}");
             assert!(
                 c.nodes[i].events.iter().any(
                     |e| matches!(e, Event::HandshakeRefused { reason, .. } if reason.contains(word))
@@ -898,4 +999,316 @@ fn r9_ack_racing_a_conflicting_write_does_not_skip_the_reapply() {
     assert_eq!(c.done(1, 1), Some(Ok(())));
     assert_eq!(c.nodes[0].disk, c.nodes[1].disk, "replicas diverged");
     assert_eq!(c.nodes[0].disk[512], 0xA, "the lower name wins");
+}
+
+/// The metadata a node would read back after a crash.
+fn load_meta(n: &Node, cfg: &Config) -> LoadedMeta {
+    let rec = |c: u8| {
+        n.meta
+            .get(&MetaAt::Record(c))
+            .map(|b| b.to_vec())
+            .unwrap_or_else(|| vec![0; crate::meta::RECORD_SIZE])
+    };
+    LoadedMeta::from_parts(
+        &rec(0),
+        &rec(1),
+        cfg.size,
+        cfg.bitmap_chunk,
+        cfg.initial_disk,
+        |slot, bytes| {
+            let mut out = Vec::new();
+            let mut page = 0;
+            while (out.len() as u64) < bytes {
+                match n.meta.get(&MetaAt::BitmapPage {
+                    slot: slot as u8,
+                    page,
+                }) {
+                    Some(b) => out.extend_from_slice(b),
+                    None => out.extend_from_slice(&[0; crate::meta::PAGE_SIZE]),
+                }
+                page += 1;
+            }
+            out
+        },
+    )
+    .unwrap()
+}
+
+impl Cluster {
+    /// Crashes node `i` (its links break, pending I/O is lost) and starts it
+    /// again from the metadata it wrote, as Secondary, with a new instance.
+    fn restart(&mut self, i: usize) {
+        for j in 0..self.nodes.len() {
+            if j != i {
+                self.break_link(i, j);
+            }
+        }
+        self.run();
+        let mut cfg = self.nodes[i].r.config().clone();
+        cfg.gen_seed += 1;
+        cfg.initial_role = Role::Secondary;
+        let loaded = load_meta(&self.nodes[i], &cfg);
+        let n = &mut self.nodes[i];
+        n.io.clear();
+        n.r = Replica::with_meta(cfg, loaded, self.now).unwrap();
+    }
+}
+
+#[test]
+fn generations_decide_the_same_direction_on_both_sides() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as PtConfig, TestRunner};
+    let gen = || prop_oneof![Just(0u64), Just(1u64), Just(2u64), Just(3u64), Just(4u64)];
+    let gens = || {
+        (gen(), gen(), gen(), gen(), 0u64..3, gen()).prop_map(|(c, b, h0, h1, d, alt)| HelloGens {
+            current: c.max(1),
+            bitmap_gen: b,
+            bitmap_alt: alt,
+            history: [h0, h1],
+            dirty_bits: d,
+            chunk: 4096,
+            instance: 0,
+        })
+    };
+    let role = || prop_oneof![Just(Role::Primary), Just(Role::Secondary)];
+    let disk = || {
+        prop_oneof![
+            Just(DiskState::UpToDate),
+            Just(DiskState::Outdated),
+            Just(DiskState::Inconsistent)
+        ]
+    };
+    let mut runner = TestRunner::new(PtConfig::with_cases(4000));
+    runner
+        .run(
+            &(gens(), role(), disk(), gens(), role(), disk()),
+            |(ga, ra, da, gb, rb, db)| {
+                let a = View {
+                    gens: ga,
+                    role: ra,
+                    disk: da,
+                    name: "a",
+                };
+                let b = View {
+                    gens: gb,
+                    role: rb,
+                    disk: db,
+                    name: "b",
+                };
+                let (x, y) = (decide(&a, &b), decide(&b, &a));
+                prop_assert_eq!(x, y.mirror());
+                // Never a source that is not UpToDate, never a Primary target.
+                if let Decision::Source { .. } = x {
+                    prop_assert_eq!(da, DiskState::UpToDate);
+                    prop_assert_eq!(rb, Role::Secondary);
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    // The table of docs/replication.md, row by row.
+    let v = |current, bitmap_gen, history: [u64; 2], dirty_bits| HelloGens {
+        current,
+        bitmap_gen,
+        bitmap_alt: 0,
+        history,
+        dirty_bits,
+        chunk: 4096,
+        instance: 0,
+    };
+    let view = |gens, role, name| View {
+        gens,
+        role,
+        disk: DiskState::UpToDate,
+        name,
+    };
+    let (p, s) = (Role::Primary, Role::Secondary);
+    let cases = [
+        (v(5, 0, [0; 2], 0), v(5, 0, [0; 2], 0), Decision::InSync),
+        (
+            v(5, 0, [0; 2], 3),
+            v(5, 0, [0; 2], 0),
+            Decision::Source { full: false },
+        ),
+        (
+            v(6, 5, [5, 0], 3),
+            v(5, 0, [0; 2], 0),
+            Decision::Source { full: false },
+        ),
+        (v(6, 5, [5, 0], 3), v(7, 5, [5, 0], 1), Decision::SplitBrain),
+        (
+            v(8, 0, [6, 5], 0),
+            v(5, 0, [0; 2], 0),
+            Decision::Source { full: true },
+        ),
+        (v(8, 0, [6, 0], 0), v(9, 0, [7, 0], 0), Decision::Unrelated),
+    ];
+    for (a, b, want) in cases {
+        assert_eq!(
+            decide(&view(a, p, "a"), &view(b, s, "b")),
+            want,
+            "{a:?} {b:?}"
+        );
+    }
+}
+
+#[test]
+fn split_brain_is_detected_on_both_sides_and_nothing_is_overwritten() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.break_link(0, 1);
+    c.run();
+    // Both write while apart: a keeps writing, b is promoted and writes.
+    c.submit(0, 1, w(0, 0xA, 1, false));
+    c.nodes[1].r.promote(c.now).unwrap();
+    c.submit(1, 1, w(4096, 0xB, 1, false));
+    c.run();
+    c.nodes[1].r.demote(c.now).unwrap();
+    let before = (c.nodes[0].disk.clone(), c.nodes[1].disk.clone());
+    c.connect(0, 1);
+    c.run();
+    for i in 0..2 {
+        let st = c.status(i, 1 - i);
+        assert_eq!(st.conn, ConnState::StandAlone);
+        assert!(st.split_brain);
+        assert!(c.nodes[i]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::SplitBrain { .. })));
+        assert!(c.nodes[i].events.iter().any(
+            |e| matches!(e, Event::HandshakeRefused { reason, .. } if reason.contains("split brain"))
+        ));
+    }
+    assert_eq!((c.nodes[0].disk.clone(), c.nodes[1].disk.clone()), before);
+}
+
+#[test]
+fn a_restarted_node_resumes_from_its_metadata() {
+    let mut c = Cluster::connected(2, |_, cfg| cfg.bitmap_chunk = 1024);
+    c.break_link(0, 1);
+    c.run();
+    for k in 0..8u64 {
+        c.submit(0, 1 + k, w(k * 4096, 0x10 + k as u8, 1, false));
+    }
+    c.run();
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 8 * 1024);
+    // The primary restarts: its bitmap and generation survive.
+    c.restart(0);
+    c.nodes[0].r.promote(c.now).unwrap();
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 8 * 1024);
+    // Resync, interrupted after some chunks by the target crashing.
+    c.nodes[1].hold_io = true;
+    c.connect(0, 1);
+    c.run();
+    // The target performs its first few I/Os (the Inconsistent record,
+    // then resync writes), and their acks reach the source.
+    for _ in 0..4 {
+        c.do_io(1);
+        c.drain(1);
+    }
+    while c.deliver(1, 0) {
+        c.drain(0);
+    }
+    c.restart(1);
+    c.nodes[1].hold_io = false;
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::Inconsistent);
+    let left = c.status(0, 1).out_of_sync_bytes;
+    assert!(left < 8 * 1024 && left > 0, "partly synced: {left}");
+    // It resumes where it stopped, and ends identical.
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::UpToDate);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    let moved: u64 = c.nodes[0]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SyncFinished { bytes, .. } => Some(*bytes),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(moved, left, "the second sync moved only what was left");
+}
+
+#[test]
+fn writes_a_restarted_peer_had_not_flushed_are_resynced() {
+    let mut c = Cluster::connected(2, |_, cfg| {
+        cfg.bitmap_chunk = 512;
+        cfg.extent_size = 8192;
+    });
+    // Flushed, then two unflushed writes in extents 0 and 2.
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.submit(0, 2, Op::Flush);
+    c.submit(0, 3, w(512, 2, 1, false));
+    c.submit(0, 4, w(2 * 8192, 3, 1, false));
+    c.run();
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    // b crashes and loses its unflushed writes.
+    c.restart(1);
+    c.nodes[1].disk[512..1024].fill(0);
+    c.nodes[1].disk[2 * 8192..2 * 8192 + 512].fill(0);
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::UpToDate);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk, "lost writes restored");
+    // Exactly the two unflushed extents moved.
+    assert!(c.nodes[0].events.contains(&Event::SyncFinished {
+        peer: pid(0, 1),
+        role: SyncRole::Source,
+        bytes: 2 * 8192
+    }));
+    // A link blip without a restart moves nothing.
+    c.submit(0, 5, w(4 * 8192, 4, 1, false));
+    c.run();
+    c.break_link(0, 1);
+    c.connect(0, 1);
+    c.run();
+    assert!(c.nodes[0].events.contains(&Event::SyncFinished {
+        peer: pid(0, 1),
+        role: SyncRole::Source,
+        bytes: 0
+    }));
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+}
+
+#[test]
+fn a_replica_created_inconsistent_takes_a_full_sync_skipping_zeroes() {
+    let mut c = Cluster::new(2, |i, cfg| {
+        if i == 1 {
+            cfg.initial_disk = DiskState::Inconsistent;
+        }
+    });
+    // b holds garbage, a has data in one chunk.
+    c.nodes[1].disk.fill(0xee);
+    c.submit(0, 1, w(8192, 7, 2, false));
+    c.run();
+    assert_eq!(
+        c.nodes[1].r.promote(c.now),
+        Err(RoleError::DiskNotUpToDate(DiskState::Inconsistent))
+    );
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::UpToDate);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk, "garbage replaced");
+    // Every chunk moved, but only the written one as data.
+    assert!(c.nodes[0].events.contains(&Event::SyncFinished {
+        peer: pid(0, 1),
+        role: SyncRole::Source,
+        bytes: SIZE
+    }));
+    let data_bytes: usize = c.nodes[1]
+        .log
+        .iter()
+        .filter_map(|o| match o {
+            Op::Write { data, .. } => Some(data.len()),
+            _ => None,
+        })
+        .sum();
+    assert!(
+        data_bytes <= 1 << 20,
+        "zero regions sent as data: {data_bytes}"
+    );
+    assert!(c.nodes[1]
+        .log
+        .iter()
+        .any(|o| matches!(o, Op::WriteZeroes { .. })));
 }

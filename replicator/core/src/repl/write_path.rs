@@ -6,9 +6,10 @@
 //! changes. The rules it implements are numbered in `docs/replication.md`.
 
 use super::frame::{Frame, MAX_DATA};
-use super::peer::PeerSet;
+use super::peer::{PeerSet, PeerSync};
 use super::replica::Replica;
 use super::state::{ConnState, DiskState, Protocol, Role};
+use super::sync::MetaKey;
 use super::{errno, Event, IoId, Op, OutdatedReason, Output, PeerId, ReqId};
 
 /// Progress of the local part of an operation.
@@ -39,6 +40,20 @@ pub(crate) struct Request {
     pub(crate) peers_pending: PeerSet,
     /// `Complete` already emitted.
     pub(crate) completed: bool,
+    /// Metadata version (bitmap bits, generation) that must be durable
+    /// before the request is submitted or completed.
+    pub(crate) meta_wait: u64,
+}
+
+/// What a peer operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ApplyKind {
+    /// A replicated write, trim, write-zeroes or flush: answered with `Ack`.
+    Data,
+    /// Resync data: answered with `ResyncAck`.
+    Resync,
+    /// The end of a resync: flush, then adopt the source's generations.
+    SyncDone { current: u64, history: [u64; 2] },
 }
 
 /// A peer's data frame or flush being applied locally.
@@ -55,6 +70,9 @@ pub(crate) struct Apply {
     /// Dual-primary: local requests to re-apply after this one (R9).
     pub(crate) reapply_after: Vec<u64>,
     pub(crate) reapply_marked: bool,
+    pub(crate) kind: ApplyKind,
+    /// Metadata version that must be durable before the local I/O.
+    pub(crate) meta_wait: u64,
 }
 
 /// Who waits for a local I/O.
@@ -62,6 +80,8 @@ pub(crate) struct Apply {
 pub(crate) enum IoOwner {
     Request(u64),
     Apply(u64),
+    Meta(MetaKey),
+    ResyncRead { peer: PeerId, epoch: u64 },
 }
 
 fn overlaps(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> bool {
@@ -161,6 +181,7 @@ impl Replica {
                 pins: 0,
                 peers_pending: PeerSet::default(),
                 completed: false,
+                meta_wait: 0,
             },
         );
     }
@@ -183,20 +204,110 @@ impl Replica {
                     a.local = LocalState::Done(result);
                 }
             }
+            IoOwner::Meta(key) => self.on_meta_done(key, result),
+            IoOwner::ResyncRead { .. } => {
+                // A read completes with ReadDone; a LocalDone for it is a
+                // driver bug. Put it back so ReadDone still finds it.
+                self.ios.insert(io, owner);
+            }
         }
     }
 
     pub(crate) fn on_ack(&mut self, peer: PeerId, id: u64, status: u32) {
-        let known = self
-            .requests
-            .get_mut(&id)
-            .is_some_and(|r| r.peers_pending.remove(peer));
-        if !known {
+        let Some(r) = self.requests.get_mut(&id) else {
+            return self.violation(peer, "ack for a frame it was not sent");
+        };
+        if !r.peers_pending.remove(peer) {
             return self.violation(peer, "ack for a frame it was not sent");
         }
-        if status != 0 {
-            self.mark_outdated(peer, OutdatedReason::PeerIoError);
+        let (range, flush) = (r.range, r.op == Op::Flush);
+        if flush {
+            self.peers[peer.0 as usize]
+                .unflushed
+                .pending
+                .retain(|(f, _)| *f != id);
         }
+        if status != 0 {
+            // R12: the peer lacks this write; resync it after reconnecting.
+            if let Some(range) = range {
+                let mut only = PeerSet::default();
+                only.insert(peer);
+                let v = self.mark_missed(only, range, OutdatedReason::PeerIoError);
+                if let Some(r) = self.requests.get_mut(&id) {
+                    r.meta_wait = r.meta_wait.max(v);
+                }
+            }
+            return self.disconnect(
+                peer,
+                format!("peer failed to apply a write (errno {status})"),
+            );
+        }
+        if let Some(range) = range {
+            self.clear_synced_by_write(peer, range);
+        }
+        // An ack of a frame sent after a Generation confirms the peer holds
+        // it durably.
+        let p = &mut self.peers[peer.0 as usize];
+        while p.gen_unconfirmed.front().is_some_and(|(b, _)| *b <= id) {
+            if let Some((_, g)) = p.gen_unconfirmed.pop_front() {
+                p.confirmed_gen = g;
+            }
+        }
+    }
+
+    /// Sync target: resync data and the end of the resync.
+    pub(crate) fn on_resync_frame(&mut self, peer: PeerId, frame: Frame) {
+        if !matches!(self.peers[peer.0 as usize].sync, PeerSync::Target { .. }) {
+            return self.violation(peer, "resync frame while not a sync target");
+        }
+        let (id, op, kind) = match frame {
+            Frame::ResyncData { id, offset, data } => (
+                id,
+                Op::Write {
+                    offset,
+                    data,
+                    fua: true,
+                },
+                ApplyKind::Resync,
+            ),
+            Frame::ResyncZeroes { id, offset, len } => (
+                id,
+                Op::WriteZeroes {
+                    offset,
+                    len,
+                    no_hole: false,
+                    fua: true,
+                },
+                ApplyKind::Resync,
+            ),
+            Frame::SyncDone { current, history } => {
+                (0, Op::Flush, ApplyKind::SyncDone { current, history })
+            }
+            _ => return,
+        };
+        if self.check_op(&op).is_err() {
+            return self.violation(peer, "resync frame outside the volume or misaligned");
+        }
+        let n = self.next_apply;
+        self.next_apply += 1;
+        let epoch = self.peers[peer.0 as usize].epoch;
+        let range = op.range();
+        self.applies.insert(
+            n,
+            Apply {
+                peer,
+                epoch,
+                id,
+                op,
+                range,
+                local: LocalState::NotSubmitted,
+                wait_for: Vec::new(),
+                reapply_after: Vec::new(),
+                reapply_marked: false,
+                kind,
+                meta_wait: self.target_wait,
+            },
+        );
     }
 
     pub(crate) fn on_peer_data(&mut self, peer: PeerId, frame: Frame) {
@@ -287,6 +398,8 @@ impl Replica {
                 wait_for,
                 reapply_after,
                 reapply_marked: false,
+                kind: ApplyKind::Data,
+                meta_wait: self.gen_wait,
             },
         );
     }
@@ -300,7 +413,9 @@ impl Replica {
                 .requests
                 .range(..seq)
                 .any(|(_, r)| overlaps(r.range, range))
-                || self.applies.values().any(|a| overlaps(a.range, range)))
+                || self.applies.values().any(|a| overlaps(a.range, range))
+                || self.handshake_in_progress()
+                || range.is_some_and(|r| self.resync_overlaps(r)))
     }
 
     fn local_settled(&self, seq: u64) -> bool {
@@ -324,7 +439,7 @@ impl Replica {
             self.local_settled(*s)
                 && (a.reapply_after.contains(s) || self.requests.get(s).is_none_or(|r| r.pins == 0))
         };
-        earlier_busy || !a.wait_for.iter().all(settled)
+        earlier_busy || !a.wait_for.iter().all(settled) || !self.mt.durable(a.meta_wait)
     }
 
     fn submit_request(&mut self, seq: u64) {
@@ -332,13 +447,32 @@ impl Replica {
         self.new_io(IoOwner::Request(seq), op.clone());
         let frame = frame_for(&op, seq);
         let mut pending = PeerSet::default();
+        let ext = self.cfg.extent_size;
         for i in 0..self.peers.len() {
             let id = PeerId(i as u8);
             if self.peers[i].replicating() {
                 pending.insert(id);
                 self.send(id, frame.clone());
-            } else if op.range().is_some() {
-                self.mark_outdated(id, OutdatedReason::MissedWrite);
+                // Remember what the peer has not flushed (if it restarts,
+                // that may be lost there).
+                let u = &mut self.peers[i].unflushed;
+                match (&op, op.range()) {
+                    (Op::Flush, _) => {
+                        let fresh = crate::meta::Bitmap::new(
+                            self.cfg.size,
+                            u32::try_from(ext).unwrap_or(u32::MAX),
+                        );
+                        let cur = std::mem::replace(&mut u.cur, fresh);
+                        if cur.count() > 0 {
+                            u.pending.push((seq, cur));
+                        }
+                    }
+                    (o, Some((s, e))) if !o.is_durable() => {
+                        let (a, b) = u.cur.bits_of(s, e);
+                        u.cur.set_bits(a, b);
+                    }
+                    _ => {}
+                }
             }
         }
         if let Some(r) = self.requests.get_mut(&seq) {
@@ -360,10 +494,39 @@ impl Replica {
                 .map(|(s, _)| *s)
                 .collect();
             for seq in waiting {
-                if !self.request_blocked(seq) {
-                    self.submit_request(seq);
-                    changed = true;
+                if self.request_blocked(seq) {
+                    continue;
                 }
+                // R8: peers that will not get the write have it marked in
+                // their bitmap, durably, first.
+                let r = &self.requests[&seq];
+                if let Some(range) = r.range {
+                    let mut missing = PeerSet::default();
+                    for (i, p) in self.peers.iter().enumerate() {
+                        if !p.replicating() {
+                            missing.insert(PeerId(i as u8));
+                        }
+                    }
+                    if !missing.is_empty() {
+                        let v = self.mark_missed(missing, range, OutdatedReason::MissedWrite);
+                        let r = self.requests.get_mut(&seq).expect("listed above");
+                        r.meta_wait = r.meta_wait.max(v);
+                    }
+                }
+                let wait = self.requests[&seq].meta_wait;
+                if !self.mt.durable(wait) {
+                    if self.mt.failed(wait) {
+                        let r = self.requests.remove(&seq).expect("listed above");
+                        self.out.push_back(Output::Complete {
+                            req: r.req,
+                            result: Err(errno::EIO),
+                        });
+                        changed = true;
+                    }
+                    continue;
+                }
+                self.submit_request(seq);
+                changed = true;
             }
 
             // R9: re-apply local writes after a conflicting peer write.
@@ -428,16 +591,43 @@ impl Replica {
                 let a = self.applies.remove(&n).expect("listed above");
                 changed = true;
                 let p = &self.peers[a.peer.0 as usize];
-                if p.epoch == a.epoch && p.conn == ConnState::Connected {
-                    let status = match result {
-                        Ok(()) => 0,
-                        Err(e) => u32::try_from(e).unwrap_or(errno::EIO as u32).max(1),
-                    };
-                    self.send(a.peer, Frame::Ack { id: a.id, status });
-                }
-                if result.is_err() && self.disk == DiskState::UpToDate {
-                    // This replica missed a write: it needs a resync.
-                    self.set_disk(DiskState::Outdated);
+                let live = p.epoch == a.epoch && p.conn == ConnState::Connected;
+                let status = match result {
+                    Ok(()) => 0,
+                    Err(e) => u32::try_from(e).unwrap_or(errno::EIO as u32).max(1),
+                };
+                match a.kind {
+                    ApplyKind::Data => {
+                        if live {
+                            self.send(a.peer, Frame::Ack { id: a.id, status });
+                        }
+                        if result.is_err() && self.disk == DiskState::UpToDate {
+                            // This replica missed a write: it needs a resync.
+                            self.set_disk(DiskState::Outdated);
+                        }
+                    }
+                    ApplyKind::Resync => {
+                        if live {
+                            if let (PeerSync::Target { received }, Some((s, e))) =
+                                (&mut self.peers[a.peer.0 as usize].sync, a.range)
+                            {
+                                if result.is_ok() {
+                                    *received += e - s;
+                                }
+                            }
+                            self.send(a.peer, Frame::ResyncAck { id: a.id, status });
+                        }
+                    }
+                    ApplyKind::SyncDone { current, history } => {
+                        if !live {
+                            continue;
+                        }
+                        if result.is_err() {
+                            self.disconnect(a.peer, "flush at the end of the resync failed".into());
+                        } else {
+                            self.adopt_sync(a.peer, current, history);
+                        }
+                    }
                 }
             }
 
@@ -447,7 +637,10 @@ impl Replica {
                 .requests
                 .iter()
                 .filter(|(_, r)| {
-                    matches!(r.local, LocalState::Done(_)) && !r.reapply && r.pins == 0
+                    matches!(r.local, LocalState::Done(_))
+                        && !r.reapply
+                        && r.pins == 0
+                        && (self.mt.durable(r.meta_wait) || self.mt.failed(r.meta_wait))
                 })
                 .map(|(s, _)| *s)
                 .collect();
@@ -468,6 +661,10 @@ impl Replica {
                     changed = true;
                 }
             }
+
+            changed |= self.pump_resync();
+            changed |= self.finish_target();
+            changed |= self.meta_flush();
 
             if !changed {
                 break;

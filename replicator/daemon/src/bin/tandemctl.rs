@@ -38,6 +38,13 @@ enum Cmd {
         /// Overwrite an existing Tandem volume.
         #[arg(long)]
         force: bool,
+        /// Create the replica Inconsistent: it holds no data yet and takes
+        /// a full sync (all-zero regions skipped) from an UpToDate Primary
+        /// when it connects. For a replica added to, or rebuilt for, a
+        /// volume that already holds data. Without it every new replica is
+        /// UpToDate (a new volume is all zeroes on every site).
+        #[arg(long)]
+        inconsistent: bool,
     },
     /// Print a backing's superblock.
     Inspect {
@@ -111,6 +118,7 @@ async fn real_main(cli: Cli) -> Result<()> {
             block_size,
             uuid,
             force,
+            inconsistent,
         } => {
             let uuid = match uuid {
                 Some(u) => superblock::parse_uuid(&u)
@@ -156,14 +164,38 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             let engine = SyncEngine::new(b);
             let sb = tandem_daemon::volume::create(&engine, &backing, sb, force).await?;
+            if inconsistent {
+                let mut rec = tandem_core::meta::MetaRecord::initial(
+                    tandem_core::meta::DEFAULT_CHUNK,
+                    tandem_core::repl::DiskState::Inconsistent,
+                );
+                rec.seq = 1;
+                for off in tandem_core::meta::RECORD_OFFSETS {
+                    let (_, res) = tandem_daemon::storage::Engine::write(
+                        &engine,
+                        off,
+                        tandem_daemon::storage::IoBuf::from_slice(&rec.encode()),
+                        true,
+                    )
+                    .await;
+                    res.with_context(|| {
+                        format!("{}: writing replica metadata", backing.display())
+                    })?;
+                }
+            }
             println!(
-                "created volume {:?} {} on {}: {} bytes, block size {}, data offset {}",
+                "created volume {:?} {} on {}: {} bytes, block size {}, data offset {}{}",
                 sb.name,
                 sb.uuid_string(),
                 backing.display(),
                 sb.size,
                 sb.block_size,
-                sb.data_offset
+                sb.data_offset,
+                if inconsistent {
+                    ", Inconsistent (waits for a full sync)"
+                } else {
+                    ""
+                }
             );
         }
         Cmd::Inspect { backing, json } => {
@@ -312,12 +344,35 @@ fn human_status(st: &admin::Status) -> String {
                     p.disk,
                     p.in_flight,
                     format_size(p.out_of_sync_bytes),
-                    if p.outdated {
+                    if p.split_brain {
+                        " (SPLIT BRAIN: both sides wrote while apart; refusing to connect)"
+                    } else if p.outdated && p.sync.is_none() {
                         " (outdated: needs resync)"
                     } else {
                         ""
                     }
                 );
+                if let Some(s) = &p.sync {
+                    let total = s.done_bytes + s.remaining_bytes;
+                    if s.role == "SyncSource" && total > 0 {
+                        let pct = s.done_bytes as f64 * 100.0 / total as f64;
+                        let filled = (pct / 5.0) as usize;
+                        let _ = writeln!(
+                            o,
+                            "    {}: [{}{}] {:.1}% {} of {}{}",
+                            s.role,
+                            "#".repeat(filled),
+                            ".".repeat(20 - filled.min(20)),
+                            pct,
+                            format_size(s.done_bytes),
+                            format_size(total),
+                            s.eta_secs.map_or(String::new(), |e| format!("  eta {e}s"))
+                        );
+                    } else {
+                        let _ =
+                            writeln!(o, "    {}: {} received", s.role, format_size(s.done_bytes));
+                    }
+                }
             }
         }
     }

@@ -1,0 +1,971 @@
+//! Generations, dirty bitmaps, metadata persistence and resync.
+//!
+//! The rules are in `docs/replication.md` ("Generations and resync"):
+//!
+//! - A Primary that writes while a peer does not receive the write records
+//!   the region in that peer's bitmap *durably before* the write is
+//!   submitted, and the first such write starts a new generation (the peer's
+//!   bitmap generation is the one it was left in).
+//! - On connect both sides exchange generations in `Hello` and run the same
+//!   pure [`decide`] on them: in sync, source, target, split brain or
+//!   unrelated.
+//! - The source sends only the regions marked in its bitmap (ORed with the
+//!   target's), reading them from its disk; writes keep flowing meanwhile.
+
+use bytes::Bytes;
+use std::collections::BTreeMap;
+
+use super::frame::{Frame, HelloGens, MAX_SYNC_RANGES};
+use super::peer::{PeerSet, PeerSync, Source};
+use super::replica::Replica;
+use super::state::{ConnState, DiskState, Role};
+use super::write_path::IoOwner;
+use super::{errno, Event, IoId, OutdatedReason, Output, PeerId};
+use crate::meta::{Bitmap, MetaRecord, SLOTS};
+
+/// A metadata block to write, from [`Output::MetaWrite`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MetaAt {
+    /// Record copy 0 (A) or 1 (B) (`meta::RECORD_OFFSETS`).
+    Record(u8),
+    /// Page `page` of the bitmap in slot `slot` (`meta::Layout::page_offset`).
+    BitmapPage {
+        /// Slot.
+        slot: u8,
+        /// Page.
+        page: u64,
+    },
+}
+
+/// The metadata a replica starts from, read from disk by the driver.
+#[derive(Debug, Clone)]
+pub struct LoadedMeta {
+    /// The newest valid record ([`MetaRecord::initial`] for a new volume).
+    pub record: MetaRecord,
+    /// Index of the copy it came from (the next update goes to the other).
+    pub newest_copy: usize,
+    /// The bitmap of each slot that names a peer (`None`: read as clear).
+    pub bitmaps: [Option<Bitmap>; SLOTS],
+}
+
+impl LoadedMeta {
+    /// Reads the metadata from its on-disk parts: the two record copies and,
+    /// through `read_slot(slot, bytes)`, the first `bytes` bytes of each
+    /// used slot's bitmap. A blank record (a new volume) gives
+    /// [`LoadedMeta::fresh`] with `chunk` and `disk`; a record whose both
+    /// copies are damaged is an error naming why.
+    pub fn from_parts(
+        record_a: &[u8],
+        record_b: &[u8],
+        size: u64,
+        chunk: u32,
+        disk: DiskState,
+        mut read_slot: impl FnMut(usize, u64) -> Vec<u8>,
+    ) -> Result<LoadedMeta, String> {
+        let Some((record, newest_copy)) = crate::meta::select(record_a, record_b)? else {
+            return Ok(LoadedMeta::fresh(chunk, disk));
+        };
+        let mut bitmaps: [Option<Bitmap>; SLOTS] = [None, None, None];
+        for (s, slot) in record.peers.iter().enumerate() {
+            if slot.name.is_empty() {
+                continue;
+            }
+            let empty = Bitmap::new(size, record.chunk);
+            let bytes = read_slot(s, empty.len().div_ceil(8));
+            bitmaps[s] = Some(Bitmap::from_bytes(size, record.chunk, &bytes));
+        }
+        Ok(LoadedMeta {
+            record,
+            newest_copy,
+            bitmaps,
+        })
+    }
+
+    /// The metadata of a new volume.
+    pub fn fresh(chunk: u32, disk: DiskState) -> LoadedMeta {
+        LoadedMeta {
+            record: MetaRecord::initial(chunk, disk),
+            newest_copy: 1,
+            bitmaps: [None, None, None],
+        }
+    }
+}
+
+/// A node's side of a resync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncRole {
+    /// Sends its data.
+    Source,
+    /// Receives; Inconsistent until done.
+    Target,
+}
+
+/// What two replicas do after their handshake ([`decide`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Same data: replicate from now on.
+    InSync,
+    /// This node sends; `full`: every block (the bitmap is not usable).
+    Source {
+        /// Full sync.
+        full: bool,
+    },
+    /// This node receives.
+    Target {
+        /// Full sync.
+        full: bool,
+    },
+    /// Both wrote while apart.
+    SplitBrain,
+    /// No generation in common: different data sets.
+    Unrelated,
+    /// The side that would have to send is not UpToDate.
+    NoUpToDate,
+    /// The side that would have to receive is Primary.
+    TargetIsPrimary,
+    /// This node would be the source, but neither side is Primary: only a
+    /// Primary sends a resync (so a target never has two sources). The
+    /// sync starts when this node is promoted.
+    SourceWaits,
+    /// This node would be the target of a Secondary: it holds itself
+    /// Outdated until a Primary resyncs it.
+    TargetWaits,
+}
+
+impl Decision {
+    /// The decision as the other side sees it.
+    pub fn mirror(self) -> Decision {
+        match self {
+            Decision::Source { full } => Decision::Target { full },
+            Decision::Target { full } => Decision::Source { full },
+            Decision::SourceWaits => Decision::TargetWaits,
+            Decision::TargetWaits => Decision::SourceWaits,
+            d => d,
+        }
+    }
+}
+
+/// One side's handshake facts.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    /// Generations it sent.
+    pub gens: HelloGens,
+    /// Role it sent.
+    pub role: Role,
+    /// Disk it sent.
+    pub disk: DiskState,
+    /// Its node name (tie-breaker).
+    pub name: &'a str,
+}
+
+/// Decides the sync direction from both sides' handshake facts. Pure and
+/// symmetric: `decide(a, b) == decide(b, a).mirror()`, so both sides reach the
+/// same conclusion without another round trip.
+pub fn decide(me: &View, peer: &View) -> Decision {
+    let (m, p) = (&me.gens, &peer.gens);
+    let up = DiskState::UpToDate;
+    let i_win = || match (me.role, peer.role) {
+        (Role::Primary, Role::Secondary) => true,
+        (Role::Secondary, Role::Primary) => false,
+        _ => me.name < peer.name,
+    };
+    // Generation 0: a replica created Inconsistent, holding no data yet.
+    let d = if m.current == 0 || p.current == 0 {
+        match (m.current == 0, p.current == 0) {
+            (false, true) => Decision::Source { full: true },
+            (true, false) => Decision::Target { full: true },
+            _ => Decision::NoUpToDate,
+        }
+    } else if m.current == p.current {
+        let clean = m.dirty_bits == 0 && p.dirty_bits == 0;
+        match (me.disk == up, peer.disk == up) {
+            (true, true) if clean => Decision::InSync,
+            (true, true) if i_win() => Decision::Source { full: false },
+            (true, true) => Decision::Target { full: false },
+            (true, false) => Decision::Source { full: clean },
+            (false, true) => Decision::Target { full: clean },
+            (false, false) => Decision::NoUpToDate,
+        }
+    } else {
+        let base = |g: &HelloGens, cur: u64| {
+            g.bitmap_gen != 0 && (g.bitmap_gen == cur || (g.bitmap_alt != 0 && g.bitmap_alt == cur))
+        };
+        let i_src = base(m, p.current);
+        let p_src = base(p, m.current);
+        match (i_src, p_src) {
+            (true, false) => Decision::Source { full: false },
+            (false, true) => Decision::Target { full: false },
+            (true, true) => Decision::SplitBrain,
+            (false, false) => {
+                let i_hist = p.current != 0 && m.history.contains(&p.current);
+                let p_hist = m.current != 0 && p.history.contains(&m.current);
+                let known = |g: &HelloGens| [g.bitmap_gen, g.history[0], g.history[1]];
+                let shared = known(m).iter().any(|x| *x != 0 && known(p).contains(x));
+                if m.bitmap_gen != 0 && m.bitmap_gen == p.bitmap_gen {
+                    Decision::SplitBrain
+                } else if i_hist && !p_hist {
+                    Decision::Source { full: true }
+                } else if p_hist && !i_hist {
+                    Decision::Target { full: true }
+                } else if shared || (i_hist && p_hist) {
+                    Decision::SplitBrain
+                } else {
+                    Decision::Unrelated
+                }
+            }
+        }
+    };
+    match d {
+        Decision::Source { .. } if me.disk != up => Decision::NoUpToDate,
+        Decision::Target { .. } if peer.disk != up => Decision::NoUpToDate,
+        Decision::Source { .. } if peer.role == Role::Primary => Decision::TargetIsPrimary,
+        Decision::Target { .. } if me.role == Role::Primary => Decision::TargetIsPrimary,
+        Decision::Source { .. } if me.role != Role::Primary => Decision::SourceWaits,
+        Decision::Target { .. } if peer.role != Role::Primary => Decision::TargetWaits,
+        d => d,
+    }
+}
+
+/// Which metadata block a change dirtied (the record regardless of copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum MetaKey {
+    Record,
+    Page { slot: u8, page: u64 },
+}
+
+#[derive(Debug, Clone, Default)]
+struct KeyState {
+    /// Version of the last in-memory change.
+    changed_at: u64,
+    /// Version of the content last written durably.
+    written_upto: u64,
+    /// Version of the content being written.
+    in_flight: Option<u64>,
+    /// The last write failed; not retried until the next change.
+    failed: bool,
+}
+
+/// Tracks which metadata changes are durable. Every change bumps a version;
+/// "version v is durable" means every change made up to v is on disk.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MetaTracker {
+    version: u64,
+    keys: BTreeMap<MetaKey, KeyState>,
+}
+
+impl MetaTracker {
+    pub(crate) fn touch(&mut self, key: MetaKey) -> u64 {
+        self.version += 1;
+        let k = self.keys.entry(key).or_default();
+        k.changed_at = self.version;
+        k.failed = false;
+        self.version
+    }
+
+    pub(crate) fn durable(&self, v: u64) -> bool {
+        self.keys
+            .values()
+            .all(|k| k.written_upto >= v || k.changed_at <= k.written_upto)
+    }
+
+    /// A change up to `v` cannot be made durable (its write failed).
+    pub(crate) fn failed(&self, v: u64) -> bool {
+        self.keys
+            .values()
+            .any(|k| k.failed && k.written_upto < v && k.changed_at > k.written_upto)
+    }
+
+    fn to_write(&self) -> Vec<MetaKey> {
+        self.keys
+            .iter()
+            .filter(|(_, k)| k.changed_at > k.written_upto && k.in_flight.is_none() && !k.failed)
+            .map(|(key, _)| *key)
+            .collect()
+    }
+
+    fn issued(&mut self, key: MetaKey) {
+        let v = self.version;
+        if let Some(k) = self.keys.get_mut(&key) {
+            k.in_flight = Some(v);
+        }
+    }
+
+    fn done(&mut self, key: MetaKey, ok: bool) {
+        let Some(k) = self.keys.get_mut(&key) else {
+            return;
+        };
+        let v = k.in_flight.take().unwrap_or(0);
+        if ok {
+            k.written_upto = k.written_upto.max(v);
+            if k.changed_at <= k.written_upto {
+                self.keys.remove(&key);
+            }
+        } else {
+            k.failed = true;
+        }
+    }
+
+    /// Nothing waits to be written or is being written.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+pub(crate) fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Seeds the generation generator from the driver's seed and the node name,
+/// so two nodes never draw the same ids even from the same seed.
+pub(crate) fn seed_for(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    seed ^ h
+}
+
+/// Most bytes one resync read covers.
+const RESYNC_RUN: u64 = 1 << 20;
+/// Most resync reads plus frames in flight per peer.
+const RESYNC_WINDOW: usize = 16;
+
+impl Replica {
+    /// A fresh generation id (never 0 or the initial one).
+    pub(crate) fn next_gen(&mut self) -> u64 {
+        loop {
+            let g = splitmix(&mut self.rng);
+            if g > crate::meta::INITIAL_GENERATION {
+                return g;
+            }
+        }
+    }
+
+    pub(crate) fn slot(&self, peer: PeerId) -> usize {
+        self.slots[peer.0 as usize]
+    }
+
+    fn touch_record(&mut self) -> u64 {
+        self.mt.touch(MetaKey::Record)
+    }
+
+    fn touch_pages(&mut self, peer: PeerId, pages: Option<(u64, u64)>) -> u64 {
+        let mut v = 0;
+        if let Some((a, b)) = pages {
+            let slot = self.slot(peer) as u8;
+            for page in a..b {
+                v = self.mt.touch(MetaKey::Page { slot, page });
+            }
+        }
+        v
+    }
+
+    /// Persists a disk-state change (UpToDate, Outdated, Inconsistent).
+    pub(crate) fn persist_disk(&mut self, disk: DiskState) -> u64 {
+        if matches!(
+            disk,
+            DiskState::UpToDate | DiskState::Outdated | DiskState::Inconsistent
+        ) && self.meta.disk != disk
+        {
+            self.meta.disk = disk;
+            return self.touch_record();
+        }
+        0
+    }
+
+    /// Emits writes for every metadata block changed and not being written.
+    pub(crate) fn meta_flush(&mut self) -> bool {
+        let keys = self.mt.to_write();
+        let any = !keys.is_empty();
+        for key in keys {
+            let (at, data) = match key {
+                MetaKey::Record => {
+                    self.meta.seq += 1;
+                    let copy = self.next_copy;
+                    self.next_copy ^= 1;
+                    (
+                        MetaAt::Record(copy),
+                        Bytes::copy_from_slice(&self.meta.encode()),
+                    )
+                }
+                MetaKey::Page { slot, page } => {
+                    let data = match self.slots.iter().position(|s| *s == slot as usize) {
+                        Some(p) => self.bitmaps[p].page_bytes(page),
+                        None => vec![0; crate::meta::PAGE_SIZE],
+                    };
+                    (MetaAt::BitmapPage { slot, page }, Bytes::from(data))
+                }
+            };
+            self.mt.issued(key);
+            let io = IoId(self.next_io);
+            self.next_io += 1;
+            self.ios.insert(io, IoOwner::Meta(key));
+            self.out.push_back(Output::MetaWrite { io, at, data });
+        }
+        any
+    }
+
+    pub(crate) fn on_meta_done(&mut self, key: MetaKey, result: Result<(), i32>) {
+        self.mt.done(key, result.is_ok());
+    }
+
+    /// Starts a new generation if one of `peers` has no bitmap generation
+    /// yet (it was in sync): from now on this node's data differs from
+    /// theirs. Returns the metadata version to wait for (0: no change).
+    pub(crate) fn diverge_from(&mut self, peers: PeerSet, reason: OutdatedReason) -> u64 {
+        let fresh: Vec<PeerId> = peers
+            .iter()
+            .filter(|p| self.meta.peers[self.slot(*p)].bitmap_gen == 0)
+            .collect();
+        if fresh.is_empty() {
+            return 0;
+        }
+        let old = self.meta.current;
+        for p in &fresh {
+            let s = self.slot(*p);
+            self.meta.peers[s].bitmap_gen = old;
+            let confirmed = self.peers[p.0 as usize].confirmed_gen;
+            self.meta.peers[s].bitmap_alt = if confirmed != old { confirmed } else { 0 };
+            self.event(Event::PeerOutdated { peer: *p, reason });
+        }
+        self.meta.history = [old, self.meta.history[0]];
+        self.meta.current = self.next_gen();
+        let current = self.meta.current;
+        let history = self.meta.history;
+        self.event(Event::NewGeneration { current });
+        // Peers still in sync share the new generation (a sync target gets
+        // it in SyncDone; one that got SyncDone already gets it now).
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            if p.replicating()
+                && !matches!(p.sync, PeerSync::Source(_))
+                && !peers.contains(PeerId(i as u8))
+            {
+                let boundary = self.next_seq;
+                self.peers[i].gen_unconfirmed.push_back((boundary, current));
+                self.send(PeerId(i as u8), Frame::Generation { current, history });
+            }
+        }
+        self.touch_record()
+    }
+
+    /// Marks bytes `[start, end)` as missed by `peers`. Returns the metadata
+    /// version that must be durable before the write may proceed (0: none).
+    pub(crate) fn mark_missed(
+        &mut self,
+        peers: PeerSet,
+        (start, end): (u64, u64),
+        reason: OutdatedReason,
+    ) -> u64 {
+        let mut v = self.diverge_from(peers, reason);
+        for p in peers.iter() {
+            let bm = &mut self.bitmaps[p.0 as usize];
+            let (a, b) = bm.bits_of(start, end);
+            let pages = bm.set_bits(a, b);
+            v = v.max(self.touch_pages(p, pages));
+        }
+        v
+    }
+
+    /// Bits wholly inside `[start, end)`.
+    fn bits_inside(&self, peer: PeerId, start: u64, end: u64) -> (u64, u64) {
+        let bm = &self.bitmaps[peer.0 as usize];
+        let c = bm.chunk();
+        let first = start.div_ceil(c);
+        let last = if end >= self.cfg.size {
+            bm.len()
+        } else {
+            end / c
+        };
+        (first, last.max(first))
+    }
+
+    /// A write the peer acknowledged during a resync makes whole chunks it
+    /// covers identical: their bits need no resync.
+    pub(crate) fn clear_synced_by_write(&mut self, peer: PeerId, range: (u64, u64)) {
+        if !matches!(self.peers[peer.0 as usize].sync, PeerSync::Source(_)) {
+            return;
+        }
+        let (a, b) = self.bits_inside(peer, range.0, range.1);
+        let pages = self.bitmaps[peer.0 as usize].clear_bits(a, b);
+        self.touch_pages(peer, pages);
+    }
+
+    /// What this node tells `peer` in its Hello.
+    pub(crate) fn hello_gens(&self, peer: PeerId) -> HelloGens {
+        HelloGens {
+            current: self.meta.current,
+            bitmap_gen: self.meta.peers[self.slot(peer)].bitmap_gen,
+            bitmap_alt: self.meta.peers[self.slot(peer)].bitmap_alt,
+            history: self.meta.history,
+            dirty_bits: self.bitmaps[peer.0 as usize].count(),
+            chunk: self.cfg.bitmap_chunk,
+            instance: self.instance,
+        }
+    }
+
+    /// Acts on the handshake decision once the peer is Connected.
+    pub(crate) fn start_sync(&mut self, peer: PeerId, d: Decision, theirs: &HelloGens) {
+        let peer_instance = theirs.instance;
+        let i = peer.0 as usize;
+        let restarted = self.peers[i].instance.is_some_and(|x| x != peer_instance);
+        self.peers[i].instance = Some(peer_instance);
+        let mut lost = self.peers[i].lost_unflushed.take();
+        if !restarted {
+            // Same process: what it had not flushed is still unflushed there.
+            if let Some(l) = lost.take() {
+                for (a, b) in l.runs() {
+                    self.peers[i].unflushed.cur.set_bits(a, b);
+                }
+            }
+        }
+        match d {
+            Decision::Source { full } => {
+                let bm = &mut self.bitmaps[i];
+                let mut pages = None;
+                if full {
+                    pages = bm.set_all();
+                    // Every bit counts from the peer's generation on: an
+                    // interrupted full sync resumes as a bitmap-based one.
+                    let s = self.slots[i];
+                    if self.meta.peers[s].bitmap_gen != theirs.current {
+                        self.meta.peers[s].bitmap_gen = theirs.current;
+                        self.meta.peers[s].bitmap_alt = 0;
+                        self.mt.touch(MetaKey::Record);
+                    }
+                } else if let Some(lost) = lost {
+                    // The peer restarted: writes it acknowledged but had not
+                    // flushed may be gone.
+                    let ext = lost.chunk();
+                    for (a, b) in lost.runs() {
+                        let (x, y) = bm.bits_of(a * ext, b * ext);
+                        if let Some((p, q)) = bm.set_bits(x, y) {
+                            pages = Some(match pages {
+                                None => (p, q),
+                                Some((pp, qq)) => (p.min(pp), q.max(qq)),
+                            });
+                        }
+                    }
+                }
+                self.touch_pages(peer, pages);
+                self.peers[i].sync = PeerSync::Source(Source {
+                    awaiting_bits: true,
+                    next_id: 1,
+                    started: self.now,
+                    ..Source::default()
+                });
+            }
+            Decision::Target { full: _ } => {
+                self.peers[i].sync = PeerSync::Target { received: 0 };
+                let v = self.persist_disk(DiskState::Inconsistent);
+                self.target_wait = self.target_wait.max(v);
+                self.set_disk(DiskState::Inconsistent);
+                let runs = self.bitmaps[i].runs();
+                let mut chunks = runs.chunks(MAX_SYNC_RANGES).peekable();
+                if chunks.peek().is_none() {
+                    self.send(
+                        peer,
+                        Frame::SyncBits {
+                            ranges: Vec::new(),
+                            last: true,
+                        },
+                    );
+                }
+                while let Some(c) = chunks.next() {
+                    let last = chunks.peek().is_none();
+                    self.send(
+                        peer,
+                        Frame::SyncBits {
+                            ranges: c.to_vec(),
+                            last,
+                        },
+                    );
+                }
+                self.event(Event::SyncStarted {
+                    peer,
+                    role: SyncRole::Target,
+                    bytes: 0,
+                });
+            }
+            Decision::SourceWaits => self.peers[i].sync_deferred = true,
+            Decision::TargetWaits => {
+                self.peers[i].sync_deferred = true;
+                // A Primary this node is in sync with knows better than a
+                // Secondary peer: only without one does it hold itself
+                // Outdated.
+                let in_sync_with_primary = self.peers.iter().any(|p| {
+                    p.conn == ConnState::Connected
+                        && p.role == Some(Role::Primary)
+                        && matches!(p.sync, PeerSync::None)
+                        && p.disk == Some(DiskState::UpToDate)
+                });
+                if self.disk == DiskState::UpToDate && !in_sync_with_primary {
+                    self.set_disk(DiskState::Outdated);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// After a promotion: re-run the handshake with peers whose resync
+    /// waited for a Primary.
+    pub(crate) fn restart_deferred_syncs(&mut self) {
+        for i in 0..self.peers.len() {
+            if self.peers[i].sync_deferred && self.peers[i].conn == ConnState::Connected {
+                self.disconnect(
+                    PeerId(i as u8),
+                    "promoted: reconnecting to resync the peer".into(),
+                );
+            }
+        }
+    }
+
+    pub(crate) fn on_sync_bits(&mut self, peer: PeerId, ranges: Vec<(u64, u64)>, last: bool) {
+        let i = peer.0 as usize;
+        if !matches!(&self.peers[i].sync, PeerSync::Source(s) if s.awaiting_bits) {
+            return self.violation(peer, "SyncBits while not expecting them");
+        }
+        let nbits = self.bitmaps[i].len();
+        if ranges.iter().any(|(_, b)| *b > nbits) {
+            return self.violation(peer, "SyncBits beyond the end of the volume");
+        }
+        for (a, b) in ranges {
+            let pages = self.bitmaps[i].set_bits(a, b);
+            self.touch_pages(peer, pages);
+        }
+        if last {
+            let total = self.bitmaps[i].dirty_bytes();
+            if let PeerSync::Source(s) = &mut self.peers[i].sync {
+                s.awaiting_bits = false;
+                s.total = total;
+            }
+            self.event(Event::SyncStarted {
+                peer,
+                role: SyncRole::Source,
+                bytes: total,
+            });
+        }
+    }
+
+    /// Bytes of resync in flight towards any peer overlapping `range`.
+    pub(crate) fn resync_overlaps(&self, range: (u64, u64)) -> bool {
+        self.peers.iter().enumerate().any(|(i, p)| match &p.sync {
+            PeerSync::Source(s) => s
+                .reads
+                .values()
+                .map(|(_, a, b)| (*a, *b))
+                .chain(s.sent.values().copied())
+                .any(|(a, b)| {
+                    let (x, y) = self.bitmaps[i].byte_range(a, b);
+                    x < range.1 && range.0 < y
+                }),
+            _ => false,
+        })
+    }
+
+    fn busy_range(&self, (x, y): (u64, u64)) -> bool {
+        let hit = |r: Option<(u64, u64)>| r.is_some_and(|(s, e)| s < y && x < e);
+        self.requests.values().any(|r| hit(r.range)) || self.applies.values().any(|a| hit(a.range))
+    }
+
+    /// Starts resync reads while the window allows; sends SyncDone when
+    /// every bit is synced. Returns whether anything happened.
+    pub(crate) fn pump_resync(&mut self) -> bool {
+        let mut changed = false;
+        for i in 0..self.peers.len() {
+            let peer = PeerId(i as u8);
+            while let PeerSync::Source(s) = &self.peers[i].sync {
+                if s.awaiting_bits || s.reads.len() + s.sent.len() >= RESYNC_WINDOW {
+                    break;
+                }
+                let bm = &self.bitmaps[i];
+                let max_bits = (RESYNC_RUN / bm.chunk()).max(1);
+                let in_flight: Vec<(u64, u64)> = s
+                    .reads
+                    .values()
+                    .map(|(_, a, b)| (*a, *b))
+                    .chain(s.sent.values().copied())
+                    .collect();
+                // The next run not already in flight, from the cursor, then
+                // once more from the start.
+                let mut cursor = s.cursor;
+                let mut wrapped = cursor == 0;
+                let found = loop {
+                    match bm.next_run(cursor, max_bits) {
+                        None if wrapped => break None,
+                        None => {
+                            cursor = 0;
+                            wrapped = true;
+                        }
+                        Some((a, b)) => {
+                            let end = in_flight
+                                .iter()
+                                .filter(|(x, y)| *x < b && a < *y)
+                                .map(|(_, y)| *y)
+                                .max();
+                            match end {
+                                Some(e) => cursor = e.max(a + 1),
+                                None => break Some((a, b)),
+                            }
+                        }
+                    }
+                };
+                let Some((a, b)) = found else {
+                    if in_flight.is_empty() && bm.count() == 0 {
+                        let done = s.done;
+                        self.peers[i].sync = PeerSync::SourceDone { done };
+                        self.peers[i].sync_done_gen = Some(self.meta.current);
+                        self.peers[i].gen_unconfirmed.clear();
+                        let f = Frame::SyncDone {
+                            current: self.meta.current,
+                            history: self.meta.history,
+                        };
+                        self.send(peer, f);
+                        changed = true;
+                    }
+                    break;
+                };
+                let (x, y) = bm.byte_range(a, b);
+                if self.busy_range((x, y)) {
+                    // A write to this region is in flight; it goes first.
+                    break;
+                }
+                let io = IoId(self.next_io);
+                self.next_io += 1;
+                let epoch = self.peers[i].epoch;
+                self.ios.insert(io, IoOwner::ResyncRead { peer, epoch });
+                if let PeerSync::Source(s) = &mut self.peers[i].sync {
+                    let id = s.next_id;
+                    s.next_id += 1;
+                    s.reads.insert(io, (id, a, b));
+                    s.cursor = b;
+                }
+                self.out.push_back(Output::Read {
+                    io,
+                    offset: x,
+                    len: y - x,
+                });
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    pub(crate) fn on_read_done(&mut self, io: IoId, result: Result<Bytes, i32>) {
+        let Some(IoOwner::ResyncRead { peer, epoch }) = self.ios.remove(&io) else {
+            return;
+        };
+        let i = peer.0 as usize;
+        if self.peers[i].epoch != epoch {
+            return;
+        }
+        let PeerSync::Source(s) = &mut self.peers[i].sync else {
+            return;
+        };
+        let Some((id, a, b)) = s.reads.remove(&io) else {
+            return;
+        };
+        let (x, y) = self.bitmaps[i].byte_range(a, b);
+        let data = match result {
+            Ok(d) if d.len() as u64 == y - x => d,
+            other => {
+                let errno = other.err().unwrap_or(errno::EIO);
+                self.event(Event::LocalIoError { errno });
+                return self.disconnect(peer, "resync read from the local disk failed".into());
+            }
+        };
+        // Split the run at chunk boundaries into all-zero and data pieces:
+        // zero pieces travel without payload (an initial sync of a mostly
+        // empty volume moves little data).
+        let chunk = self.bitmaps[i].chunk();
+        let zero_at = |bit: u64| {
+            let s = ((bit - a) * chunk) as usize;
+            let e = (((bit + 1 - a) * chunk) as usize).min(data.len());
+            data[s..e].iter().all(|&c| c == 0)
+        };
+        let mut first = a;
+        let mut pieces = Vec::new();
+        while first < b {
+            let zero = zero_at(first);
+            let mut last = first + 1;
+            while last < b && zero_at(last) == zero {
+                last += 1;
+            }
+            pieces.push((first, last, zero));
+            first = last;
+        }
+        for (n, (p, q, zero)) in pieces.into_iter().enumerate() {
+            let piece_id = match &mut self.peers[i].sync {
+                PeerSync::Source(_) if n == 0 => id,
+                PeerSync::Source(s) => {
+                    s.next_id += 1;
+                    s.next_id - 1
+                }
+                _ => return,
+            };
+            if let PeerSync::Source(s) = &mut self.peers[i].sync {
+                s.sent.insert(piece_id, (p, q));
+            }
+            let (ps, pe) = self.bitmaps[i].byte_range(p, q);
+            let f = if zero {
+                Frame::ResyncZeroes {
+                    id: piece_id,
+                    offset: ps,
+                    len: pe - ps,
+                }
+            } else {
+                Frame::ResyncData {
+                    id: piece_id,
+                    offset: ps,
+                    data: data.slice((ps - x) as usize..(pe - x) as usize),
+                }
+            };
+            self.send(peer, f);
+        }
+    }
+
+    pub(crate) fn on_resync_ack(&mut self, peer: PeerId, id: u64, status: u32) {
+        let i = peer.0 as usize;
+        let PeerSync::Source(s) = &mut self.peers[i].sync else {
+            return self.violation(peer, "ResyncAck without a resync");
+        };
+        let Some((a, b)) = s.sent.remove(&id) else {
+            return self.violation(peer, "ResyncAck for a frame it was not sent");
+        };
+        if status != 0 {
+            return self.disconnect(
+                peer,
+                format!("peer failed to write resync data (errno {status})"),
+            );
+        }
+        let (x, y) = self.bitmaps[i].byte_range(a, b);
+        s.done += y - x;
+        let pages = self.bitmaps[i].clear_bits(a, b);
+        self.touch_pages(peer, pages);
+    }
+
+    /// The sync target adopted our data: forget its bitmap generation.
+    pub(crate) fn on_peer_up_to_date(&mut self, peer: PeerId) {
+        let i = peer.0 as usize;
+        if let PeerSync::SourceDone { done } = self.peers[i].sync {
+            self.peers[i].sync = PeerSync::None;
+            if let Some(g) = self.peers[i].sync_done_gen.take() {
+                self.peers[i].confirmed_gen = g;
+            }
+            if self.bitmaps[i].count() == 0 {
+                let s = self.slot(peer);
+                if self.meta.peers[s].bitmap_gen != 0 {
+                    self.meta.peers[s].bitmap_gen = 0;
+                    self.touch_record();
+                }
+            }
+            self.event(Event::SyncFinished {
+                peer,
+                role: SyncRole::Source,
+                bytes: done,
+            });
+        }
+    }
+
+    /// Target: every resync write and every earlier write is durable (the
+    /// SyncDone apply flushed); adopt the source's generations.
+    pub(crate) fn adopt_sync(&mut self, peer: PeerId, current: u64, history: [u64; 2]) {
+        let i = peer.0 as usize;
+        let received = match self.peers[i].sync {
+            PeerSync::Target { received } => received,
+            _ => return,
+        };
+        let (current, history) = self.peers[i]
+            .pending_gen
+            .take()
+            .unwrap_or((current, history));
+        self.meta.current = current;
+        self.meta.history = history;
+        let s = self.slot(peer);
+        self.meta.peers[s].bitmap_gen = 0;
+        let pages = self.bitmaps[i].clear_bits(0, u64::MAX);
+        self.touch_pages(peer, pages);
+        self.meta.disk = DiskState::UpToDate;
+        let v = self.touch_record();
+        self.uptodate_at = Some((peer, v, received));
+    }
+
+    /// Target: claims UpToDate once the adopted record is durable.
+    pub(crate) fn finish_target(&mut self) -> bool {
+        let Some((peer, v, received)) = self.uptodate_at else {
+            return false;
+        };
+        if !self.mt.durable(v) {
+            return false;
+        }
+        self.uptodate_at = None;
+        let i = peer.0 as usize;
+        if matches!(self.peers[i].sync, PeerSync::Target { .. }) {
+            self.peers[i].sync = PeerSync::None;
+        }
+        self.event(Event::SyncFinished {
+            peer,
+            role: SyncRole::Target,
+            bytes: received,
+        });
+        self.set_disk(DiskState::UpToDate);
+        true
+    }
+
+    /// An in-sync Primary peer started a new generation: share it.
+    pub(crate) fn on_generation(&mut self, peer: PeerId, current: u64, history: [u64; 2]) {
+        let i = peer.0 as usize;
+        let p = &self.peers[i];
+        if p.role != Some(Role::Primary)
+            || matches!(p.sync, PeerSync::Source(_) | PeerSync::SourceDone { .. })
+        {
+            return self.violation(
+                peer,
+                "Generation from a peer that is not an in-sync Primary",
+            );
+        }
+        if let PeerSync::Target { .. } = p.sync {
+            if self.uptodate_at.is_some_and(|(q, _, _)| q == peer) {
+                // SyncDone adopted already; the claim waits for the record.
+                self.meta.current = current;
+                self.meta.history = history;
+                self.gen_wait = self.touch_record();
+            } else {
+                // Adopted together with the SyncDone that precedes... or
+                // follows: SyncDone carries the source's generation at
+                // the time it was sent, this one is newer.
+                self.peers[i].pending_gen = Some((current, history));
+            }
+            return;
+        }
+        if self.disk == DiskState::UpToDate && self.meta.current != current {
+            self.meta.current = current;
+            self.meta.history = history;
+            // Nothing sent after it is acknowledged before it is durable,
+            // so the Primary can tell which generation this node holds.
+            self.gen_wait = self.touch_record();
+        }
+    }
+
+    /// Bytes the peer may lack according to the bitmap.
+    pub(crate) fn bitmap_bytes(&self, peer: PeerId) -> u64 {
+        self.bitmaps[peer.0 as usize].dirty_bytes()
+    }
+
+    /// Whether this node holds writes the peer lacks.
+    pub(crate) fn holds_outdated(&self, peer: PeerId) -> bool {
+        self.meta.peers[self.slot(peer)].bitmap_gen != 0
+            || self.bitmaps[peer.0 as usize].count() > 0
+    }
+
+    /// A peer that is Connecting freezes new frontend writes: its Hello
+    /// carried this node's generations, which must not move until the
+    /// handshake is done.
+    pub(crate) fn handshake_in_progress(&self) -> bool {
+        self.peers.iter().any(|p| p.conn == ConnState::Connecting)
+    }
+}
