@@ -52,6 +52,11 @@ pub const DEFAULT_CHUNK: u32 = 4096;
 pub const MAX_CHUNK: u32 = 1 << 20;
 /// The generation every replica of a new volume starts in.
 pub const INITIAL_GENERATION: u64 = 1;
+/// Earlier generations a record keeps.
+pub const HISTORY: usize = 8;
+/// Earlier generations, newest first (0 = none).
+pub type History = [u64; HISTORY];
+
 /// Longest peer name in a slot.
 pub const MAX_PEER_NAME: usize = 64;
 
@@ -86,7 +91,7 @@ pub struct MetaRecord {
     /// source's data.
     pub current: u64,
     /// Earlier generations, newest first (0 = none).
-    pub history: [u64; 2],
+    pub history: History,
     /// One slot per peer, matched by name.
     pub peers: [PeerSlot; SLOTS],
 }
@@ -146,7 +151,7 @@ impl MetaRecord {
             } else {
                 INITIAL_GENERATION
             },
-            history: [0; 2],
+            history: [0; HISTORY],
             peers: std::array::from_fn(|_| PeerSlot {
                 name: String::new(),
                 bitmap_gen: 0,
@@ -174,8 +179,9 @@ impl MetaRecord {
         b.put_u8(0);
         b.put_u32(self.chunk);
         b.put_u64(self.current);
-        b.put_u64(self.history[0]);
-        b.put_u64(self.history[1]);
+        for h in self.history {
+            b.put_u64(h);
+        }
         for p in &self.peers {
             let name = &p.name.as_bytes()[..p.name.len().min(MAX_PEER_NAME)];
             let mut fixed = [0u8; MAX_PEER_NAME];
@@ -240,7 +246,10 @@ impl MetaRecord {
         if current == 0 && disk != DiskState::Inconsistent {
             return Err(field("current", "zero on a consistent disk".into()));
         }
-        let history = [b.get_u64(), b.get_u64()];
+        let mut history = [0; HISTORY];
+        for h in history.iter_mut() {
+            *h = b.get_u64();
+        }
         let mut peers: [PeerSlot; SLOTS] = std::array::from_fn(|_| PeerSlot {
             name: String::new(),
             bitmap_gen: 0,
@@ -285,6 +294,92 @@ pub fn select(a: &[u8], b: &[u8]) -> Result<Option<(MetaRecord, usize)>, String>
         (Err(ea), Err(eb)) => Err(format!(
             "no valid metadata record: copy A: {ea}; copy B: {eb}"
         )),
+    }
+}
+
+/// Backing offsets of the two activity-log copies.
+pub const AL_OFFSETS: [u64; 2] = [16384, 20480];
+/// Magic of an activity-log copy.
+pub const AL_MAGIC: [u8; 8] = *b"TANDEMAL";
+/// Most extents one activity-log copy holds.
+pub const AL_MAX_EXTENTS: usize = (RECORD_SIZE - 8 - 4 - 8 - 4 - 4) / 8;
+
+/// The activity log: the extents a Primary may have writes in flight in.
+/// After a crash they are resynced (see `docs/on-disk-format.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ActivityLog {
+    /// Bumped on every update; the valid copy with the higher one wins.
+    pub seq: u64,
+    /// Extent numbers (byte offset / extent size), sorted.
+    pub extents: Vec<u64>,
+}
+
+impl ActivityLog {
+    /// Encodes one copy (at most [`AL_MAX_EXTENTS`] extents are kept).
+    pub fn encode(&self) -> [u8; RECORD_SIZE] {
+        let mut block = [0u8; RECORD_SIZE];
+        let n = self.extents.len().min(AL_MAX_EXTENTS);
+        let mut b = &mut block[..];
+        b.put_slice(&AL_MAGIC);
+        b.put_u32(VERSION);
+        b.put_u64(self.seq);
+        b.put_u32(n as u32);
+        for e in &self.extents[..n] {
+            b.put_u64(*e);
+        }
+        let crc = crc32fast::hash(&block[..RECORD_SIZE - 4]);
+        block[RECORD_SIZE - 4..].copy_from_slice(&crc.to_be_bytes());
+        block
+    }
+
+    /// Decodes one copy; `Ok(None)` when it is blank.
+    pub fn decode(bytes: &[u8]) -> Result<Option<ActivityLog>, String> {
+        if bytes.len() < RECORD_SIZE {
+            return Err(format!("truncated: {} of {RECORD_SIZE} bytes", bytes.len()));
+        }
+        let block = &bytes[..RECORD_SIZE];
+        if block.iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        if block[..8] != AL_MAGIC {
+            return Err("bad magic".into());
+        }
+        let mut stored = [0u8; 4];
+        stored.copy_from_slice(&block[RECORD_SIZE - 4..]);
+        if u32::from_be_bytes(stored) != crc32fast::hash(&block[..RECORD_SIZE - 4]) {
+            return Err("checksum mismatch".into());
+        }
+        let mut b = &block[8..];
+        let version = b.get_u32();
+        if version != VERSION {
+            return Err(format!("version {version}: written by a newer Tandem"));
+        }
+        let seq = b.get_u64();
+        let n = b.get_u32() as usize;
+        if n > AL_MAX_EXTENTS {
+            return Err(format!("{n} extents (at most {AL_MAX_EXTENTS})"));
+        }
+        let extents = (0..n).map(|_| b.get_u64()).collect();
+        Ok(Some(ActivityLog { seq, extents }))
+    }
+
+    /// The newer valid copy (empty if both are blank); both damaged is an
+    /// error naming why.
+    pub fn select(a: &[u8], b: &[u8]) -> Result<(ActivityLog, usize), String> {
+        match (ActivityLog::decode(a), ActivityLog::decode(b)) {
+            (Ok(Some(x)), Ok(Some(y))) => Ok(if y.seq > x.seq { (y, 1) } else { (x, 0) }),
+            (Ok(Some(x)), _) => Ok((x, 0)),
+            (_, Ok(Some(y))) => Ok((y, 1)),
+            (Ok(None), Ok(None)) => Ok((ActivityLog::default(), 1)),
+            (Ok(None), Err(e)) | (Err(e), Ok(None)) => {
+                // A torn first write of the log: nothing was ever hot
+                // before it, but be conservative and say so.
+                Err(format!(
+                    "activity log copy damaged ({e}) and the other blank"
+                ))
+            }
+            (Err(ea), Err(eb)) => Err(format!("no valid activity log: copy A: {ea}; copy B: {eb}")),
+        }
     }
 }
 
@@ -532,7 +627,7 @@ mod tests {
         let mut r = MetaRecord::initial(4096, DiskState::Outdated);
         r.seq = 9;
         r.current = 0xdead_beef;
-        r.history = [7, 3];
+        r.history = [7, 3, 0, 0, 0, 0, 0, 1];
         r.peers[1] = PeerSlot {
             name: "beta".into(),
             bitmap_gen: 42,
@@ -609,7 +704,36 @@ mod tests {
         assert!(Layout::new(1 << 40, 512, metadata_area_size(1 << 40)).is_err());
     }
 
+    #[test]
+    fn activity_log_round_trips_and_selects_the_newest() {
+        let a = ActivityLog {
+            seq: 4,
+            extents: vec![1, 7, 9],
+        };
+        let b = ActivityLog {
+            seq: 5,
+            extents: vec![2],
+        };
+        assert_eq!(ActivityLog::decode(&a.encode()), Ok(Some(a.clone())));
+        assert_eq!(ActivityLog::select(&a.encode(), &b.encode()).unwrap().0, b);
+        let mut torn = b.encode();
+        torn[30] ^= 1;
+        assert_eq!(ActivityLog::select(&a.encode(), &torn).unwrap().0, a);
+        let blank = [0u8; RECORD_SIZE];
+        assert_eq!(
+            ActivityLog::select(&blank, &blank).unwrap().0.extents,
+            Vec::<u64>::new()
+        );
+        assert!(ActivityLog::select(&torn, &[1; RECORD_SIZE]).is_err());
+        assert!(AL_OFFSETS[1] + RECORD_SIZE as u64 <= BITMAP_AREA_OFFSET);
+    }
+
     proptest! {
+        #[test]
+        fn activity_log_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..RECORD_SIZE + 8)) {
+            let _ = ActivityLog::decode(&bytes);
+        }
+
         #[test]
         fn record_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..RECORD_SIZE + 8)) {
             let _ = MetaRecord::decode(&bytes);

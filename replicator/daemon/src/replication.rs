@@ -610,6 +610,7 @@ impl Driver {
                     let tx = self.tx.clone();
                     let offset = match at {
                         MetaAt::Record(c) => meta::RECORD_OFFSETS[usize::from(c & 1)],
+                        MetaAt::ActivityLog(c) => meta::AL_OFFSETS[usize::from(c & 1)],
                         MetaAt::BitmapPage { slot, page } => {
                             self.layout.page_offset(usize::from(slot), page)
                         }
@@ -662,6 +663,13 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 fn log_event(e: &Event) {
     match e {
+        Event::ActivityLogRecovered { extents, bytes } => {
+            warn!(
+                extents,
+                bytes,
+                "activity log not empty at start (stopped as Primary without demoting, or crashed): its extents will be resynced"
+            );
+        }
         Event::NewGeneration { current } => {
             info!(
                 generation = format_args!("{current:016x}"),

@@ -425,6 +425,14 @@ impl Volume {
             slots[s][..n.min(slots[s].len())].to_vec()
         })
         .map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
+        let al = self
+            .read_meta(meta::AL_OFFSETS[0], 2 * meta::RECORD_SIZE)
+            .await
+            .map_err(|e| anyhow::anyhow!("{p}: reading the activity log: {e}"))?;
+        let (al_a, al_b) = al.split_at(meta::RECORD_SIZE);
+        let loaded = loaded
+            .with_activity_log(al_a, al_b)
+            .map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
         Ok((loaded, layout))
     }
 

@@ -265,6 +265,7 @@ impl World {
                 cfg.allow_two_primaries = dual;
                 cfg.bitmap_chunk = CHUNK;
                 cfg.extent_size = EXTENT;
+                cfg.al_extents = 4;
                 cfg.gen_seed = rng.next_u64();
                 let issuer = i == 0 || (dual && i == 1);
                 if issuer {
@@ -1075,6 +1076,16 @@ fn load_meta(meta: &BTreeMap<MetaAt, Bytes>, cfg: &Config) -> Result<LoadedMeta,
             }
             out
         },
+    )?
+    .with_activity_log(
+        &meta
+            .get(&MetaAt::ActivityLog(0))
+            .map(|b| b.to_vec())
+            .unwrap_or_else(|| vec![0; RECORD_SIZE]),
+        &meta
+            .get(&MetaAt::ActivityLog(1))
+            .map(|b| b.to_vec())
+            .unwrap_or_else(|| vec![0; RECORD_SIZE]),
     )
 }
 

@@ -55,7 +55,14 @@ pub struct Config {
     /// Seed for new generation ids and the instance id; the driver passes
     /// fresh randomness on every start (the core reads no entropy itself).
     pub gen_seed: u64,
+    /// Extents (`extent_size` each) the activity log keeps hot (default
+    /// 256, i.e. 1 GiB; at most `meta::AL_MAX_EXTENTS`). After a Primary
+    /// crash these extents are resynced.
+    pub al_extents: usize,
 }
+
+/// Default activity-log size: 256 extents.
+pub const DEFAULT_AL_EXTENTS: usize = 256;
 
 /// Default bytes per bitmap bit: 4 KiB.
 pub const DEFAULT_BITMAP_CHUNK: u32 = crate::meta::DEFAULT_CHUNK;
@@ -98,6 +105,7 @@ impl Config {
             bitmap_chunk: DEFAULT_BITMAP_CHUNK.max(block_size),
             extent_size: DEFAULT_EXTENT,
             gen_seed: 0,
+            al_extents: DEFAULT_AL_EXTENTS,
         }
     }
 
@@ -156,6 +164,9 @@ impl Config {
                 "extent_size",
                 "must be a power of two from bitmap_chunk to 1 GiB",
             );
+        }
+        if self.al_extents == 0 || self.al_extents > crate::meta::AL_MAX_EXTENTS {
+            return err("al_extents", "must be 1 to 508");
         }
         if self.keepalive_interval.is_zero() {
             return err("keepalive_interval", "must be positive");

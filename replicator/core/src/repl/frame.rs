@@ -22,6 +22,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::state::{DiskState, Role};
+use crate::meta::{History, HISTORY};
 
 /// Magic at the start of every frame: ASCII `TNDR`.
 pub const MAGIC: u32 = u32::from_be_bytes(*b"TNDR");
@@ -154,7 +155,7 @@ pub struct HelloGens {
     /// started (0: none).
     pub bitmap_alt: u64,
     /// Sender's earlier generations, newest first.
-    pub history: [u64; 2],
+    pub history: History,
     /// Bits set in the sender's bitmap for the receiver.
     pub dirty_bits: u64,
     /// Bytes per bitmap bit; both sides must agree.
@@ -278,14 +279,14 @@ pub enum Frame {
         /// The source's current generation.
         current: u64,
         /// The source's history.
-        history: [u64; 2],
+        history: History,
     },
     /// A Primary started a new generation; an in-sync peer adopts it.
     Generation {
         /// New current generation.
         current: u64,
         /// History after the change.
-        history: [u64; 2],
+        history: History,
     },
 }
 
@@ -373,8 +374,9 @@ impl Frame {
                 p.put_u64(g.current);
                 p.put_u64(g.bitmap_gen);
                 p.put_u64(g.bitmap_alt);
-                p.put_u64(g.history[0]);
-                p.put_u64(g.history[1]);
+                for h in g.history {
+                    p.put_u64(h);
+                }
                 p.put_u64(g.dirty_bits);
                 p.put_u32(g.chunk);
                 p.put_u64(g.instance);
@@ -456,10 +458,11 @@ impl Frame {
             }
             Frame::ResyncAck { id, status } => (*id, 0, status.to_be_bytes().to_vec(), &[]),
             Frame::SyncDone { current, history } | Frame::Generation { current, history } => {
-                let mut p = Vec::with_capacity(24);
+                let mut p = Vec::with_capacity(8 + 8 * HISTORY);
                 p.put_u64(*current);
-                p.put_u64(history[0]);
-                p.put_u64(history[1]);
+                for h in history {
+                    p.put_u64(*h);
+                }
                 (0, 0, p, &[])
             }
         }
@@ -598,7 +601,7 @@ enum Parsed {
 }
 
 /// Fixed part of a Hello payload, before the node name.
-const HELLO_FIXED: usize = 35 + 60;
+const HELLO_FIXED: usize = 35 + 44 + 8 * HISTORY;
 
 fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameError> {
     let bad = |why| FrameError::Malformed { kind, why };
@@ -650,7 +653,13 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
                 current: p.get_u64(),
                 bitmap_gen: p.get_u64(),
                 bitmap_alt: p.get_u64(),
-                history: [p.get_u64(), p.get_u64()],
+                history: {
+                    let mut h = [0; HISTORY];
+                    for x in h.iter_mut() {
+                        *x = p.get_u64();
+                    }
+                    h
+                },
                 dirty_bits: p.get_u64(),
                 chunk: p.get_u32(),
                 instance: p.get_u64(),
@@ -793,9 +802,12 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
             }
         }
         Kind::SyncDone | Kind::Generation => {
-            exact(p, 24)?;
+            exact(p, 8 + 8 * HISTORY)?;
             let current = p.get_u64();
-            let history = [p.get_u64(), p.get_u64()];
+            let mut history = [0; HISTORY];
+            for x in history.iter_mut() {
+                *x = p.get_u64();
+            }
             if kind == Kind::SyncDone {
                 Frame::SyncDone { current, history }
             } else {
@@ -849,7 +861,7 @@ mod tests {
                         current: g[0],
                         bitmap_gen: g[1],
                         bitmap_alt: g[6],
-                        history: [g[2], g[3]],
+                        history: [g[2], g[3], 0, 0, 0, 0, 0, g[0]],
                         dirty_bits: g[4],
                         chunk: c,
                         instance: g[5],
@@ -922,9 +934,9 @@ mod tests {
             (any::<u64>(), any::<u64>(), any::<u64>())
                 .prop_map(|(id, offset, len)| Frame::ResyncZeroes { id, offset, len }),
             (any::<u64>(), any::<u32>()).prop_map(|(id, status)| Frame::ResyncAck { id, status }),
-            (any::<u64>(), any::<[u64; 2]>())
+            (any::<u64>(), any::<[u64; HISTORY]>())
                 .prop_map(|(current, history)| Frame::SyncDone { current, history }),
-            (any::<u64>(), any::<[u64; 2]>())
+            (any::<u64>(), any::<[u64; HISTORY]>())
                 .prop_map(|(current, history)| Frame::Generation { current, history }),
         ]
     }

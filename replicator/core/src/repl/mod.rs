@@ -36,8 +36,8 @@ mod write_path;
 mod tests;
 
 pub use config::{
-    Config, ConfigError, DEFAULT_BITMAP_CHUNK, DEFAULT_EXTENT, DEFAULT_KEEPALIVE,
-    DEFAULT_PEER_TIMEOUT, MAX_PEERS,
+    Config, ConfigError, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_CHUNK, DEFAULT_EXTENT,
+    DEFAULT_KEEPALIVE, DEFAULT_PEER_TIMEOUT, MAX_PEERS,
 };
 pub use frame::{Frame, FrameError, Hello, HelloGens};
 pub use peer::{PeerStatus, SyncProgress};
@@ -376,6 +376,15 @@ pub enum Event {
     SplitBrain {
         /// Which peer.
         peer: PeerId,
+    },
+    /// The activity log found at start was not empty (the node stopped
+    /// without emptying it, e.g. crashed as Primary): its extents are
+    /// marked for resync with every peer.
+    ActivityLogRecovered {
+        /// Extents.
+        extents: usize,
+        /// Bytes they cover.
+        bytes: u64,
     },
     /// This node started a new generation (its data diverges from a peer's).
     NewGeneration {

@@ -102,7 +102,7 @@ pub(crate) struct Peer {
     /// The handshake found a resync needed but neither side Primary.
     pub(crate) sync_deferred: bool,
     /// Sync target: a Generation that arrived before the SyncDone applied.
-    pub(crate) pending_gen: Option<(u64, [u64; 2])>,
+    pub(crate) pending_gen: Option<(u64, crate::meta::History)>,
     /// The generation the peer is known to hold durably.
     pub(crate) confirmed_gen: u64,
     /// Source: the generation sent in SyncDone (confirmed with UpToDate).

@@ -71,6 +71,14 @@ pub struct Replica {
     /// Metadata version peer writes wait for: a generation adopted from a
     /// Primary is durable before anything sent after it is acknowledged.
     pub(crate) gen_wait: u64,
+    /// Activity log: hot extent → (last use, metadata version that made it
+    /// hot).
+    pub(crate) al: BTreeMap<u64, (u64, u64)>,
+    pub(crate) al_clock: u64,
+    pub(crate) al_seq: u64,
+    pub(crate) next_al_copy: u8,
+    /// The log is rewritten only once this metadata version is durable.
+    pub(crate) al_guard: u64,
 }
 
 impl Replica {
@@ -142,6 +150,8 @@ impl Replica {
                 .unwrap_or_else(|| Bitmap::new(cfg.size, cfg.bitmap_chunk));
             bitmaps.push(bm);
         }
+        let al_loaded = loaded.activity_log;
+        let al_newest = loaded.newest_al_copy;
         let mut rng = seed_for(cfg.gen_seed, &cfg.node_name);
         let instance = super::sync::splitmix(&mut rng);
         let peers = cfg
@@ -150,7 +160,7 @@ impl Replica {
             .cloned()
             .map(|n| Peer::new(n, cfg.size, cfg.extent_size))
             .collect();
-        Ok(Replica {
+        let mut r = Replica {
             role: cfg.initial_role,
             disk: record.disk,
             next_copy: if loaded.newest_copy == 0 { 1 } else { 0 },
@@ -163,6 +173,11 @@ impl Replica {
             target_wait: 0,
             uptodate_at: None,
             gen_wait: 0,
+            al: BTreeMap::new(),
+            al_clock: 0,
+            al_seq: al_loaded.seq,
+            next_al_copy: if al_newest == 0 { 1 } else { 0 },
+            al_guard: 0,
             cfg,
             peers,
             out: VecDeque::new(),
@@ -175,7 +190,9 @@ impl Replica {
             applies: BTreeMap::new(),
             ios: BTreeMap::new(),
             conflicts: 0,
-        })
+        };
+        r.recover_activity_log(&al_loaded.extents);
+        Ok(r)
     }
 
     /// Feeds one input. Outputs are queued for [`Replica::poll_output`].
@@ -274,6 +291,8 @@ impl Replica {
             return Err(RoleError::RequestsInFlight(self.requests.len()));
         }
         self.set_role(Role::Secondary);
+        self.clear_activity_log();
+        self.progress();
         Ok(())
     }
 

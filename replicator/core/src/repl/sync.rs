@@ -21,13 +21,15 @@ use super::replica::Replica;
 use super::state::{ConnState, DiskState, Role};
 use super::write_path::IoOwner;
 use super::{errno, Event, IoId, OutdatedReason, Output, PeerId};
-use crate::meta::{Bitmap, MetaRecord, SLOTS};
+use crate::meta::{Bitmap, History, MetaRecord, SLOTS};
 
 /// A metadata block to write, from [`Output::MetaWrite`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum MetaAt {
     /// Record copy 0 (A) or 1 (B) (`meta::RECORD_OFFSETS`).
     Record(u8),
+    /// Activity-log copy 0 or 1 (`meta::AL_OFFSETS`).
+    ActivityLog(u8),
     /// Page `page` of the bitmap in slot `slot` (`meta::Layout::page_offset`).
     BitmapPage {
         /// Slot.
@@ -46,6 +48,10 @@ pub struct LoadedMeta {
     pub newest_copy: usize,
     /// The bitmap of each slot that names a peer (`None`: read as clear).
     pub bitmaps: [Option<Bitmap>; SLOTS],
+    /// The activity log found on disk (extents hot when the node stopped).
+    pub activity_log: crate::meta::ActivityLog,
+    /// Index of the activity-log copy it came from.
+    pub newest_al_copy: usize,
 }
 
 impl LoadedMeta {
@@ -78,7 +84,17 @@ impl LoadedMeta {
             record,
             newest_copy,
             bitmaps,
+            activity_log: Default::default(),
+            newest_al_copy: 1,
         })
+    }
+
+    /// Adds the activity log read from its two copies.
+    pub fn with_activity_log(mut self, a: &[u8], b: &[u8]) -> Result<LoadedMeta, String> {
+        let (al, idx) = crate::meta::ActivityLog::select(a, b)?;
+        self.activity_log = al;
+        self.newest_al_copy = idx;
+        Ok(self)
     }
 
     /// The metadata of a new volume.
@@ -87,6 +103,8 @@ impl LoadedMeta {
             record: MetaRecord::initial(chunk, disk),
             newest_copy: 1,
             bitmaps: [None, None, None],
+            activity_log: Default::default(),
+            newest_al_copy: 1,
         }
     }
 }
@@ -187,8 +205,26 @@ pub fn decide(me: &View, peer: &View) -> Decision {
             (false, false) => Decision::NoUpToDate,
         }
     } else {
+        // The generations the peer may hold for a bitmap to be a valid
+        // base: the one this node diverged from, and every one between it
+        // and the last the peer confirmed (it may not have persisted the
+        // newest it was sent).
         let base = |g: &HelloGens, cur: u64| {
-            g.bitmap_gen != 0 && (g.bitmap_gen == cur || (g.bitmap_alt != 0 && g.bitmap_alt == cur))
+            if g.bitmap_gen == 0 || cur == 0 {
+                return false;
+            }
+            if g.bitmap_gen == cur || g.bitmap_alt == cur {
+                return true;
+            }
+            let (Some(from), Some(to)) = (
+                g.history.iter().position(|h| *h == g.bitmap_gen),
+                g.history
+                    .iter()
+                    .position(|h| *h == g.bitmap_alt && g.bitmap_alt != 0),
+            ) else {
+                return false;
+            };
+            from < to && g.history[from..=to].contains(&cur)
         };
         let i_src = base(m, p.current);
         let p_src = base(p, m.current);
@@ -199,8 +235,14 @@ pub fn decide(me: &View, peer: &View) -> Decision {
             (false, false) => {
                 let i_hist = p.current != 0 && m.history.contains(&p.current);
                 let p_hist = m.current != 0 && p.history.contains(&m.current);
-                let known = |g: &HelloGens| [g.bitmap_gen, g.history[0], g.history[1]];
-                let shared = known(m).iter().any(|x| *x != 0 && known(p).contains(x));
+                let known = |g: &HelloGens| {
+                    std::iter::once(g.bitmap_gen)
+                        .chain(g.history)
+                        .filter(|x| *x != 0)
+                        .collect::<Vec<_>>()
+                };
+                let (km, kp) = (known(m), known(p));
+                let shared = km.iter().any(|x| kp.contains(x));
                 if m.bitmap_gen != 0 && m.bitmap_gen == p.bitmap_gen {
                     Decision::SplitBrain
                 } else if i_hist && !p_hist {
@@ -230,6 +272,7 @@ pub fn decide(me: &View, peer: &View) -> Decision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum MetaKey {
     Record,
+    Al,
     Page { slot: u8, page: u64 },
 }
 
@@ -266,6 +309,13 @@ impl MetaTracker {
         self.keys
             .values()
             .all(|k| k.written_upto >= v || k.changed_at <= k.written_upto)
+    }
+
+    /// [`MetaTracker::durable`], ignoring the block `except`.
+    fn durable_except(&self, v: u64, except: MetaKey) -> bool {
+        self.keys
+            .iter()
+            .all(|(key, k)| *key == except || k.written_upto >= v || k.changed_at <= k.written_upto)
     }
 
     /// A change up to `v` cannot be made durable (its write failed).
@@ -379,10 +429,28 @@ impl Replica {
 
     /// Emits writes for every metadata block changed and not being written.
     pub(crate) fn meta_flush(&mut self) -> bool {
-        let keys = self.mt.to_write();
+        let mut keys = self.mt.to_write();
+        if !self.mt.durable_except(self.al_guard, MetaKey::Al) {
+            // Crash recovery marked the old log's extents in the bitmaps:
+            // the log is rewritten only once those bits are durable.
+            keys.retain(|k| *k != MetaKey::Al);
+        }
         let any = !keys.is_empty();
         for key in keys {
             let (at, data) = match key {
+                MetaKey::Al => {
+                    self.al_seq += 1;
+                    let copy = self.next_al_copy;
+                    self.next_al_copy ^= 1;
+                    let al = crate::meta::ActivityLog {
+                        seq: self.al_seq,
+                        extents: self.al.keys().copied().collect(),
+                    };
+                    (
+                        MetaAt::ActivityLog(copy),
+                        Bytes::copy_from_slice(&al.encode()),
+                    )
+                }
                 MetaKey::Record => {
                     self.meta.seq += 1;
                     let copy = self.next_copy;
@@ -432,7 +500,8 @@ impl Replica {
             self.meta.peers[s].bitmap_alt = if confirmed != old { confirmed } else { 0 };
             self.event(Event::PeerOutdated { peer: *p, reason });
         }
-        self.meta.history = [old, self.meta.history[0]];
+        self.meta.history.rotate_right(1);
+        self.meta.history[0] = old;
         self.meta.current = self.next_gen();
         let current = self.meta.current;
         let history = self.meta.history;
@@ -590,6 +659,17 @@ impl Replica {
                     role: SyncRole::Target,
                     bytes: 0,
                 });
+            }
+            Decision::InSync => {
+                // Same generation, no bits: whatever this node remembered
+                // about the peer's divergence (e.g. a SyncDone it never
+                // heard confirmed) is settled.
+                let s = self.slots[i];
+                if self.meta.peers[s].bitmap_gen != 0 && self.bitmaps[i].count() == 0 {
+                    self.meta.peers[s].bitmap_gen = 0;
+                    self.meta.peers[s].bitmap_alt = 0;
+                    self.mt.touch(MetaKey::Record);
+                }
             }
             Decision::SourceWaits => self.peers[i].sync_deferred = true,
             Decision::TargetWaits => {
@@ -873,7 +953,7 @@ impl Replica {
 
     /// Target: every resync write and every earlier write is durable (the
     /// SyncDone apply flushed); adopt the source's generations.
-    pub(crate) fn adopt_sync(&mut self, peer: PeerId, current: u64, history: [u64; 2]) {
+    pub(crate) fn adopt_sync(&mut self, peer: PeerId, current: u64, history: History) {
         let i = peer.0 as usize;
         let received = match self.peers[i].sync {
             PeerSync::Target { received } => received,
@@ -917,7 +997,7 @@ impl Replica {
     }
 
     /// An in-sync Primary peer started a new generation: share it.
-    pub(crate) fn on_generation(&mut self, peer: PeerId, current: u64, history: [u64; 2]) {
+    pub(crate) fn on_generation(&mut self, peer: PeerId, current: u64, history: History) {
         let i = peer.0 as usize;
         let p = &self.peers[i];
         if p.role != Some(Role::Primary)
@@ -960,6 +1040,90 @@ impl Replica {
     pub(crate) fn holds_outdated(&self, peer: PeerId) -> bool {
         self.meta.peers[self.slot(peer)].bitmap_gen != 0
             || self.bitmaps[peer.0 as usize].count() > 0
+    }
+
+    /// Activity log (R20): makes the extents of `range` hot before a
+    /// frontend write to them starts. Returns the metadata version to wait
+    /// for (0: already hot), or `None` when the log is full of extents
+    /// with writes in flight (the request waits).
+    pub(crate) fn al_admit(&mut self, seq: u64, (start, end): (u64, u64)) -> Option<u64> {
+        let ext = self.cfg.extent_size;
+        let (first, last) = (start / ext, end.saturating_sub(1) / ext);
+        self.al_clock += 1;
+        let clock = self.al_clock;
+        let mut missing = Vec::new();
+        // An extent added for an earlier request may not be durable yet.
+        let mut wait = 0;
+        for e in first..=last {
+            match self.al.get_mut(&e) {
+                Some((t, v)) => {
+                    *t = clock;
+                    wait = wait.max(*v);
+                }
+                None => missing.push(e),
+            }
+        }
+        if missing.is_empty() {
+            return Some(wait);
+        }
+        while self.al.len() + missing.len() > self.cfg.al_extents {
+            let busy = |e: u64| {
+                let (s, t) = (e * ext, (e + 1) * ext);
+                self.requests.iter().any(|(k, r)| {
+                    *k != seq
+                        && (r.al_admitted || r.local != super::write_path::LocalState::NotSubmitted)
+                        && r.range.is_some_and(|(a, b)| a < t && s < b)
+                })
+            };
+            let victim = self
+                .al
+                .iter()
+                .filter(|(e, _)| !busy(**e))
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(e, _)| *e)?;
+            self.al.remove(&victim);
+        }
+        let v = self.mt.touch(MetaKey::Al);
+        for e in missing {
+            self.al.insert(e, (clock, v));
+        }
+        Some(v.max(wait))
+    }
+
+    /// Crash recovery (R20): the extents of the activity log found at
+    /// start may hold writes some replica has and another lacks; mark them
+    /// for every peer so the next handshake resyncs them.
+    pub(crate) fn recover_activity_log(&mut self, extents: &[u64]) {
+        if extents.is_empty() {
+            return;
+        }
+        let ext = self.cfg.extent_size;
+        let mut v = 0;
+        for i in 0..self.peers.len() {
+            for e in extents {
+                let bm = &mut self.bitmaps[i];
+                let (a, b) = bm.bits_of(e * ext, (e + 1) * ext);
+                let pages = bm.set_bits(a, b);
+                v = v.max(self.touch_pages(PeerId(i as u8), pages));
+            }
+        }
+        self.al_guard = v;
+        self.al_clock += 1;
+        for e in extents {
+            self.al.insert(*e, (0, 0));
+        }
+        self.event(Event::ActivityLogRecovered {
+            extents: extents.len(),
+            bytes: extents.len() as u64 * ext,
+        });
+    }
+
+    /// Empties the activity log (a Secondary has no frontend writes).
+    pub(crate) fn clear_activity_log(&mut self) {
+        if !self.al.is_empty() {
+            self.al.clear();
+            self.mt.touch(MetaKey::Al);
+        }
     }
 
     /// A peer that is Connecting freezes new frontend writes: its Hello

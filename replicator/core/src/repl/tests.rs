@@ -36,7 +36,10 @@ struct Node {
     meta: std::collections::BTreeMap<MetaAt, Bytes>,
     /// Local I/O not yet performed.
     io: VecDeque<(IoId, NodeIo)>,
+    /// Hold data I/O (writes, reads); metadata writes still complete.
     hold_io: bool,
+    /// Hold metadata writes.
+    hold_meta: bool,
     fail_io: Option<i32>,
     done: Vec<(ReqId, Result<(), i32>)>,
     events: Vec<Event>,
@@ -100,6 +103,7 @@ impl Cluster {
                     meta: Default::default(),
                     io: VecDeque::new(),
                     hold_io: false,
+                    hold_meta: false,
                     fail_io: None,
                     done: Vec::new(),
                     events: Vec::new(),
@@ -217,6 +221,23 @@ impl Cluster {
         any
     }
 
+    /// Performs the first I/O of node `i` that is not held.
+    fn do_next_unheld(&mut self, i: usize) -> bool {
+        let n = &mut self.nodes[i];
+        let (hold_io, hold_meta) = (n.hold_io, n.hold_meta);
+        let Some(k) = n.io.iter().position(|(_, x)| match x {
+            NodeIo::Meta(..) => !hold_meta,
+            _ => !hold_io,
+        }) else {
+            return false;
+        };
+        if let Some(e) = n.io.remove(k) {
+            n.io.push_front(e);
+        }
+        self.do_io(i)
+    }
+
+    /// Performs the oldest I/O of node `i`, held or not.
     fn do_io(&mut self, i: usize) -> bool {
         let n = &mut self.nodes[i];
         let Some((io, nio)) = n.io.pop_front() else {
@@ -291,11 +312,9 @@ impl Cluster {
                 any |= self.drain(i);
             }
             for i in 0..self.nodes.len() {
-                if !self.nodes[i].hold_io {
-                    while self.do_io(i) {
-                        any = true;
-                        self.drain(i);
-                    }
+                while self.do_next_unheld(i) {
+                    any = true;
+                    self.drain(i);
                 }
             }
             for i in 0..self.nodes.len() {
@@ -677,7 +696,7 @@ fn r8_missed_writes_are_marked_durably_first_and_resynced() {
     c.run();
     // c (node 2) never connected: a write misses it. Its bitmap bit and the
     // new generation are durable before the write is submitted.
-    c.nodes[0].hold_io = true;
+    c.nodes[0].hold_meta = true;
     c.submit(0, 1, w(0, 1, 1, false));
     c.run();
     let first = c.nodes[0].io.front().map(|(_, x)| x.clone());
@@ -689,7 +708,7 @@ fn r8_missed_writes_are_marked_durably_first_and_resynced() {
         c.nodes[1].log.is_empty(),
         "not sent before the bitmap is durable"
     );
-    c.nodes[0].hold_io = false;
+    c.nodes[0].hold_meta = false;
     c.run();
     assert_eq!(c.done(0, 1), Some(Ok(())));
     assert!(c.status(0, 2).outdated);
@@ -1032,6 +1051,17 @@ fn load_meta(n: &Node, cfg: &Config) -> LoadedMeta {
         },
     )
     .unwrap()
+    .with_activity_log(
+        &n.meta
+            .get(&MetaAt::ActivityLog(0))
+            .map(|b| b.to_vec())
+            .unwrap_or_else(|| vec![0; crate::meta::RECORD_SIZE]),
+        &n.meta
+            .get(&MetaAt::ActivityLog(1))
+            .map(|b| b.to_vec())
+            .unwrap_or_else(|| vec![0; crate::meta::RECORD_SIZE]),
+    )
+    .unwrap()
 }
 
 impl Cluster {
@@ -1064,7 +1094,7 @@ fn generations_decide_the_same_direction_on_both_sides() {
             current: c.max(1),
             bitmap_gen: b,
             bitmap_alt: alt,
-            history: [h0, h1],
+            history: [h0, h1, 0, 0, 0, 0, 0, 0],
             dirty_bits: d,
             chunk: 4096,
             instance: 0,
@@ -1111,7 +1141,7 @@ fn generations_decide_the_same_direction_on_both_sides() {
         current,
         bitmap_gen,
         bitmap_alt: 0,
-        history,
+        history: [history[0], history[1], 0, 0, 0, 0, 0, 0],
         dirty_bits,
         chunk: 4096,
         instance: 0,
@@ -1183,7 +1213,10 @@ fn split_brain_is_detected_on_both_sides_and_nothing_is_overwritten() {
 
 #[test]
 fn a_restarted_node_resumes_from_its_metadata() {
-    let mut c = Cluster::connected(2, |_, cfg| cfg.bitmap_chunk = 1024);
+    let mut c = Cluster::connected(2, |_, cfg| {
+        cfg.bitmap_chunk = 1024;
+        cfg.extent_size = 1024;
+    });
     c.break_link(0, 1);
     c.run();
     for k in 0..8u64 {
@@ -1311,4 +1344,61 @@ fn a_replica_created_inconsistent_takes_a_full_sync_skipping_zeroes() {
         .log
         .iter()
         .any(|o| matches!(o, Op::WriteZeroes { .. })));
+}
+
+#[test]
+fn r20_after_a_primary_crash_only_activity_log_extents_are_resynced() {
+    let mut c = Cluster::connected(2, |_, cfg| {
+        cfg.bitmap_chunk = 512;
+        cfg.extent_size = 4096;
+        cfg.al_extents = 3;
+    });
+    // Writes in extents 0, 3, 5 and 9: the log keeps the last three.
+    for (k, e) in [0u64, 3, 5, 9].into_iter().enumerate() {
+        c.submit(0, k as u64 + 1, w(e * 4096, k as u8 + 1, 1, false));
+        c.run();
+    }
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    // A write reaches the primary's disk but not the peer, and the primary
+    // crashes before anyone is told.
+    c.links[0][1].hold = true;
+    c.submit(0, 9, w(9 * 4096 + 512, 0x99, 1, false));
+    c.run();
+    assert_ne!(c.nodes[0].disk, c.nodes[1].disk);
+    c.links[0][1].hold = false;
+    c.restart(0);
+    c.run();
+    let recovered = c.nodes[0].events.iter().rev().find_map(|e| match e {
+        Event::ActivityLogRecovered { extents, bytes } => Some((*extents, *bytes)),
+        _ => None,
+    });
+    assert_eq!(
+        recovered,
+        Some((3, 3 * 4096)),
+        "the log held extents 3, 5, 9"
+    );
+    // It comes back as Primary; the peer is resynced from it.
+    c.nodes[0].r.promote(c.now).unwrap();
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk, "the unacknowledged write");
+    assert!(c.nodes[0].events.contains(&Event::SyncFinished {
+        peer: pid(0, 1),
+        role: SyncRole::Source,
+        bytes: 3 * 4096
+    }));
+    // Demoting empties the log: a later restart resyncs nothing.
+    c.nodes[0].r.demote(c.now).unwrap();
+    c.run();
+    c.restart(0);
+    c.run();
+    assert_eq!(
+        c.nodes[0]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::ActivityLogRecovered { .. }))
+            .count(),
+        1
+    );
 }

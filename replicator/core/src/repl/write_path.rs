@@ -43,6 +43,8 @@ pub(crate) struct Request {
     /// Metadata version (bitmap bits, generation) that must be durable
     /// before the request is submitted or completed.
     pub(crate) meta_wait: u64,
+    /// Its extents are in the activity log (R20).
+    pub(crate) al_admitted: bool,
 }
 
 /// What a peer operation is.
@@ -53,7 +55,10 @@ pub(crate) enum ApplyKind {
     /// Resync data: answered with `ResyncAck`.
     Resync,
     /// The end of a resync: flush, then adopt the source's generations.
-    SyncDone { current: u64, history: [u64; 2] },
+    SyncDone {
+        current: u64,
+        history: crate::meta::History,
+    },
 }
 
 /// A peer's data frame or flush being applied locally.
@@ -182,6 +187,7 @@ impl Replica {
                 peers_pending: PeerSet::default(),
                 completed: false,
                 meta_wait: 0,
+                al_admitted: false,
             },
         );
     }
@@ -496,6 +502,18 @@ impl Replica {
             for seq in waiting {
                 if self.request_blocked(seq) {
                     continue;
+                }
+                // R20: its extents are in the activity log, durably.
+                let r = &self.requests[&seq];
+                if let (Some(range), false) = (r.range, r.al_admitted) {
+                    match self.al_admit(seq, range) {
+                        Some(v) => {
+                            let r = self.requests.get_mut(&seq).expect("listed above");
+                            r.al_admitted = true;
+                            r.meta_wait = r.meta_wait.max(v);
+                        }
+                        None => continue,
+                    }
                 }
                 // R8: peers that will not get the write have it marked in
                 // their bitmap, durably, first.
