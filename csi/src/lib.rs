@@ -16,9 +16,11 @@ pub mod error;
 pub mod identity;
 pub mod inflight;
 pub mod inventory;
+pub mod node;
 pub mod params;
 pub mod placement;
 pub mod server;
 pub mod store;
+pub mod sys;
 
 pub use bpfman_csi::v1 as csi;

@@ -1,5 +1,6 @@
 //! `tandem-csi`: the CSI driver binary (controller or node mode).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -8,8 +9,10 @@ use clap::{Parser, Subcommand};
 use tandem_csi::controller::{ControllerService, TestHooks};
 use tandem_csi::csi::controller_server::ControllerServer;
 use tandem_csi::csi::identity_server::IdentityServer;
+use tandem_csi::csi::node_server::NodeServer;
 use tandem_csi::identity::IdentityService;
-use tandem_csi::inventory::Inventory;
+use tandem_csi::inventory::{valid_node_name, Inventory};
+use tandem_csi::node::{NodeConfig, NodeService};
 use tandem_csi::server;
 use tandem_csi::store::FileStore;
 
@@ -36,6 +39,28 @@ enum Mode {
         /// Storage-node inventory (TOML: [[node]] name, capacity_bytes, topology).
         #[arg(long)]
         nodes: PathBuf,
+    },
+    /// Identity + Node services (run on every storage node, as root).
+    Node {
+        /// This node's id; must match the controller's inventory.
+        #[arg(long)]
+        node_id: String,
+        /// A topology label this node reports: KEY=VALUE (repeatable),
+        /// e.g. topology.kubernetes.io/zone=room-a.
+        #[arg(long = "topology", value_name = "KEY=VALUE")]
+        topology: Vec<String>,
+        /// Staged-volume records and per-volume run directories.
+        #[arg(long, default_value = "/var/lib/tandem-csi/node")]
+        state_dir: PathBuf,
+        /// Backing files of local replicas.
+        #[arg(long, default_value = "/var/lib/tandem/volumes")]
+        data_dir: PathBuf,
+        /// The tandemd binary.
+        #[arg(long, default_value = "tandemd")]
+        tandemd: PathBuf,
+        /// The tandemctl binary.
+        #[arg(long, default_value = "tandemctl")]
+        tandemctl: PathBuf,
     },
 }
 
@@ -73,6 +98,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tonic::transport::Server::builder()
                     .add_service(IdentityServer::new(IdentityService))
                     .add_service(ControllerServer::new(ctrl))
+            }
+            Mode::Node {
+                node_id,
+                topology,
+                state_dir,
+                data_dir,
+                tandemd,
+                tandemctl,
+            } => {
+                if !valid_node_name(&node_id) {
+                    anyhow::bail!("--node-id {node_id:?}: expected 1 to 253 of a-z A-Z 0-9 - _ .");
+                }
+                let mut labels = BTreeMap::new();
+                for t in &topology {
+                    let (k, v) = t
+                        .split_once('=')
+                        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                        .ok_or_else(|| anyhow::anyhow!("--topology {t:?}: expected KEY=VALUE"))?;
+                    labels.insert(k.to_string(), v.to_string());
+                }
+                let node = NodeService::new(NodeConfig {
+                    node_id,
+                    topology: labels,
+                    state_dir,
+                    data_dir,
+                    tandemd,
+                    tandemctl,
+                })?;
+                tracing::info!(endpoint = %path.display(), "tandem-csi node");
+                tonic::transport::Server::builder()
+                    .add_service(IdentityServer::new(IdentityService))
+                    .add_service(NodeServer::new(node))
             }
         };
         let listener = server::bind(&path)?;
