@@ -672,3 +672,129 @@ fn unstage_after_a_plugin_restart_still_cleans_up() {
     });
     assert_nothing_left(&d);
 }
+
+#[test]
+fn controller_and_node_provision_publish_and_delete_a_block_volume() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices(false) {
+        return;
+    }
+    let _serial = heavy_lock();
+    let inventory = format!(
+        r#"
+[[node]]
+name = "{NODE_ID}"
+capacity_bytes = 1073741824
+topology = {{ "{ZONE}" = "room-a" }}
+[[node]]
+name = "node-b"
+capacity_bytes = 1073741824
+topology = {{ "{ZONE}" = "room-b" }}
+"#
+    );
+    let ctrl = Driver::controller(&inventory, &[]);
+    let node = node_driver(Some(bins));
+    let _cleanup = Cleanup(node.path().to_path_buf());
+    let target = node.path().join("pods/vm/disk");
+    block_on(async {
+        let mut c = ctrl.controller_client().await;
+        let mut n = node.node_client().await;
+        // The CO asks for the volume near the node the pod was scheduled on.
+        let info = n
+            .node_get_info(csi::NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let mut req = create_req("pvc-vm", VOL as i64, vec![rwx_block()], &[]);
+        req.accessibility_requirements = Some(csi::TopologyRequirement {
+            requisite: vec![],
+            preferred: vec![info.accessible_topology.clone().unwrap()],
+        });
+        let v = c
+            .create_volume(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(v.accessible_topology[0].segments[NODE], NODE_ID);
+        let publish = c
+            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                node_id: info.node_id.clone(),
+                volume_capability: Some(rwx_block()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let staging = node.path().join("staging").join(&v.volume_id);
+        n.node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            publish_context: publish.publish_context.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(rwx_block()),
+            volume_context: v.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        n.node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            publish_context: publish.publish_context,
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(rwx_block()),
+            volume_context: v.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        write_read_block(&target, 0, b"a VM disk");
+        assert_eq!(read_block(&target, 0, 9), b"a VM disk");
+        assert_eq!(
+            std::fs::File::open(&target)
+                .unwrap()
+                .seek(SeekFrom::End(0))
+                .unwrap(),
+            VOL
+        );
+        // The replica's backing carries the volume's UUID.
+        let backing = node.path().join(format!("data/{}.img", v.volume_id));
+        let inspect = Command::new(&tandem_bins().unwrap().1)
+            .arg("inspect")
+            .arg(&backing)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&inspect.stdout).contains(&v.volume_context["tandem.io/uuid"]),
+            "{}",
+            String::from_utf8_lossy(&inspect.stdout)
+        );
+
+        n.node_unpublish_volume(unpublish_req(&v.volume_id, &target))
+            .await
+            .unwrap();
+        n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .unwrap();
+        c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: info.node_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    assert_nothing_left(&node);
+}
