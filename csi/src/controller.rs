@@ -528,7 +528,7 @@ impl ControllerService {
             Capability::parse(c)?;
         }
         let params = VolumeParams::parse(&req.parameters)?;
-        let requisite: Vec<Segment> = req.accessible_topology.iter().map(segment_of).collect();
+        let accessible: Option<Segment> = req.accessible_topology.as_ref().map(segment_of);
         let nodes = self.inventory.candidates(&self.store.list()?);
         let max = placement::max_volume_size(
             &nodes,
@@ -536,9 +536,10 @@ impl ControllerService {
                 replicas: params.replicas as usize,
                 size: 0,
                 spread_key: &params.topology_key,
-                requisite: &requisite,
+                requisite: &[],
                 preferred: &[],
             },
+            accessible.as_ref(),
         );
         let max = (max / SIZE_ALIGN * SIZE_ALIGN).min(i64::MAX as u64) as i64;
         Ok(csi::GetCapacityResponse {

@@ -28,6 +28,7 @@ impl InFlight {
                 "{op}: another operation on volume {key} is in progress; retry"
             )));
         }
+        tracing::debug!(volume = key, op, "operation started");
         Ok(Guard {
             busy: self.busy.clone(),
             key: key.to_string(),

@@ -38,7 +38,7 @@ use bpfman_csi::v1::node_service_capability::{rpc::Type as RpcType, Rpc, Type as
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-use crate::controller::{reply, CTX_REPLICAS, CTX_SIZE, CTX_UUID};
+use crate::controller::{reply, CTX_REPLICAS, CTX_SIZE, CTX_UUID, PUB_ROLE};
 use crate::error::{required, Error, Result};
 use crate::inflight::InFlight;
 use crate::params::{Access, Capability};
@@ -110,6 +110,17 @@ pub struct NodeService {
 impl NodeService {
     /// A node service; creates its state and data directories.
     pub fn new(cfg: NodeConfig) -> anyhow::Result<NodeService> {
+        // Unix socket paths are limited to 107 bytes; the longest one is
+        // STATE/run/tdm-<uuid>/admin.sock.
+        let longest =
+            cfg.state_dir.as_os_str().len() + "/run/tdm-".len() + 36 + "/admin.sock".len();
+        if longest > 107 {
+            anyhow::bail!(
+                "--state-dir {}: too long for the per-volume unix sockets (at most {} bytes)",
+                cfg.state_dir.display(),
+                cfg.state_dir.as_os_str().len() - (longest - 107)
+            );
+        }
         for d in [
             cfg.state_dir.join("staged"),
             cfg.state_dir.join("run"),
@@ -195,6 +206,20 @@ impl NodeService {
                 )));
             }
         }
+        if req.publish_context.get(PUB_ROLE).map(String::as_str) == Some("dual-primary") {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is published to two nodes (dual-primary, live migration), but this \
+                 version of the node plugin does not replicate between replicas yet; refusing to \
+                 serve two diverging copies"
+            )));
+        }
+        if ctx.get(CTX_REPLICAS).is_some_and(|r| r.contains(',')) {
+            tracing::warn!(
+                volume = %id,
+                "serving the local replica only: this version of the driver does not configure \
+                 replication between the replicas it placed"
+            );
+        }
         let _guard = self.inflight.begin(id, "NodeStageVolume")?;
         let (block, fs_type, flags) = match &cap.access {
             Access::Block => (true, None, Vec::new()),
@@ -229,6 +254,12 @@ impl NodeService {
             complete: false,
             targets: Vec::new(),
         };
+        if s.run_dir.join("admin.sock").as_os_str().len() > 107 {
+            return Err(Error::InvalidArgument(format!(
+                "volume_id {id:?} is too long for a unix socket under {}",
+                s.run_dir.display()
+            )));
+        }
         self.save(&s)?;
         match self
             .stage_steps(&mut s, size, uuid, cap.read_only, &flags)
@@ -406,6 +437,14 @@ impl NodeService {
         if let Some(dev) = &s.loop_dev {
             if sys::loop_backing_file(dev).is_some_and(|b| b == s.fuse_dir().join("nbd")) {
                 sys::run("losetup", &["-d", dev]).await?;
+                // A device still open (udev probing it, a stale user) is
+                // detached when released: give that a moment.
+                for _ in 0..100 {
+                    if sys::loop_backing_file(dev).is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 if sys::loop_backing_file(dev).is_some() {
                     return Err(Error::FailedPrecondition(format!(
                         "volume {id}: {dev} is still in use (published somewhere?); it detaches \

@@ -146,27 +146,33 @@ pub fn place_witness<'n>(
 }
 
 /// The largest volume size for which [`place`] finds a placement with these
-/// constraints (`req.size` is ignored), or 0 when none fits even an empty
-/// volume.
-pub fn max_volume_size(nodes: &[Node], req: &Request<'_>) -> u64 {
+/// constraints (`req.size` is ignored) whose first replica matches
+/// `accessible` (when given): the capacity "accessible from" a topology
+/// segment, since a pod uses the replica on its own node and the others may
+/// be anywhere. 0 when none fits even an empty volume.
+pub fn max_volume_size(nodes: &[Node], req: &Request<'_>, accessible: Option<&Segment>) -> u64 {
+    // Rank nodes matching `accessible` first: the greedy placement then
+    // starts there whenever such a node is eligible, and whether the rest
+    // fits does not depend on which matching node starts it.
+    let preferred: Vec<Segment> = accessible
+        .into_iter()
+        .cloned()
+        .chain(req.preferred.iter().cloned())
+        .collect();
+    let fits = |size: u64| {
+        let r = Request {
+            size,
+            preferred: &preferred,
+            ..req.clone()
+        };
+        place(nodes, &r).is_some_and(|p| accessible.is_none_or(|a| p[0].matches(a)))
+    };
     // Feasibility only shrinks as the size grows, and only changes at a
     // node's free-space value: try those, largest first.
     let mut sizes: Vec<u64> = nodes.iter().map(|n| n.free_bytes).collect();
     sizes.sort_unstable_by(|a, b| b.cmp(a));
     sizes.dedup();
-    sizes
-        .into_iter()
-        .find(|&size| {
-            place(
-                nodes,
-                &Request {
-                    size,
-                    ..req.clone()
-                },
-            )
-            .is_some()
-        })
-        .unwrap_or(0)
+    sizes.into_iter().find(|&size| fits(size)).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -273,11 +279,20 @@ mod tests {
     #[test]
     fn max_size_is_the_largest_placeable() {
         let nodes = [n("a1", "a", 10), n("a2", "a", 30), n("b1", "b", 20)];
-        assert_eq!(max_volume_size(&nodes, &req(2, 0, &[], &[])), 20);
-        assert_eq!(max_volume_size(&nodes, &req(1, 0, &[], &[])), 30);
-        assert_eq!(max_volume_size(&nodes, &req(3, 0, &[], &[])), 0);
+        assert_eq!(max_volume_size(&nodes, &req(2, 0, &[], &[]), None), 20);
+        assert_eq!(max_volume_size(&nodes, &req(1, 0, &[], &[]), None), 30);
+        assert_eq!(max_volume_size(&nodes, &req(3, 0, &[], &[]), None), 0);
         let only_a = [seg(&[(ZONE, "a")])];
-        assert_eq!(max_volume_size(&nodes, &req(1, 0, &only_a, &[])), 30);
+        assert_eq!(max_volume_size(&nodes, &req(1, 0, &only_a, &[]), None), 30);
+        // Accessible from one node: that node holds the first replica, the
+        // second goes to another zone.
+        let a1 = seg(&[(NODE_TOPOLOGY_KEY, "a1")]);
+        assert_eq!(max_volume_size(&nodes, &req(2, 0, &[], &[]), Some(&a1)), 10);
+        assert_eq!(max_volume_size(&nodes, &req(1, 0, &[], &[]), Some(&a1)), 10);
+        let b = seg(&[(ZONE, "b")]);
+        assert_eq!(max_volume_size(&nodes, &req(2, 0, &[], &[]), Some(&b)), 20);
+        let c = seg(&[(ZONE, "c")]);
+        assert_eq!(max_volume_size(&nodes, &req(1, 0, &[], &[]), Some(&c)), 0);
     }
 
     fn arb_nodes() -> impl Strategy<Value = Vec<Node>> {
@@ -334,16 +349,37 @@ mod tests {
             }
         }
 
-        /// `max_volume_size` is placeable and one byte more is not.
+        /// `max_volume_size` is placeable (with its first replica in the
+        /// accessible segment) and one byte more is not, checked against a
+        /// brute force over every choice of first node.
         #[test]
-        fn max_volume_size_is_tight(nodes in arb_nodes(), replicas in 1usize..4) {
+        fn max_volume_size_is_tight(
+            nodes in arb_nodes(),
+            replicas in 1usize..4,
+            zone in proptest::option::of(0u8..5),
+        ) {
             let r = req(replicas, 0, &[], &[]);
-            let max = max_volume_size(&nodes, &r);
-            let fits = |size| place(&nodes, &Request { size, ..r.clone() }).is_some();
+            let acc = zone.map(|z| seg(&[(ZONE, &format!("z{z}"))]));
+            let max = max_volume_size(&nodes, &r, acc.as_ref());
+            // Brute force: some node matching `acc` with `size` free, plus
+            // replicas-1 other zones with a node of `size` free.
+            let fits = |size: u64| {
+                nodes.iter().filter(|f| f.free_bytes >= size)
+                    .filter(|f| acc.as_ref().is_none_or(|a| f.matches(a)))
+                    .any(|first| {
+                        let z0 = first.segment_value(ZONE);
+                        let others: BTreeSet<&str> = nodes.iter()
+                            .filter(|x| x.free_bytes >= size)
+                            .filter_map(|x| x.segment_value(ZONE))
+                            .filter(|z| Some(*z) != z0)
+                            .collect();
+                        others.len() + 1 >= replicas
+                    })
+            };
             if max > 0 || fits(0) {
-                prop_assert!(fits(max));
+                prop_assert!(fits(max), "max {} does not fit", max);
             }
-            prop_assert!(!fits(max + 1));
+            prop_assert!(!fits(max + 1), "max {} is not tight", max);
         }
     }
 }

@@ -904,19 +904,27 @@ fn get_capacity_is_the_largest_volume_placeable_per_segment() {
             .into_inner();
         assert_eq!(all.available_capacity, 10 * GIB);
         assert_eq!(all.maximum_volume_size, Some(10 * GIB));
-        // One zone cannot hold two replicas; one replica fits.
+        // Accessible from zone a or node a1 (the segments Kubernetes asks
+        // about): the first replica there, the second in another zone.
         let a = c
             .get_capacity(cap_for(Some(topo(&[(ZONE, "a")])), &[]))
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(a.available_capacity, 0);
+        assert_eq!(a.available_capacity, 10 * GIB);
         let a1 = c
-            .get_capacity(cap_for(Some(topo(&[(ZONE, "a")])), &[("replicas", "1")]))
+            .get_capacity(cap_for(Some(topo(&[(ZONE, "a"), (NODE, "a1")])), &[]))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(a1.available_capacity, 10 * GIB);
+        // A segment no node matches: nothing.
+        let z = c
+            .get_capacity(cap_for(Some(topo(&[(ZONE, "z")])), &[]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(z.available_capacity, 0);
         // After an 8 GiB volume on two zones, the rest shrinks accordingly.
         let mut req = create_req("eight", 8 * GIB, vec![rwo_block()], &[]);
         req.accessibility_requirements = Some(csi::TopologyRequirement {
@@ -937,6 +945,21 @@ fn get_capacity_is_the_largest_volume_placeable_per_segment() {
             .unwrap()
             .into_inner();
         assert_eq!(three.available_capacity, 2 * GIB);
+        // From node a2: a2 holds 10 GiB, but the second replica must go to
+        // b1 or c1 (2 GiB left each); a single replica may use all 10 GiB.
+        let a2 = topo(&[(ZONE, "a"), (NODE, "a2")]);
+        let r = c
+            .get_capacity(cap_for(Some(a2.clone()), &[]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.available_capacity, 2 * GIB);
+        let r = c
+            .get_capacity(cap_for(Some(a2), &[("replicas", "1")]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.available_capacity, 10 * GIB);
         expect_code(
             c.get_capacity(cap_for(None, &[("replicas", "x")])).await,
             Code::InvalidArgument,
@@ -1024,9 +1047,31 @@ fn controller_expand_volume_grows_within_free_space() {
     });
 }
 
+/// Waits until the driver's log shows `op` holding a volume's guard for the
+/// `nth` time (the first is 1).
+async fn wait_started(d: &Driver, op: &str, nth: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = d
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("operation started") && l.contains(op))
+            .count();
+        if n >= nth {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{op} never started:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[test]
 fn a_second_operation_on_a_busy_volume_is_aborted() {
-    let d = Driver::controller(INVENTORY, &[("TANDEM_CSI_TEST_DELAY_MS", "1500")]);
+    let d = Driver::controller(INVENTORY, &[("TANDEM_CSI_TEST_DELAY_MS", "1000")]);
     block_on(async {
         let c = d.controller_client().await;
         let mut c1 = c.clone();
@@ -1034,7 +1079,7 @@ fn a_second_operation_on_a_busy_volume_is_aborted() {
             c1.create_volume(create_req("busy", GIB, vec![rwo_block()], &[]))
                 .await
         });
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        wait_started(&d, "CreateVolume", 1).await;
         let mut c2 = c.clone();
         let m = expect_code(
             c2.create_volume(create_req("busy", GIB, vec![rwo_block()], &[]))
@@ -1045,26 +1090,40 @@ fn a_second_operation_on_a_busy_volume_is_aborted() {
         let v = slow.await.unwrap().unwrap().into_inner().volume.unwrap();
         // Once the first finishes, the same volume takes operations again.
         let mut c3 = c.clone();
+        let id = v.volume_id.clone();
         let slow_delete = tokio::spawn(async move {
             c3.delete_volume(csi::DeleteVolumeRequest {
-                volume_id: v.volume_id.clone(),
+                volume_id: id,
                 ..Default::default()
             })
             .await
         });
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        wait_started(&d, "DeleteVolume", 1).await;
         let mut c4 = c.clone();
         expect_code(
-            c4.create_volume(create_req("busy", GIB, vec![rwo_block()], &[]))
-                .await,
+            c4.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 2 * GIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await,
             Code::Aborted,
         );
         slow_delete.await.unwrap().unwrap();
-        // Other volumes are not blocked by the busy one... (sequential here,
-        // each waits its own delay).
+        // Another volume is not blocked while one is busy.
+        let mut c5 = c.clone();
+        let busy = tokio::spawn(async move {
+            c5.create_volume(create_req("busy", GIB, vec![rwo_block()], &[]))
+                .await
+        });
+        wait_started(&d, "CreateVolume", 2).await;
         c4.create_volume(create_req("other", GIB, vec![rwo_block()], &[]))
             .await
             .unwrap();
+        busy.await.unwrap().unwrap();
     });
 }
 

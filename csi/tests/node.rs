@@ -391,6 +391,16 @@ fn node_calls_validate_arguments_and_teardown_of_unknown_volumes_is_ok() {
             .volume_context
             .insert("tandem.io/replicas".into(), "node-b,node-c".into());
         expect_code(n.node_stage_volume(other).await, Code::FailedPrecondition);
+        // Dual-primary needs replication between the replicas, which the
+        // node plugin does not configure yet: refused rather than serving
+        // two diverging copies.
+        let mut dual = stage_req(&d, "tdm-x", rwx_block());
+        dual.publish_context = map(&[
+            ("tandem.io/role", "dual-primary"),
+            ("tandem.io/other-primary", "node-b"),
+        ]);
+        let m = expect_code(n.node_stage_volume(dual).await, Code::FailedPrecondition);
+        assert!(m.contains("dual-primary"), "{m}");
         // Publish before stage.
         let target = d.path().join("target");
         expect_code(
