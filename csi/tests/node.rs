@@ -159,11 +159,13 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for m in mounts_under(&self.0) {
-            let _ = Command::new("umount").arg("-l").arg(&m).output();
-        }
+        // Loop devices first: their backing file (on the nbdfuse mount)
+        // only shows its full path while that mount is attached.
         for l in loops_under(&self.0) {
             let _ = Command::new("losetup").arg("-d").arg(&l).output();
+        }
+        for m in mounts_under(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&m).output();
         }
         for pid in processes_under(&self.0) {
             // SAFETY: kill(2) on processes our test started (their command
