@@ -282,6 +282,16 @@ fn unstage_req(d: &Driver, id: &str) -> csi::NodeUnstageVolumeRequest {
     }
 }
 
+fn mount_fstype(target: &Path) -> String {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .find(|l| l.split(' ').nth(4) == Some(&target.display().to_string()))
+        .and_then(|l| l.split(" - ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn mount_options(target: &Path) -> String {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     text.lines()
@@ -575,15 +585,34 @@ fn block_volume_stage_publish_unstage_with_real_devices() {
 
 #[test]
 fn filesystem_volume_is_formatted_once_mounted_and_published() {
+    check_filesystem("ext4", VOL, ("mkfs.ext4", "e2fsprogs"));
+}
+
+#[test]
+fn xfs_volume_is_formatted_once_mounted_and_published() {
+    // mkfs.xfs refuses filesystems under 300 MiB.
+    check_filesystem("xfs", 320 << 20, ("mkfs.xfs", "xfsprogs"));
+}
+
+fn check_filesystem(fs_type: &str, size: u64, (mkfs, package): (&str, &str)) {
     let Some(bins) = tandem_bins() else { return };
     if !require_devices(true) {
+        return;
+    }
+    if !on_path(mkfs) {
+        skip(&format!("{mkfs} not installed (apt-get install {package})"));
         return;
     }
     let _serial = heavy_lock();
     let d = node_driver(Some(bins));
     let _cleanup = Cleanup(d.path().to_path_buf());
-    let id = "tdm-fs";
-    let fs = cap(Mode::SingleNodeWriter, false, "ext4");
+    let id = format!("tdm-{fs_type}");
+    let id = id.as_str();
+    let fs = cap(Mode::SingleNodeWriter, false, fs_type);
+    let stage_req = |d: &Driver, id: &str, c: csi::VolumeCapability| csi::NodeStageVolumeRequest {
+        volume_context: vol_ctx(size),
+        ..stage_req(d, id, c)
+    };
     let t1 = d.path().join("pods/p1/mount");
     let t2 = d.path().join("pods/p2/mount");
     block_on(async {
@@ -624,7 +653,10 @@ fn filesystem_volume_is_formatted_once_mounted_and_published() {
             .unwrap()
             .into_inner();
         assert_eq!(stats.usage.len(), 2, "bytes and inodes: {stats:?}");
-        assert!(stats.usage[0].total > 0 && stats.usage[0].total <= VOL as i64);
+        assert!(stats.usage[0].total > 0 && stats.usage[0].total <= size as i64);
+        // The filesystem is the one asked for.
+        let fstype = mount_fstype(&t1);
+        assert_eq!(fstype, fs_type);
 
         for t in [&t1, &t2] {
             n.node_unpublish_volume(unpublish_req(id, t)).await.unwrap();
