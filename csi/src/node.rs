@@ -227,16 +227,33 @@ impl NodeService {
         };
         if let Some(s) = self.load(id)? {
             if s.complete {
-                if s.staging_path == staging && s.block == block && s.fs_type == fs_type {
+                if s.staging_path != staging || s.block != block || s.fs_type != fs_type {
+                    return Err(Error::AlreadyExists(format!(
+                        "volume {id} is already staged at {} as {}",
+                        s.staging_path.display(),
+                        if s.block { "block" } else { "filesystem" }
+                    )));
+                }
+                let problems = problems(&s)?;
+                if problems.is_empty() {
                     return Ok(());
                 }
-                return Err(Error::AlreadyExists(format!(
-                    "volume {id} is already staged at {} as {}",
-                    s.staging_path.display(),
-                    if s.block { "block" } else { "filesystem" }
-                )));
+                // Broken, e.g. after a node reboot (the record survives,
+                // processes, loop devices and mounts do not): stage anew,
+                // unless a pod still uses the old device.
+                let published = mounted_targets(&s)?;
+                if !published.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} is staged but broken ({}) while still published at {}; \
+                         unpublish it, then stage again",
+                        problems.join("; "),
+                        published.join(", ")
+                    )));
+                }
+                tracing::warn!(volume = %id, "staged volume is broken ({}); staging it again", problems.join("; "));
+            } else {
+                tracing::info!(volume = %id, "undoing an incomplete stage before staging again");
             }
-            tracing::info!(volume = %id, "undoing an incomplete stage before staging again");
             self.teardown(s).await?;
         }
         let mut s = Staged {
@@ -462,9 +479,11 @@ impl NodeService {
         }
         if let Some(pid) = s.nbdfuse_pid {
             sys::stop_process(pid, "nbdfuse", Duration::from_secs(5)).await;
+            sys::reap(pid as libc::pid_t); // if it had died already
         }
         if let Some(pid) = s.tandemd_pid {
             sys::stop_process(pid, &id, STOP_GRACE).await;
+            sys::reap(pid as libc::pid_t);
         }
         match std::fs::remove_dir_all(&s.run_dir) {
             Ok(()) => {}
@@ -489,12 +508,7 @@ impl NodeService {
         let _guard = self.inflight.begin(id, "NodeUnstageVolume")?;
         match self.load(id)? {
             Some(s) => {
-                let mut published = Vec::new();
-                for t in &s.targets {
-                    if sys::is_mount_point(t)? {
-                        published.push(t.display().to_string());
-                    }
-                }
+                let published = mounted_targets(&s)?;
                 if !published.is_empty() {
                     return Err(Error::FailedPrecondition(format!(
                         "volume {id} is still published at {}; unpublish it first",
@@ -633,16 +647,7 @@ impl NodeService {
                 },
             ]
         };
-        let mut problems = Vec::new();
-        if !s.tandemd_pid.is_some_and(|p| sys::process_matches(p, id)) {
-            problems.push("tandemd is not running");
-        }
-        if !s
-            .nbdfuse_pid
-            .is_some_and(|p| sys::process_matches(p, "nbdfuse"))
-        {
-            problems.push("nbdfuse is not running");
-        }
+        let problems = problems(&s)?;
         Ok(csi::NodeGetVolumeStatsResponse {
             usage,
             volume_condition: Some(csi::VolumeCondition {
@@ -655,6 +660,45 @@ impl NodeService {
             }),
         })
     }
+}
+
+/// Target paths of a staged volume that are still mounted.
+fn mounted_targets(s: &Staged) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for t in &s.targets {
+        if sys::is_mount_point(t)? {
+            out.push(t.display().to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// What is wrong with a completely staged volume (empty when healthy):
+/// its `tandemd` or `nbdfuse` died, its loop device is gone or points
+/// elsewhere, its filesystem is not mounted.
+fn problems(s: &Staged) -> Result<Vec<String>> {
+    let mut p = Vec::new();
+    if !s
+        .tandemd_pid
+        .is_some_and(|pid| sys::process_matches(pid, &s.volume_id))
+    {
+        p.push("tandemd is not running".to_string());
+    }
+    if !s
+        .nbdfuse_pid
+        .is_some_and(|pid| sys::process_matches(pid, "nbdfuse"))
+    {
+        p.push("nbdfuse is not running".to_string());
+    }
+    match &s.loop_dev {
+        Some(dev) if sys::loop_backing_file(dev) == Some(s.fuse_dir().join("nbd")) => {}
+        Some(dev) => p.push(format!("{dev} is no longer attached to the volume")),
+        None => p.push("no loop device".to_string()),
+    }
+    if s.fs_type.is_some() && !sys::is_mount_point(&s.staging_path)? {
+        p.push(format!("{} is not mounted", s.staging_path.display()));
+    }
+    Ok(p)
 }
 
 /// Waits until `ready()` holds, failing early (with the log's tail) if the

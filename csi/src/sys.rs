@@ -83,11 +83,16 @@ pub fn mount_points() -> Result<Vec<PathBuf>> {
 
 /// Whether `path` is a mount point (compared after resolving symlinks).
 pub fn is_mount_point(path: &Path) -> Result<bool> {
-    let p = match std::fs::canonicalize(path) {
-        Ok(p) => p,
-        Err(_) => return Ok(false),
-    };
-    Ok(mount_points()?.contains(&p))
+    // A dead FUSE mount cannot be resolved itself (ENOTCONN): resolve its
+    // parent instead.
+    let p = std::fs::canonicalize(path).or_else(|e| match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent).map(|p| p.join(name)),
+        _ => Err(e),
+    });
+    match p {
+        Ok(p) => Ok(mount_points()?.contains(&p)),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Unmounts `path` if it is a mount point (every stacked mount on it).

@@ -842,3 +842,70 @@ topology = {{ "{ZONE}" = "room-b" }}
     });
     assert_nothing_left(&node);
 }
+
+#[test]
+fn a_broken_stage_is_reported_and_staged_again() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices(false) {
+        return;
+    }
+    let _serial = heavy_lock();
+    let d = node_driver(Some(bins));
+    let _cleanup = Cleanup(d.path().to_path_buf());
+    let id = "tdm-broken";
+    let target = d.path().join("pods/p/dev");
+    block_on(async {
+        let mut n = d.node_client().await;
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&d, id, &target, rwo_block(), false))
+            .await
+            .unwrap();
+        write_read_block(&target, 0, b"before the crash");
+        // tandemd and nbdfuse die (a crash, an OOM kill; after a node
+        // reboot the loop device and mounts are gone too).
+        let pids = processes_under(&d.path().join("state/run"));
+        assert_eq!(pids.len(), 2, "expected tandemd and nbdfuse: {pids:?}");
+        for pid in pids {
+            // SAFETY: kill(2) on processes this test's driver started.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let stats = n
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: target.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let cond = stats.volume_condition.unwrap();
+        assert!(cond.abnormal, "{cond:?}");
+        assert!(cond.message.contains("tandemd is not running"), "{cond:?}");
+        // Still published: staging again is refused, saying why.
+        let m = expect_code(
+            n.node_stage_volume(stage_req(&d, id, rwo_block())).await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("broken") && m.contains("published"), "{m}");
+        n.node_unpublish_volume(unpublish_req(id, &target))
+            .await
+            .unwrap();
+        // Now NodeStage repairs it: a new tandemd, nbdfuse and loop device,
+        // and the acknowledged write is still there.
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&d, id, &target, rwo_block(), false))
+            .await
+            .unwrap();
+        assert_eq!(read_block(&target, 0, 16), b"before the crash");
+        n.node_unpublish_volume(unpublish_req(id, &target))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+    });
+    assert_nothing_left(&d);
+}
