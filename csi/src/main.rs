@@ -96,7 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ControllerService::new(Arc::new(store), inventory, TestHooks::from_env());
                 tracing::info!(endpoint = %path.display(), "tandem-csi controller");
                 tonic::transport::Server::builder()
-                    .add_service(IdentityServer::new(IdentityService))
+                    .add_service(IdentityServer::new(IdentityService::default()))
                     .add_service(ControllerServer::new(ctrl))
             }
             Mode::Node {
@@ -118,6 +118,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .ok_or_else(|| anyhow::anyhow!("--topology {t:?}: expected KEY=VALUE"))?;
                     labels.insert(k.to_string(), v.to_string());
                 }
+                let identity = IdentityService {
+                    required_programs: [
+                        tandemd.clone(),
+                        tandemctl.clone(),
+                        "nbdfuse".into(),
+                        "fusermount3".into(),
+                        "losetup".into(),
+                        "mount".into(),
+                        "umount".into(),
+                        "blkid".into(),
+                    ]
+                    .into(),
+                    required_devices: ["/dev/fuse".into(), "/dev/loop-control".into()].into(),
+                };
+                for m in identity.missing() {
+                    tracing::warn!("missing {m}: Probe reports not ready until it is installed");
+                }
                 let node = NodeService::new(NodeConfig {
                     node_id,
                     topology: labels,
@@ -128,7 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })?;
                 tracing::info!(endpoint = %path.display(), "tandem-csi node");
                 tonic::transport::Server::builder()
-                    .add_service(IdentityServer::new(IdentityService))
+                    .add_service(IdentityServer::new(identity))
                     .add_service(NodeServer::new(node))
             }
         };

@@ -214,7 +214,12 @@ fn node_driver(bins: Option<(PathBuf, PathBuf)>) -> Driver {
         .prefix("tandem-csi-node-")
         .tempdir_in("/var/tmp")
         .expect("temp dir");
-    let (tandemd, tandemctl) = bins.unwrap_or_else(|| ("tandemd".into(), "tandemctl".into()));
+    let (tandemd, tandemctl) = bins.unwrap_or_else(|| {
+        (
+            "/nonexistent/tandemd".into(),
+            "/nonexistent/tandemctl".into(),
+        )
+    });
     let args = vec![
         "node".to_string(),
         "--node-id".into(),
@@ -331,15 +336,13 @@ fn node_reports_its_id_topology_and_capabilities() {
             .collect();
         assert!(rpcs.contains(&(R::StageUnstageVolume as i32)));
         assert!(rpcs.contains(&(R::GetVolumeStats as i32)));
+        // This driver was given no tandemd: Probe says it is not ready, and why.
         let mut id = d.identity().await;
-        assert_eq!(
-            id.probe(csi::ProbeRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .ready,
-            Some(true)
+        let m = expect_code(
+            id.probe(csi::ProbeRequest {}).await,
+            Code::FailedPrecondition,
         );
+        assert!(m.contains("/nonexistent/tandemd"), "{m}");
     });
 }
 
@@ -488,6 +491,14 @@ fn block_volume_stage_publish_unstage_with_real_devices() {
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     block_on(async {
+        // Everything staging needs is here: Probe is ready.
+        let mut ident = d.identity().await;
+        let probe = ident
+            .probe(csi::ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(probe.ready, Some(true));
         let mut n = d.node_client().await;
         n.node_stage_volume(stage_req(&d, id, rwo_block()))
             .await
