@@ -772,3 +772,21 @@ impl Controller for ControllerService {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Volume ids are derived from names; changing the derivation would make
+    /// an upgraded controller create a second volume for a retried name.
+    #[test]
+    fn volume_ids_are_stable() {
+        let (id, uuid) = volume_id("pvc-1");
+        assert_eq!(id, format!("tdm-{uuid}"));
+        assert_eq!(id, PINNED_PVC_1);
+        assert_ne!(volume_id("pvc-2").0, id);
+        assert!(crate::store::valid_id(&id));
+    }
+
+    const PINNED_PVC_1: &str = "tdm-0b7cd4f2-2572-5839-986f-c27b333b2c6b";
+}

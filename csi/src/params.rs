@@ -392,3 +392,46 @@ mod tests {
         assert!(!size_fits(4 << 20, r(0, 1 << 20).as_ref()));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any parameter map parses or is INVALID_ARGUMENT naming a key; never a panic.
+        #[test]
+        fn parameters_never_panic(
+            map in proptest::collection::hash_map(
+                prop_oneof![
+                    Just("replicas".to_string()), Just("protocol".to_string()),
+                    Just("witness".to_string()), Just("topologyKey".to_string()), ".{0,12}"
+                ],
+                ".{0,12}",
+                0..5,
+            )
+        ) {
+            match VolumeParams::parse(&map) {
+                Ok(p) => prop_assert!((1..=MAX_REPLICAS).contains(&p.replicas)),
+                Err(e) => {
+                    prop_assert_eq!(e.code(), tonic::Code::InvalidArgument);
+                    let msg = e.to_string();
+                    prop_assert!(
+                        map.keys().any(|k| msg.contains(k.as_str()) || msg.contains(&format!("{k:?}"))),
+                        "{}", msg
+                    );
+                }
+            }
+        }
+
+        /// Any capacity range gives a 1 MiB multiple inside it, or an error; never a panic.
+        #[test]
+        fn sizes_lie_in_the_range(required in any::<i64>(), limit in any::<i64>()) {
+            let r = CapacityRange { required_bytes: required, limit_bytes: limit };
+            if let Ok(size) = size_for(Some(&r)) {
+                prop_assert_eq!(size % SIZE_ALIGN, 0);
+                prop_assert!(size_fits(size, Some(&r)), "{} outside {:?}", size, r);
+            }
+        }
+    }
+}
