@@ -39,6 +39,10 @@ pub const CTX_WITNESS: &str = "tandem.io/witness";
 pub const PUB_ROLE: &str = "tandem.io/role";
 /// Publish-context key: the other node the volume is published to, in dual-primary.
 pub const PUB_OTHER: &str = "tandem.io/other-primary";
+/// Publish-context key: the node whose replica holds the volume's data (the
+/// first node it was published to). A node without a replica must not
+/// create a blank one unless it is this node.
+pub const PUB_DATA_ON: &str = "tandem.io/data-on";
 
 /// Hooks the conformance tests use to reach states that are otherwise racy
 /// to produce. Read once from the environment; all off by default.
@@ -156,6 +160,9 @@ fn publish_context(rec: &VolumeRecord, node: &str) -> HashMap<String, String> {
     )]);
     if let Some(o) = others.first() {
         ctx.insert(PUB_OTHER.to_string(), o.to_string());
+    }
+    if let Some(n) = &rec.initialized_on {
+        ctx.insert(PUB_DATA_ON.to_string(), n.clone());
     }
     ctx
 }
@@ -297,6 +304,7 @@ impl ControllerService {
             witness,
             state: VolumeState::Creating,
             attachments: Vec::new(),
+            initialized_on: None,
         };
         self.store.put(&rec)?;
         if self.hooks.crash_after_creating {
@@ -409,6 +417,9 @@ impl ControllerService {
             readonly: req.readonly,
             multi_node: cap.multi_node,
         });
+        if rec.initialized_on.is_none() {
+            rec.initialized_on = Some(node.to_string());
+        }
         self.store.put(&rec)?;
         Ok(publish_context(&rec, node))
     }

@@ -38,7 +38,7 @@ use bpfman_csi::v1::node_service_capability::{rpc::Type as RpcType, Rpc, Type as
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-use crate::controller::{reply, CTX_REPLICAS, CTX_SIZE, CTX_UUID, PUB_ROLE};
+use crate::controller::{reply, CTX_REPLICAS, CTX_SIZE, CTX_UUID, PUB_DATA_ON, PUB_ROLE};
 use crate::error::{required, Error, Result};
 use crate::inflight::InFlight;
 use crate::params::{Access, Capability};
@@ -279,7 +279,14 @@ impl NodeService {
         }
         self.save(&s)?;
         match self
-            .stage_steps(&mut s, size, uuid, cap.read_only, &flags)
+            .stage_steps(
+                &mut s,
+                size,
+                uuid,
+                cap.read_only,
+                &flags,
+                req.publish_context.get(PUB_DATA_ON).map(String::as_str),
+            )
             .await
         {
             Ok(()) => {
@@ -305,10 +312,20 @@ impl NodeService {
         uuid: uuid::Uuid,
         read_only: bool,
         flags: &[String],
+        data_on: Option<&str>,
     ) -> Result<()> {
         let id = s.volume_id.clone();
-        // 1. The local replica's backing.
+        // 1. The local replica's backing. Until replication is wired up,
+        // only the node holding the volume's data may create it: anywhere
+        // else a blank replica would be served in place of the data.
         if !s.backing.exists() {
+            if let Some(data_on) = data_on.filter(|n| *n != self.cfg.node_id) {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} has no replica on this node yet and its data is on node \
+                     {data_on}; this version does not replicate, so it will not serve a blank \
+                     replica in its place"
+                )));
+            }
             let tandemctl = self.cfg.tandemctl.display().to_string();
             let backing = s.backing.display().to_string();
             let size = size.to_string();

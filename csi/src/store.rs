@@ -73,6 +73,11 @@ pub struct VolumeRecord {
     pub state: VolumeState,
     /// Nodes the volume is published to (at most two: dual-primary).
     pub attachments: Vec<Attachment>,
+    /// The node the volume was first published to: the only replica that
+    /// holds its data until the driver wires up replication. Other nodes
+    /// must not create a blank replica and serve it in its place.
+    #[serde(default)]
+    pub initialized_on: Option<String>,
 }
 
 /// Where volume records live. Implementations must make `put` durable before
@@ -212,6 +217,7 @@ mod tests {
             witness: None,
             state: VolumeState::Creating,
             attachments: vec![],
+            initialized_on: None,
         }
     }
 

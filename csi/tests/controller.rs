@@ -633,6 +633,10 @@ fn publish_single_writer_then_dual_primary_for_rwx_block() {
             .into_inner()
             .publish_context;
         assert_eq!(ctx["tandem.io/role"], "primary");
+        assert_eq!(
+            &ctx["tandem.io/data-on"], src,
+            "the first publication holds the data"
+        );
         let again = c
             .controller_publish_volume(publish(&id, src, rwx_block(), false))
             .await
@@ -698,6 +702,8 @@ fn publish_single_writer_then_dual_primary_for_rwx_block() {
             .into_inner()
             .publish_context;
         assert_eq!(ctx["tandem.io/role"], "primary", "{ctx:?}");
+        // The data stays where it was first written (no replication yet).
+        assert_eq!(&ctx["tandem.io/data-on"], src, "{ctx:?}");
         let ctx = c
             .controller_publish_volume(publish(&id, third, rwx_block(), false))
             .await

@@ -86,6 +86,7 @@ fn crd_mirrors_the_volume_record_fields() {
         "witness:",
         "state:",
         "attachments:",
+        "initialized_on:",
         "multi_node:",
         "readonly:",
     ] {

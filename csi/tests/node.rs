@@ -406,6 +406,29 @@ fn node_calls_validate_arguments_and_teardown_of_unknown_volumes_is_ok() {
             .volume_context
             .insert("tandem.io/replicas".into(), "node-b,node-c".into());
         expect_code(n.node_stage_volume(other).await, Code::FailedPrecondition);
+        // The volume's data is on another node and this node has no
+        // replica yet: no blank replica is created in its place.
+        let mut elsewhere = stage_req(&d, "tdm-x", rwo_block());
+        elsewhere.publish_context = map(&[
+            ("tandem.io/role", "primary"),
+            ("tandem.io/data-on", "node-b"),
+        ]);
+        let m = expect_code(
+            n.node_stage_volume(elsewhere).await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("node-b") && m.contains("blank"), "{m}");
+        let staged: Vec<_> = std::fs::read_dir(d.path().join("state/staged"))
+            .unwrap()
+            .collect();
+        assert!(
+            staged.is_empty(),
+            "a refused stage left a record: {staged:?}"
+        );
+        assert!(
+            !d.path().join("data/tdm-x.img").exists(),
+            "a refused stage created a backing"
+        );
         // Dual-primary needs replication between the replicas, which the
         // node plugin does not configure yet: refused rather than serving
         // two diverging copies.
