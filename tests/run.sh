@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 needs=(
   "fio fio" "qemu-nbd qemu-utils" "qemu-io qemu-utils" "nbdinfo libnbd-bin"
   "nbdcopy libnbd-bin" "nbdkit nbdkit" "fusermount3 fuse3" "mkfs.ext4 e2fsprogs"
-  "e2fsck e2fsprogs" "ip iproute2" "nft nftables" "losetup mount" "modprobe kmod"
+  "e2fsck e2fsprogs" "mkfs.xfs xfsprogs" "ip iproute2" "nft nftables" "losetup mount" "modprobe kmod"
 )
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

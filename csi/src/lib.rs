@@ -1,58 +1,26 @@
-//! Tandem's CSI driver. For now this crate holds only the placement rule the
-//! controller will use: a pure function that picks nodes for a volume's
-//! replicas so that no two share a failure domain (zone). The gRPC services
-//! arrive with the CSI issue.
+//! `tandem-csi`: Tandem's Kubernetes CSI driver (CSI spec v1).
+//!
+//! One binary, two modes. `tandem-csi controller` serves the Identity and
+//! Controller services: volume records ([`store`]), replica placement (the
+//! pure [`placement::place`]), publication with dual-primary for
+//! MULTI_NODE_MULTI_WRITER block volumes. `tandem-csi node` serves Identity
+//! and Node: it runs a `tandemd` per staged volume and attaches it as a
+//! block device (`nbdfuse` + a loop device), formats and mounts
+//! filesystems, and bind-mounts into pods. Both speak gRPC on a unix socket.
+//!
+//! The CSI protobuf types and service traits come from the `bpfman-csi`
+//! crate (generated code shipped in the crate, built with tonic 0.11).
 
-/// A candidate node for a replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Node {
-    /// Node name.
-    pub name: String,
-    /// Value of the topology key replicas must differ on (e.g. the zone).
-    pub zone: String,
-    /// Free capacity in bytes.
-    pub free_bytes: u64,
-}
+pub mod controller;
+pub mod error;
+pub mod identity;
+pub mod inflight;
+pub mod inventory;
+pub mod node;
+pub mod params;
+pub mod placement;
+pub mod server;
+pub mod store;
+pub mod sys;
 
-/// Picks `replicas` nodes in distinct zones, each with at least `size` bytes
-/// free, preferring the nodes with the most free space. Returns `None` when no
-/// such choice exists.
-pub fn place(nodes: &[Node], replicas: usize, size: u64) -> Option<Vec<&Node>> {
-    let mut fitting: Vec<&Node> = nodes.iter().filter(|n| n.free_bytes >= size).collect();
-    fitting.sort_by(|a, b| b.free_bytes.cmp(&a.free_bytes).then(a.name.cmp(&b.name)));
-    let mut chosen: Vec<&Node> = Vec::with_capacity(replicas);
-    for n in fitting {
-        if chosen.len() == replicas {
-            break;
-        }
-        if chosen.iter().all(|c| c.zone != n.zone) {
-            chosen.push(n);
-        }
-    }
-    (chosen.len() == replicas).then_some(chosen)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn n(name: &str, zone: &str, free: u64) -> Node {
-        Node {
-            name: name.into(),
-            zone: zone.into(),
-            free_bytes: free,
-        }
-    }
-
-    #[test]
-    fn replicas_land_in_distinct_zones() {
-        let nodes = [n("a1", "a", 10), n("a2", "a", 20), n("b1", "b", 5)];
-        let p = place(&nodes, 2, 5).unwrap();
-        assert_eq!(
-            p.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(),
-            ["a2", "b1"]
-        );
-        assert!(place(&nodes, 2, 6).is_none());
-        assert!(place(&nodes, 3, 1).is_none());
-    }
-}
+pub use bpfman_csi::v1 as csi;

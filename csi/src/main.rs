@@ -1,6 +1,155 @@
-//! `tandem-csi`: placeholder binary until the CSI issue lands.
+//! `tandem-csi`: the CSI driver binary (controller or node mode).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tandem_csi::controller::{ControllerService, TestHooks};
+use tandem_csi::csi::controller_server::ControllerServer;
+use tandem_csi::csi::identity_server::IdentityServer;
+use tandem_csi::csi::node_server::NodeServer;
+use tandem_csi::identity::IdentityService;
+use tandem_csi::inventory::{valid_node_name, Inventory};
+use tandem_csi::node::{NodeConfig, NodeService};
+use tandem_csi::server;
+use tandem_csi::store::FileStore;
+
+#[derive(Parser)]
+#[command(name = "tandem-csi", version, about = "Tandem CSI driver")]
+struct Cli {
+    /// CSI endpoint: unix:///path/to/csi.sock
+    #[arg(long, global = true, default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Identity + Controller services.
+    Controller {
+        /// Directory of the file volume-record store.
+        #[arg(long, default_value = "/var/lib/tandem-csi/volumes")]
+        state_dir: PathBuf,
+        /// Storage-node inventory (TOML: [[node]] name, capacity_bytes, topology).
+        #[arg(long)]
+        nodes: PathBuf,
+    },
+    /// Identity + Node services (run on every storage node, as root).
+    Node {
+        /// This node's id; must match the controller's inventory.
+        #[arg(long)]
+        node_id: String,
+        /// A topology label this node reports: KEY=VALUE (repeatable),
+        /// e.g. topology.kubernetes.io/zone=room-a.
+        #[arg(long = "topology", value_name = "KEY=VALUE")]
+        topology: Vec<String>,
+        /// Staged-volume records and per-volume run directories.
+        #[arg(long, default_value = "/var/lib/tandem-csi/node")]
+        state_dir: PathBuf,
+        /// Backing files of local replicas.
+        #[arg(long, default_value = "/var/lib/tandem/volumes")]
+        data_dir: PathBuf,
+        /// The tandemd binary.
+        #[arg(long, default_value = "tandemd")]
+        tandemd: PathBuf,
+        /// The tandemctl binary.
+        #[arg(long, default_value = "tandemctl")]
+        tandemctl: PathBuf,
+    },
+}
 
 fn main() {
-    eprintln!("tandem-csi: the CSI gRPC driver is not implemented yet; see docs/architecture.md");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("tandem-csi: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let path = server::socket_path(&cli.endpoint)?;
+    rt.block_on(async move {
+        let router = match cli.mode {
+            Mode::Controller { state_dir, nodes } => {
+                let inventory = Inventory::load(&nodes)?;
+                let store = FileStore::open(&state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let ctrl =
+                    ControllerService::new(Arc::new(store), inventory, TestHooks::from_env());
+                tracing::info!(endpoint = %path.display(), "tandem-csi controller");
+                tonic::transport::Server::builder()
+                    .add_service(IdentityServer::new(IdentityService::default()))
+                    .add_service(ControllerServer::new(ctrl))
+            }
+            Mode::Node {
+                node_id,
+                topology,
+                state_dir,
+                data_dir,
+                tandemd,
+                tandemctl,
+            } => {
+                if !valid_node_name(&node_id) {
+                    anyhow::bail!("--node-id {node_id:?}: expected 1 to 253 of a-z A-Z 0-9 - _ .");
+                }
+                let mut labels = BTreeMap::new();
+                for t in &topology {
+                    let (k, v) = t
+                        .split_once('=')
+                        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                        .ok_or_else(|| anyhow::anyhow!("--topology {t:?}: expected KEY=VALUE"))?;
+                    labels.insert(k.to_string(), v.to_string());
+                }
+                let identity = IdentityService {
+                    required_programs: [
+                        tandemd.clone(),
+                        tandemctl.clone(),
+                        "nbdfuse".into(),
+                        "fusermount3".into(),
+                        "losetup".into(),
+                        "mount".into(),
+                        "umount".into(),
+                        "blkid".into(),
+                    ]
+                    .into(),
+                    required_devices: ["/dev/fuse".into(), "/dev/loop-control".into()].into(),
+                };
+                for m in identity.missing() {
+                    tracing::warn!("missing {m}: Probe reports not ready until it is installed");
+                }
+                let node = NodeService::new(NodeConfig {
+                    node_id,
+                    topology: labels,
+                    state_dir,
+                    data_dir,
+                    tandemd,
+                    tandemctl,
+                })?;
+                tracing::info!(endpoint = %path.display(), "tandem-csi node");
+                tonic::transport::Server::builder()
+                    .add_service(IdentityServer::new(identity))
+                    .add_service(NodeServer::new(node))
+            }
+        };
+        let listener = server::bind(&path)?;
+        server::serve(router, listener, &path).await
+    })
 }

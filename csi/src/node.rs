@@ -1,0 +1,859 @@
+//! The CSI Node service: stage a volume as a block device on this node,
+//! publish it into pods, tear it all down again.
+//!
+//! Staging a volume, step by step (each step is recorded in
+//! `STATE/staged/<id>.json` before the next starts, so an unstage after a
+//! failure or a plugin restart undoes exactly what exists):
+//!
+//! 1. the local replica's backing `DATA/<id>.img` is created with
+//!    `tandemctl create` unless it exists (same UUID on every replica);
+//! 2. a `tandemd` serving that one export runs in `STATE/run/<id>/` (its own
+//!    NBD and admin sockets, its own process group, so it outlives a plugin
+//!    restart);
+//! 3. the attacher turns the NBD export into a block device: `nbdfuse`
+//!    exposes it as a file and `losetup` makes a loop device of it (the
+//!    kernel `nbd` attacher is future work);
+//! 4. for a filesystem volume, the device is formatted when blank (`blkid`
+//!    finds nothing) and mounted on the staging path.
+//!
+//! Publishing bind-mounts the device file (block) or the staging directory
+//! (filesystem) onto the target path, read-only when asked. Unpublish and
+//! unstage are idempotent and leave no mount, loop device, process or run
+//! directory behind; the backing file stays (it is the replica's data).
+//!
+//! In this version the staged `tandemd` serves the local replica without
+//! replication: peers, certificates and dual-primary role changes are the
+//! next step (see `docs/csi.md`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bpfman_csi::v1 as csi;
+use bpfman_csi::v1::node_server::Node;
+use bpfman_csi::v1::node_service_capability::{rpc::Type as RpcType, Rpc, Type as CapType};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+
+use crate::controller::{reply, CTX_REPLICAS, CTX_SIZE, CTX_UUID, PUB_DATA_ON, PUB_ROLE};
+use crate::error::{required, Error, Result};
+use crate::inflight::InFlight;
+use crate::params::{Access, Capability};
+use crate::placement::NODE_TOPOLOGY_KEY;
+use crate::store::valid_id;
+use crate::sys;
+
+/// How long `tandemd` and `nbdfuse` may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `tandemd` gets to flush and exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// The node plugin's configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id (must match the controller's inventory).
+    pub node_id: String,
+    /// Topology labels reported in NodeGetInfo.
+    pub topology: BTreeMap<String, String>,
+    /// Staged-volume records and per-volume run directories.
+    pub state_dir: PathBuf,
+    /// Backing files of local replicas.
+    pub data_dir: PathBuf,
+    /// The `tandemd` binary.
+    pub tandemd: PathBuf,
+    /// The `tandemctl` binary.
+    pub tandemctl: PathBuf,
+}
+
+/// Version of the staged-volume record format.
+const STAGED_VERSION: u32 = 1;
+
+/// What has been set up for one staged volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Staged {
+    version: u32,
+    volume_id: String,
+    staging_path: PathBuf,
+    block: bool,
+    fs_type: Option<String>,
+    backing: PathBuf,
+    run_dir: PathBuf,
+    tandemd_pid: Option<u32>,
+    nbdfuse_pid: Option<u32>,
+    loop_dev: Option<String>,
+    mounted: bool,
+    complete: bool,
+    /// Target paths the volume is published at.
+    #[serde(default)]
+    targets: Vec<PathBuf>,
+}
+
+impl Staged {
+    fn fuse_dir(&self) -> PathBuf {
+        self.run_dir.join("fuse")
+    }
+
+    fn nbd_socket(&self) -> PathBuf {
+        self.run_dir.join("nbd.sock")
+    }
+}
+
+/// The node service.
+pub struct NodeService {
+    cfg: Arc<NodeConfig>,
+    inflight: InFlight,
+}
+
+impl NodeService {
+    /// A node service; creates its state and data directories.
+    pub fn new(cfg: NodeConfig) -> anyhow::Result<NodeService> {
+        // Unix socket paths are limited to 107 bytes; the longest one is
+        // STATE/run/tdm-<uuid>/admin.sock.
+        let longest =
+            cfg.state_dir.as_os_str().len() + "/run/tdm-".len() + 36 + "/admin.sock".len();
+        if longest > 107 {
+            anyhow::bail!(
+                "--state-dir {}: too long for the per-volume unix sockets (at most {} bytes)",
+                cfg.state_dir.display(),
+                cfg.state_dir.as_os_str().len() - (longest - 107)
+            );
+        }
+        for d in [
+            cfg.state_dir.join("staged"),
+            cfg.state_dir.join("run"),
+            cfg.data_dir.clone(),
+        ] {
+            std::fs::create_dir_all(&d)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", d.display()))?;
+        }
+        if Path::new("/sys/module/nbd").exists() {
+            tracing::info!("kernel nbd is loaded, but the nbd attacher is not implemented yet; using nbdfuse + loop");
+        }
+        Ok(NodeService {
+            cfg: Arc::new(cfg),
+            inflight: InFlight::default(),
+        })
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("staged").join(format!("{id}.json"))
+    }
+
+    fn load(&self, id: &str) -> Result<Option<Staged>> {
+        let p = self.record_path(id);
+        match std::fs::read_to_string(&p) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| Error::internal(format!("{}: corrupt staged record", p.display()), e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::internal(p.display(), e)),
+        }
+    }
+
+    fn save(&self, s: &Staged) -> Result<()> {
+        let p = self.record_path(&s.volume_id);
+        let tmp = p.with_extension("json.tmp");
+        let json = serde_json::to_vec_pretty(s)
+            .map_err(|e| Error::internal("encoding staged record", e))?;
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, &p))
+            .map_err(|e| Error::internal(format!("writing {}", p.display()), e))
+    }
+
+    fn volume_id<'a>(&self, id: &'a str) -> Result<&'a str> {
+        let id = required("volume_id", id)?;
+        if !valid_id(id) {
+            return Err(Error::InvalidArgument(format!(
+                "volume_id {id:?}: expected 1 to 128 of a-z A-Z 0-9 - _"
+            )));
+        }
+        Ok(id)
+    }
+
+    async fn stage(&self, req: csi::NodeStageVolumeRequest) -> Result<()> {
+        let id = self.volume_id(&req.volume_id)?;
+        let staging = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
+        let cap = Capability::parse(
+            req.volume_capability
+                .as_ref()
+                .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?,
+        )?;
+        let ctx = &req.volume_context;
+        let size: u64 = ctx
+            .get(CTX_SIZE)
+            .and_then(|s| s.parse().ok())
+            .filter(|s| *s > 0)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "volume_context[{CTX_SIZE}] must hold the volume size in bytes"
+                ))
+            })?;
+        let uuid: uuid::Uuid = ctx
+            .get(CTX_UUID)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("volume_context[{CTX_UUID}] must hold a UUID"))
+            })?;
+        if let Some(replicas) = ctx.get(CTX_REPLICAS) {
+            if !replicas.split(',').any(|n| n == self.cfg.node_id) {
+                return Err(Error::FailedPrecondition(format!(
+                    "node {} holds no replica of {id} (replicas: {replicas}); remote attach is \
+                     not supported yet",
+                    self.cfg.node_id
+                )));
+            }
+        }
+        if req.publish_context.get(PUB_ROLE).map(String::as_str) == Some("dual-primary") {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is published to two nodes (dual-primary, live migration), but this \
+                 version of the node plugin does not replicate between replicas yet; refusing to \
+                 serve two diverging copies"
+            )));
+        }
+        if ctx.get(CTX_REPLICAS).is_some_and(|r| r.contains(',')) {
+            tracing::warn!(
+                volume = %id,
+                "serving the local replica only: this version of the driver does not configure \
+                 replication between the replicas it placed"
+            );
+        }
+        let _guard = self.inflight.begin(id, "NodeStageVolume")?;
+        let (block, fs_type, flags) = match &cap.access {
+            Access::Block => (true, None, Vec::new()),
+            Access::Mount { fs_type, flags } => (false, Some(fs_type.clone()), flags.clone()),
+        };
+        if let Some(s) = self.load(id)? {
+            if s.complete {
+                if s.staging_path != staging || s.block != block || s.fs_type != fs_type {
+                    return Err(Error::AlreadyExists(format!(
+                        "volume {id} is already staged at {} as {}",
+                        s.staging_path.display(),
+                        if s.block { "block" } else { "filesystem" }
+                    )));
+                }
+                let problems = problems(&s)?;
+                if problems.is_empty() {
+                    return Ok(());
+                }
+                // Broken, e.g. after a node reboot (the record survives,
+                // processes, loop devices and mounts do not): stage anew,
+                // unless a pod still uses the old device.
+                let published = mounted_targets(&s)?;
+                if !published.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} is staged but broken ({}) while still published at {}; \
+                         unpublish it, then stage again",
+                        problems.join("; "),
+                        published.join(", ")
+                    )));
+                }
+                tracing::warn!(volume = %id, "staged volume is broken ({}); staging it again", problems.join("; "));
+            } else {
+                tracing::info!(volume = %id, "undoing an incomplete stage before staging again");
+            }
+            self.teardown(s).await?;
+        }
+        let mut s = Staged {
+            version: STAGED_VERSION,
+            volume_id: id.to_string(),
+            staging_path: staging.clone(),
+            block,
+            fs_type: fs_type.clone(),
+            backing: self.cfg.data_dir.join(format!("{id}.img")),
+            run_dir: self.cfg.state_dir.join("run").join(id),
+            tandemd_pid: None,
+            nbdfuse_pid: None,
+            loop_dev: None,
+            mounted: false,
+            complete: false,
+            targets: Vec::new(),
+        };
+        if s.run_dir.join("admin.sock").as_os_str().len() > 107 {
+            return Err(Error::InvalidArgument(format!(
+                "volume_id {id:?} is too long for a unix socket under {}",
+                s.run_dir.display()
+            )));
+        }
+        self.save(&s)?;
+        match self
+            .stage_steps(
+                &mut s,
+                size,
+                uuid,
+                cap.read_only,
+                &flags,
+                req.publish_context.get(PUB_DATA_ON).map(String::as_str),
+            )
+            .await
+        {
+            Ok(()) => {
+                s.complete = true;
+                self.save(&s)?;
+                tracing::info!(volume = %id, device = ?s.loop_dev, staging = %staging.display(), "staged");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(volume = %id, "stage failed, undoing: {e}");
+                if let Err(t) = self.teardown(s).await {
+                    tracing::warn!(volume = %id, "undoing a failed stage: {t}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn stage_steps(
+        &self,
+        s: &mut Staged,
+        size: u64,
+        uuid: uuid::Uuid,
+        read_only: bool,
+        flags: &[String],
+        data_on: Option<&str>,
+    ) -> Result<()> {
+        let id = s.volume_id.clone();
+        // 1. The local replica's backing. Until replication is wired up,
+        // only the node holding the volume's data may create it: anywhere
+        // else a blank replica would be served in place of the data.
+        if !s.backing.exists() {
+            if let Some(data_on) = data_on.filter(|n| *n != self.cfg.node_id) {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} has no replica on this node yet and its data is on node \
+                     {data_on}; this version does not replicate, so it will not serve a blank \
+                     replica in its place"
+                )));
+            }
+            let tandemctl = self.cfg.tandemctl.display().to_string();
+            let backing = s.backing.display().to_string();
+            let size = size.to_string();
+            let uuid = uuid.to_string();
+            sys::run(
+                &tandemctl,
+                &[
+                    "create", &backing, "--size", &size, "--name", &id, "--uuid", &uuid,
+                ],
+            )
+            .await?;
+        }
+        // 2. tandemd for this volume.
+        std::fs::create_dir_all(&s.run_dir)
+            .map_err(|e| Error::internal(format!("creating {}", s.run_dir.display()), e))?;
+        let admin = s.run_dir.join("admin.sock");
+        let log_path = s.run_dir.join("tandemd.log");
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| Error::internal(log_path.display(), e))?;
+        let err_log = log
+            .try_clone()
+            .map_err(|e| Error::internal(log_path.display(), e))?;
+        let child = std::process::Command::new(&self.cfg.tandemd)
+            .arg("run")
+            .arg("--export")
+            .arg(format!("{id}={}", s.backing.display()))
+            .arg("--nbd-unix")
+            .arg(s.nbd_socket())
+            .arg("--admin-socket")
+            .arg(&admin)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Error::internal(format!("starting {}", self.cfg.tandemd.display()), e))?;
+        s.tandemd_pid = Some(child.id());
+        self.save(s)?;
+        let sock = s.nbd_socket();
+        wait_ready(child.id(), &log_path, "tandemd", || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        })
+        .await?;
+
+        // 3. nbdfuse + loop.
+        let fuse = s.fuse_dir();
+        std::fs::create_dir_all(&fuse)
+            .map_err(|e| Error::internal(format!("creating {}", fuse.display()), e))?;
+        let pidfile = s.run_dir.join("nbdfuse.pid");
+        let flog_path = s.run_dir.join("nbdfuse.log");
+        let flog = std::fs::File::create(&flog_path)
+            .map_err(|e| Error::internal(flog_path.display(), e))?;
+        let ferr = flog
+            .try_clone()
+            .map_err(|e| Error::internal(flog_path.display(), e))?;
+        let uri = format!("nbd+unix:///{id}?socket={}", s.nbd_socket().display());
+        let child = std::process::Command::new("nbdfuse")
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(&fuse)
+            .arg(&uri)
+            .stdin(Stdio::null())
+            .stdout(flog)
+            .stderr(ferr)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Error::internal("starting nbdfuse (apt-get install nbdfuse)", e))?;
+        s.nbdfuse_pid = Some(child.id());
+        self.save(s)?;
+        let file = fuse.join("nbd");
+        wait_ready(child.id(), &flog_path, "nbdfuse", || {
+            pidfile.exists() && file.exists()
+        })
+        .await?;
+        let file_s = file.display().to_string();
+        let dev = sys::run("losetup", &["--find", "--show", &file_s])
+            .await?
+            .trim()
+            .to_string();
+        if !dev.starts_with("/dev/loop") {
+            return Err(Error::Internal(format!("losetup printed {dev:?}")));
+        }
+        s.loop_dev = Some(dev.clone());
+        self.save(s)?;
+
+        // 4. Filesystem.
+        if let Some(fs) = s.fs_type.clone() {
+            let found = sys::output("blkid", &["-p", "-o", "value", "-s", "TYPE", &dev]).await?;
+            let existing = String::from_utf8_lossy(&found.stdout).trim().to_string();
+            match found.status.code() {
+                Some(0) if !existing.is_empty() => {
+                    if existing != fs {
+                        return Err(Error::FailedPrecondition(format!(
+                            "volume {id} holds a {existing} filesystem, not {fs}"
+                        )));
+                    }
+                }
+                Some(0) | Some(2) => {
+                    tracing::info!(volume = %id, fs, "blank volume: creating the filesystem");
+                    let mkfs = format!("mkfs.{fs}");
+                    let args: Vec<&str> = match fs.as_str() {
+                        "ext4" => vec!["-q", "-F", &dev],
+                        _ => vec!["-q", &dev],
+                    };
+                    sys::run(&mkfs, &args).await?;
+                }
+                _ => {
+                    return Err(Error::Internal(format!(
+                        "blkid {dev}: {}: {}",
+                        found.status,
+                        String::from_utf8_lossy(&found.stderr).trim()
+                    )))
+                }
+            }
+            std::fs::create_dir_all(&s.staging_path).map_err(|e| {
+                Error::internal(format!("creating {}", s.staging_path.display()), e)
+            })?;
+            let mut opts: Vec<String> = flags.to_vec();
+            if read_only {
+                opts.push("ro".into());
+            }
+            let staging = s.staging_path.display().to_string();
+            let mut args: Vec<&str> = vec!["-t", &fs];
+            let joined = opts.join(",");
+            if !opts.is_empty() {
+                args.extend(["-o", &joined]);
+            }
+            args.extend([dev.as_str(), staging.as_str()]);
+            s.mounted = true; // recorded first: unstage checks the mount table anyway
+            self.save(s)?;
+            sys::run("mount", &args).await?;
+        }
+        Ok(())
+    }
+
+    /// Undoes whatever a staged record says exists, in reverse order, then
+    /// removes the record. Safe to repeat.
+    async fn teardown(&self, s: Staged) -> Result<()> {
+        let id = s.volume_id.clone();
+        if s.mounted || s.fs_type.is_some() {
+            sys::unmount_all(&s.staging_path).await?;
+        }
+        if let Some(dev) = &s.loop_dev {
+            if sys::loop_backing_file(dev).is_some_and(|b| b == s.fuse_dir().join("nbd")) {
+                sys::run("losetup", &["-d", dev]).await?;
+                // A device still open (udev probing it, a stale user) is
+                // detached when released: give that a moment.
+                for _ in 0..100 {
+                    if sys::loop_backing_file(dev).is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if sys::loop_backing_file(dev).is_some() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id}: {dev} is still in use (published somewhere?); it detaches \
+                         when released, retry NodeUnstageVolume"
+                    )));
+                }
+            }
+        }
+        let fuse = s.fuse_dir();
+        if sys::is_mount_point(&fuse)? {
+            let f = fuse.display().to_string();
+            if sys::run("fusermount3", &["-u", &f]).await.is_err() {
+                sys::run("fusermount3", &["-u", "-z", &f]).await?;
+            }
+        }
+        if let Some(pid) = s.nbdfuse_pid {
+            sys::stop_process(pid, "nbdfuse", Duration::from_secs(5)).await;
+            sys::reap(pid as libc::pid_t); // if it had died already
+        }
+        if let Some(pid) = s.tandemd_pid {
+            sys::stop_process(pid, &id, STOP_GRACE).await;
+            sys::reap(pid as libc::pid_t);
+        }
+        match std::fs::remove_dir_all(&s.run_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::internal(
+                    format!("removing {}", s.run_dir.display()),
+                    e,
+                ))
+            }
+        }
+        match std::fs::remove_file(self.record_path(&id)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::internal("removing staged record", e)),
+        }
+    }
+
+    async fn unstage(&self, req: csi::NodeUnstageVolumeRequest) -> Result<()> {
+        let id = self.volume_id(&req.volume_id)?;
+        let staging = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
+        let _guard = self.inflight.begin(id, "NodeUnstageVolume")?;
+        match self.load(id)? {
+            Some(s) => {
+                let published = mounted_targets(&s)?;
+                if !published.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} is still published at {}; unpublish it first",
+                        published.join(", ")
+                    )));
+                }
+                self.teardown(s).await?;
+                tracing::info!(volume = %id, "unstaged");
+            }
+            None => sys::unmount_all(&staging).await?,
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<()> {
+        let id = self.volume_id(&req.volume_id)?;
+        let target = PathBuf::from(required("target_path", &req.target_path)?);
+        let staging = PathBuf::from(required("staging_target_path", &req.staging_target_path)?);
+        let cap = Capability::parse(
+            req.volume_capability
+                .as_ref()
+                .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?,
+        )?;
+        let _guard = self.inflight.begin(id, "NodePublishVolume")?;
+        let mut s = self
+            .load(id)?
+            .filter(|s| s.complete)
+            .ok_or_else(|| Error::FailedPrecondition(format!("volume {id} is not staged")))?;
+        if s.staging_path != staging {
+            return Err(Error::InvalidArgument(format!(
+                "staging_target_path {} differs from where {id} is staged ({})",
+                staging.display(),
+                s.staging_path.display()
+            )));
+        }
+        if s.block != (cap.access == Access::Block) {
+            return Err(Error::InvalidArgument(format!(
+                "volume {id} is staged as {} but published as {}",
+                if s.block { "block" } else { "filesystem" },
+                if s.block { "filesystem" } else { "block" }
+            )));
+        }
+        if sys::is_mount_point(&target)? {
+            return Ok(());
+        }
+        let source = if s.block {
+            let dev = s
+                .loop_dev
+                .clone()
+                .ok_or_else(|| Error::Internal(format!("volume {id}: staged without a device")))?;
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| Error::internal(format!("creating {}", parent.display()), e))?;
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&target)
+                .map_err(|e| Error::internal(format!("creating {}", target.display()), e))?;
+            dev
+        } else {
+            std::fs::create_dir_all(&target)
+                .map_err(|e| Error::internal(format!("creating {}", target.display()), e))?;
+            s.staging_path.display().to_string()
+        };
+        let t = target.display().to_string();
+        if !s.targets.contains(&target) {
+            s.targets.push(target.clone());
+            self.save(&s)?;
+        }
+        sys::run("mount", &["--bind", &source, &t]).await?;
+        if req.readonly || cap.read_only {
+            if let Err(e) = sys::run("mount", &["-o", "remount,bind,ro", &t]).await {
+                let _ = sys::unmount_all(&target).await;
+                return Err(e);
+            }
+        }
+        tracing::info!(volume = %id, target = %t, readonly = req.readonly, "published");
+        Ok(())
+    }
+
+    async fn unpublish(&self, req: csi::NodeUnpublishVolumeRequest) -> Result<()> {
+        let id = self.volume_id(&req.volume_id)?;
+        let target = PathBuf::from(required("target_path", &req.target_path)?);
+        let _guard = self.inflight.begin(id, "NodeUnpublishVolume")?;
+        sys::unmount_all(&target).await?;
+        let removed = match std::fs::symlink_metadata(&target) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(&target),
+            Ok(_) => std::fs::remove_file(&target),
+            Err(_) => Ok(()),
+        };
+        removed.map_err(|e| Error::internal(format!("removing {}", target.display()), e))?;
+        if let Some(mut s) = self.load(id)? {
+            if s.targets.contains(&target) {
+                s.targets.retain(|t| *t != target);
+                self.save(&s)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn stats(
+        &self,
+        req: csi::NodeGetVolumeStatsRequest,
+    ) -> Result<csi::NodeGetVolumeStatsResponse> {
+        let id = self.volume_id(&req.volume_id)?;
+        let path = PathBuf::from(required("volume_path", &req.volume_path)?);
+        let s = self
+            .load(id)?
+            .filter(|s| s.complete)
+            .ok_or_else(|| Error::NotFound(format!("volume {id} is not staged on this node")))?;
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| Error::NotFound(format!("volume_path {}: {e}", path.display())))?;
+        use std::os::unix::fs::FileTypeExt;
+        let usage = if meta.file_type().is_block_device() {
+            vec![csi::VolumeUsage {
+                total: sys::size_of(&path)? as i64,
+                unit: csi::volume_usage::Unit::Bytes as i32,
+                ..Default::default()
+            }]
+        } else {
+            let ([total, avail, used], [inodes, ifree, iused]) = sys::fs_usage(&path)?;
+            vec![
+                csi::VolumeUsage {
+                    available: avail as i64,
+                    total: total as i64,
+                    used: used as i64,
+                    unit: csi::volume_usage::Unit::Bytes as i32,
+                },
+                csi::VolumeUsage {
+                    available: ifree as i64,
+                    total: inodes as i64,
+                    used: iused as i64,
+                    unit: csi::volume_usage::Unit::Inodes as i32,
+                },
+            ]
+        };
+        let problems = problems(&s)?;
+        Ok(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(csi::VolumeCondition {
+                abnormal: !problems.is_empty(),
+                message: if problems.is_empty() {
+                    "ok".into()
+                } else {
+                    problems.join("; ")
+                },
+            }),
+        })
+    }
+}
+
+/// Target paths of a staged volume that are still mounted.
+fn mounted_targets(s: &Staged) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for t in &s.targets {
+        if sys::is_mount_point(t)? {
+            out.push(t.display().to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// What is wrong with a completely staged volume (empty when healthy):
+/// its `tandemd` or `nbdfuse` died, its loop device is gone or points
+/// elsewhere, its filesystem is not mounted.
+fn problems(s: &Staged) -> Result<Vec<String>> {
+    let mut p = Vec::new();
+    if !s
+        .tandemd_pid
+        .is_some_and(|pid| sys::process_matches(pid, &s.volume_id))
+    {
+        p.push("tandemd is not running".to_string());
+    }
+    if !s
+        .nbdfuse_pid
+        .is_some_and(|pid| sys::process_matches(pid, "nbdfuse"))
+    {
+        p.push("nbdfuse is not running".to_string());
+    }
+    match &s.loop_dev {
+        Some(dev) if sys::loop_backing_file(dev) == Some(s.fuse_dir().join("nbd")) => {}
+        Some(dev) => p.push(format!("{dev} is no longer attached to the volume")),
+        None => p.push("no loop device".to_string()),
+    }
+    if s.fs_type.is_some() && !sys::is_mount_point(&s.staging_path)? {
+        p.push(format!("{} is not mounted", s.staging_path.display()));
+    }
+    Ok(p)
+}
+
+/// Waits until `ready()` holds, failing early (with the log's tail) if the
+/// process `pid` exits.
+async fn wait_ready(
+    pid: u32,
+    log: &Path,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with WNOHANG.
+        let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+        let tail = || {
+            let t = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().rev().take(10).collect();
+            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        if rc == pid as libc::pid_t {
+            return Err(Error::Internal(format!(
+                "{what} exited before it was ready:\n{}",
+                tail()
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Internal(format!(
+                "{what} not ready within {READY_TIMEOUT:?}:\n{}",
+                tail()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn rpc(t: RpcType) -> csi::NodeServiceCapability {
+    csi::NodeServiceCapability {
+        r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<csi::NodeStageVolumeRequest>,
+    ) -> std::result::Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let r = self.stage(request.into_inner()).await;
+        reply(
+            "NodeStageVolume",
+            r.map(|()| csi::NodeStageVolumeResponse {}),
+        )
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> std::result::Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let r = self.unstage(request.into_inner()).await;
+        reply(
+            "NodeUnstageVolume",
+            r.map(|()| csi::NodeUnstageVolumeResponse {}),
+        )
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<csi::NodePublishVolumeRequest>,
+    ) -> std::result::Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let r = self.publish(request.into_inner()).await;
+        reply(
+            "NodePublishVolume",
+            r.map(|()| csi::NodePublishVolumeResponse {}),
+        )
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> std::result::Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let r = self.unpublish(request.into_inner()).await;
+        reply(
+            "NodeUnpublishVolume",
+            r.map(|()| csi::NodeUnpublishVolumeResponse {}),
+        )
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> std::result::Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        reply("NodeGetVolumeStats", self.stats(request.into_inner()))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _request: Request<csi::NodeExpandVolumeRequest>,
+    ) -> std::result::Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "NodeExpandVolume: tandemd cannot grow a volume yet",
+        ))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> std::result::Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: [
+                RpcType::StageUnstageVolume,
+                RpcType::GetVolumeStats,
+                RpcType::VolumeCondition,
+            ]
+            .into_iter()
+            .map(rpc)
+            .collect(),
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<csi::NodeGetInfoRequest>,
+    ) -> std::result::Result<Response<csi::NodeGetInfoResponse>, Status> {
+        let mut segments: HashMap<String, String> = self
+            .cfg
+            .topology
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        segments.insert(NODE_TOPOLOGY_KEY.to_string(), self.cfg.node_id.clone());
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: self.cfg.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(csi::Topology { segments }),
+        }))
+    }
+}

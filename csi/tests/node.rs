@@ -1,0 +1,945 @@
+//! CSI conformance, Node: the real `tandem-csi node` on a temporary unix
+//! socket, staging volumes with a real `tandemd`, `nbdfuse` and a loop
+//! device, publishing with bind mounts, and leaving nothing behind.
+//!
+//! Tests that need root, FUSE, loop devices or tools print `skipping:
+//! <reason>` (a failure under `TANDEM_REQUIRE_ALL=1` for a missing tool or
+//! binary). A guard tears down every mount, loop device and process a test
+//! created, even when it fails.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+use tandem_csi::csi;
+use tandem_csi::csi::volume_capability::access_mode::Mode;
+use tonic::Code;
+
+const VOL: u64 = 64 << 20;
+const NODE_ID: &str = "node-a";
+
+fn require_all() -> bool {
+    std::env::var("TANDEM_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
+
+/// Prints `skipping: reason` and returns false; panics under TANDEM_REQUIRE_ALL=1.
+fn skip(reason: &str) -> bool {
+    if require_all() {
+        panic!("TANDEM_REQUIRE_ALL=1 but {reason}");
+    }
+    eprintln!("skipping: {reason}");
+    false
+}
+
+fn on_path(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
+        .any(|d| d.join(tool).is_file())
+}
+
+/// tandemd and tandemctl next to the tandem-csi binary (same profile).
+fn tandem_bins() -> Option<(PathBuf, PathBuf)> {
+    let dir = Path::new(env!("CARGO_BIN_EXE_tandem-csi"))
+        .parent()?
+        .to_path_buf();
+    let (d, c) = (dir.join("tandemd"), dir.join("tandemctl"));
+    if d.is_file() && c.is_file() {
+        Some((d, c))
+    } else {
+        skip(&format!(
+            "tandemd/tandemctl not built in {} (cargo build -p tandem-daemon, same profile)",
+            dir.display()
+        ));
+        None
+    }
+}
+
+/// Root, /dev/fuse, /dev/loop-control and the tools a real stage needs.
+fn require_devices(fs: bool) -> bool {
+    let mut tools = vec![
+        ("nbdfuse", "nbdfuse"),
+        ("fusermount3", "fuse3"),
+        ("losetup", "mount"),
+        ("mount", "mount"),
+        ("blkid", "util-linux"),
+    ];
+    if fs {
+        tools.push(("mkfs.ext4", "e2fsprogs"));
+    }
+    for (t, p) in tools {
+        if !on_path(t) {
+            return skip(&format!("{t} not installed (apt-get install {p})"));
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: loop devices and mount need root");
+        return false;
+    }
+    for dev in ["/dev/fuse", "/dev/loop-control"] {
+        if let Err(e) = OpenOptions::new().read(true).write(true).open(dev) {
+            eprintln!("skipping: {dev} unavailable: {e}");
+            return false;
+        }
+    }
+    true
+}
+
+/// Serialises the device-heavy tests of this binary.
+fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Everything under `dir` that is mounted, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v
+}
+
+/// Loop devices whose backing file is under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/sys/block") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+                if Path::new(b.trim_end()).starts_with(dir) {
+                    out.push(format!("/dev/{name}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Processes whose command line mentions `dir`.
+fn processes_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == std::process::id() {
+                continue;
+            }
+            if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+                if String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(&needle)
+                {
+                    out.push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Removes whatever a test left under its directory: mounts (lazily),
+/// loop devices, processes. Runs on drop, so also after a failed assert.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // Loop devices first: their backing file (on the nbdfuse mount)
+        // only shows its full path while that mount is attached.
+        for l in loops_under(&self.0) {
+            let _ = Command::new("losetup").arg("-d").arg(&l).output();
+        }
+        for m in mounts_under(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&m).output();
+        }
+        for pid in processes_under(&self.0) {
+            // SAFETY: kill(2) on processes our test started (their command
+            // line names our temporary directory).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Asserts nothing is left: no mount, loop device or process under `dir`
+/// (other than the driver itself), no run directory.
+fn assert_nothing_left(d: &Driver) {
+    let dir = d.path();
+    assert_eq!(
+        mounts_under(dir),
+        Vec::<PathBuf>::new(),
+        "mounts left behind"
+    );
+    assert_eq!(
+        loops_under(dir),
+        Vec::<String>::new(),
+        "loop devices left behind"
+    );
+    // Give killed children a moment to disappear from /proc.
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = processes_under(&dir.join("state/run"));
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let run = dir.join("state/run");
+    let entries: Vec<_> = std::fs::read_dir(&run)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        entries.is_empty(),
+        "run directories left behind: {entries:?}"
+    );
+}
+
+fn node_driver(bins: Option<(PathBuf, PathBuf)>) -> Driver {
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-csi-node-")
+        .tempdir_in("/var/tmp")
+        .expect("temp dir");
+    let (tandemd, tandemctl) = bins.unwrap_or_else(|| {
+        (
+            "/nonexistent/tandemd".into(),
+            "/nonexistent/tandemctl".into(),
+        )
+    });
+    let args = vec![
+        "node".to_string(),
+        "--node-id".into(),
+        NODE_ID.into(),
+        "--topology".into(),
+        format!("{ZONE}=room-a"),
+        "--state-dir".into(),
+        dir.path().join("state").display().to_string(),
+        "--data-dir".into(),
+        dir.path().join("data").display().to_string(),
+        "--tandemd".into(),
+        tandemd.display().to_string(),
+        "--tandemctl".into(),
+        tandemctl.display().to_string(),
+    ];
+    Driver::start_with(dir, args, &[])
+}
+
+fn vol_ctx(size: u64) -> std::collections::HashMap<String, String> {
+    map(&[
+        ("tandem.io/size", &size.to_string()),
+        ("tandem.io/uuid", "5e1f0000-0000-4000-8000-000000000001"),
+        ("tandem.io/replicas", &format!("{NODE_ID},node-b")),
+    ])
+}
+
+fn stage_req(d: &Driver, id: &str, c: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: d.path().join("staging").join(id).display().to_string(),
+        volume_capability: Some(c),
+        volume_context: vol_ctx(VOL),
+        ..Default::default()
+    }
+}
+
+fn publish_req(
+    d: &Driver,
+    id: &str,
+    target: &Path,
+    c: csi::VolumeCapability,
+    readonly: bool,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: d.path().join("staging").join(id).display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(c),
+        readonly,
+        ..Default::default()
+    }
+}
+
+fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+fn unstage_req(d: &Driver, id: &str) -> csi::NodeUnstageVolumeRequest {
+    csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: d.path().join("staging").join(id).display().to_string(),
+    }
+}
+
+fn mount_fstype(target: &Path) -> String {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .find(|l| l.split(' ').nth(4) == Some(&target.display().to_string()))
+        .and_then(|l| l.split(" - ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn mount_options(target: &Path) -> String {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .find(|l| l.split(' ').nth(4) == Some(&target.display().to_string()))
+        .and_then(|l| l.split(' ').nth(5))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn node_reports_its_id_topology_and_capabilities() {
+    let d = node_driver(None);
+    block_on(async {
+        let mut n = d.node_client().await;
+        let info = n
+            .node_get_info(csi::NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.node_id, NODE_ID);
+        let t = info.accessible_topology.unwrap().segments;
+        assert_eq!(t[ZONE], "room-a");
+        assert_eq!(t[NODE], NODE_ID);
+        let caps = n
+            .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        use csi::node_service_capability::{rpc::Type as R, Type as T};
+        let rpcs: Vec<i32> = caps
+            .capabilities
+            .iter()
+            .filter_map(|c| match &c.r#type {
+                Some(T::Rpc(r)) => Some(r.r#type),
+                _ => None,
+            })
+            .collect();
+        assert!(rpcs.contains(&(R::StageUnstageVolume as i32)));
+        assert!(rpcs.contains(&(R::GetVolumeStats as i32)));
+        // This driver was given no tandemd: Probe says it is not ready, and why.
+        let mut id = d.identity().await;
+        let m = expect_code(
+            id.probe(csi::ProbeRequest {}).await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("/nonexistent/tandemd"), "{m}");
+    });
+}
+
+#[test]
+fn node_calls_validate_arguments_and_teardown_of_unknown_volumes_is_ok() {
+    let d = node_driver(None);
+    block_on(async {
+        let mut n = d.node_client().await;
+        let good = stage_req(&d, "tdm-x", rwo_block());
+        let bad: Vec<(&str, csi::NodeStageVolumeRequest)> = vec![
+            (
+                "no id",
+                csi::NodeStageVolumeRequest {
+                    volume_id: "".into(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "bad id",
+                csi::NodeStageVolumeRequest {
+                    volume_id: "../../etc".into(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "no staging path",
+                csi::NodeStageVolumeRequest {
+                    staging_target_path: "".into(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "no capability",
+                csi::NodeStageVolumeRequest {
+                    volume_capability: None,
+                    ..good.clone()
+                },
+            ),
+            (
+                "RWX filesystem",
+                csi::NodeStageVolumeRequest {
+                    volume_capability: Some(cap(Mode::MultiNodeMultiWriter, false, "ext4")),
+                    ..good.clone()
+                },
+            ),
+            (
+                "no size",
+                csi::NodeStageVolumeRequest {
+                    volume_context: Default::default(),
+                    ..good.clone()
+                },
+            ),
+        ];
+        for (what, req) in bad {
+            let m = expect_code(n.node_stage_volume(req).await, Code::InvalidArgument);
+            eprintln!("{what}: {m}");
+        }
+        // A node holding no replica: FAILED_PRECONDITION (no remote attach yet).
+        let mut other = good.clone();
+        other
+            .volume_context
+            .insert("tandem.io/replicas".into(), "node-b,node-c".into());
+        expect_code(n.node_stage_volume(other).await, Code::FailedPrecondition);
+        // The volume's data is on another node and this node has no
+        // replica yet: no blank replica is created in its place.
+        let mut elsewhere = stage_req(&d, "tdm-x", rwo_block());
+        elsewhere.publish_context = map(&[
+            ("tandem.io/role", "primary"),
+            ("tandem.io/data-on", "node-b"),
+        ]);
+        let m = expect_code(
+            n.node_stage_volume(elsewhere).await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("node-b") && m.contains("blank"), "{m}");
+        let staged: Vec<_> = std::fs::read_dir(d.path().join("state/staged"))
+            .unwrap()
+            .collect();
+        assert!(
+            staged.is_empty(),
+            "a refused stage left a record: {staged:?}"
+        );
+        assert!(
+            !d.path().join("data/tdm-x.img").exists(),
+            "a refused stage created a backing"
+        );
+        // Dual-primary needs replication between the replicas, which the
+        // node plugin does not configure yet: refused rather than serving
+        // two diverging copies.
+        let mut dual = stage_req(&d, "tdm-x", rwx_block());
+        dual.publish_context = map(&[
+            ("tandem.io/role", "dual-primary"),
+            ("tandem.io/other-primary", "node-b"),
+        ]);
+        let m = expect_code(n.node_stage_volume(dual).await, Code::FailedPrecondition);
+        assert!(m.contains("dual-primary"), "{m}");
+        // Publish before stage.
+        let target = d.path().join("target");
+        expect_code(
+            n.node_publish_volume(publish_req(&d, "tdm-x", &target, rwo_block(), false))
+                .await,
+            Code::FailedPrecondition,
+        );
+        expect_code(
+            n.node_publish_volume(csi::NodePublishVolumeRequest {
+                target_path: "".into(),
+                ..publish_req(&d, "tdm-x", &target, rwo_block(), false)
+            })
+            .await,
+            Code::InvalidArgument,
+        );
+        // Unpublish / unstage of things that do not exist: OK.
+        n.node_unpublish_volume(unpublish_req("tdm-x", &target))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, "tdm-x"))
+            .await
+            .unwrap();
+        expect_code(
+            n.node_unstage_volume(unstage_req(&d, "")).await,
+            Code::InvalidArgument,
+        );
+        expect_code(
+            n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: "tdm-x".into(),
+                volume_path: target.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await,
+            Code::NotFound,
+        );
+        expect_code(
+            n.node_expand_volume(csi::NodeExpandVolumeRequest::default())
+                .await,
+            Code::Unimplemented,
+        );
+    });
+}
+
+fn write_read_block(dev: &Path, offset: u64, data: &[u8]) {
+    let mut f = OpenOptions::new().read(true).write(true).open(dev).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_block(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut f = OpenOptions::new().read(true).open(dev).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut v = vec![0u8; len];
+    f.read_exact(&mut v).unwrap();
+    v
+}
+
+#[test]
+fn block_volume_stage_publish_unstage_with_real_devices() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices(false) {
+        return;
+    }
+    let _serial = heavy_lock();
+    let d = node_driver(Some(bins));
+    let _cleanup = Cleanup(d.path().to_path_buf());
+    let id = "tdm-block";
+    let pods = d.path().join("pods");
+    let t1 = pods.join("p1/dev");
+    let t2 = pods.join("p2/dev");
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    block_on(async {
+        // Everything staging needs is here: Probe is ready.
+        let mut ident = d.identity().await;
+        let probe = ident
+            .probe(csi::ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(probe.ready, Some(true));
+        let mut n = d.node_client().await;
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+        // Idempotent.
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+        // Staged elsewhere or as a filesystem: ALREADY_EXISTS.
+        let mut elsewhere = stage_req(&d, id, rwo_block());
+        elsewhere.staging_target_path = d.path().join("other").display().to_string();
+        expect_code(n.node_stage_volume(elsewhere).await, Code::AlreadyExists);
+        assert_eq!(loops_under(d.path()).len(), 1);
+        assert!(
+            d.path().join(format!("data/{id}.img")).is_file(),
+            "backing not created"
+        );
+
+        n.node_publish_volume(publish_req(&d, id, &t1, rwo_block(), false))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&d, id, &t1, rwo_block(), false))
+            .await
+            .unwrap();
+        let meta = std::fs::metadata(&t1).unwrap();
+        assert!(
+            meta.file_type().is_block_device(),
+            "{} is not a block device",
+            t1.display()
+        );
+        write_read_block(&t1, 3 << 20, &data);
+        assert!(read_block(&t1, 3 << 20, data.len()) == data);
+
+        let stats = n
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: t1.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.usage[0].total, VOL as i64);
+        assert!(!stats.volume_condition.unwrap().abnormal);
+
+        // A read-only publication of the same device: the bind mount is ro.
+        n.node_publish_volume(publish_req(&d, id, &t2, rwo_block(), true))
+            .await
+            .unwrap();
+        let opts = mount_options(&t2);
+        assert!(
+            opts.split(',').any(|o| o == "ro"),
+            "read-only publish mounted {opts}"
+        );
+        assert!(read_block(&t2, 3 << 20, data.len()) == data);
+
+        // Unstage while published: refused, nothing torn down.
+        let m = expect_code(
+            n.node_unstage_volume(unstage_req(&d, id)).await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("published"), "{m}");
+        assert!(read_block(&t1, 3 << 20, data.len()) == data);
+
+        for t in [&t1, &t2] {
+            n.node_unpublish_volume(unpublish_req(id, t)).await.unwrap();
+            n.node_unpublish_volume(unpublish_req(id, t)).await.unwrap();
+            assert!(!t.exists(), "{} left behind", t.display());
+        }
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+    });
+    assert_nothing_left(&d);
+
+    // Staged again: the data written before is still there (tandemd flushed it).
+    block_on(async {
+        let mut n = d.node_client().await;
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&d, id, &t1, rwo_block(), false))
+            .await
+            .unwrap();
+        assert!(
+            read_block(&t1, 3 << 20, data.len()) == data,
+            "data lost across unstage/stage"
+        );
+        n.node_unpublish_volume(unpublish_req(id, &t1))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+    });
+    assert_nothing_left(&d);
+}
+
+#[test]
+fn filesystem_volume_is_formatted_once_mounted_and_published() {
+    check_filesystem("ext4", VOL, ("mkfs.ext4", "e2fsprogs"));
+}
+
+#[test]
+fn xfs_volume_is_formatted_once_mounted_and_published() {
+    // mkfs.xfs refuses filesystems under 300 MiB.
+    check_filesystem("xfs", 320 << 20, ("mkfs.xfs", "xfsprogs"));
+}
+
+fn check_filesystem(fs_type: &str, size: u64, (mkfs, package): (&str, &str)) {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices(true) {
+        return;
+    }
+    if !on_path(mkfs) {
+        skip(&format!("{mkfs} not installed (apt-get install {package})"));
+        return;
+    }
+    let _serial = heavy_lock();
+    let d = node_driver(Some(bins));
+    let _cleanup = Cleanup(d.path().to_path_buf());
+    let id = format!("tdm-{fs_type}");
+    let id = id.as_str();
+    let fs = cap(Mode::SingleNodeWriter, false, fs_type);
+    let stage_req = |d: &Driver, id: &str, c: csi::VolumeCapability| csi::NodeStageVolumeRequest {
+        volume_context: vol_ctx(size),
+        ..stage_req(d, id, c)
+    };
+    let t1 = d.path().join("pods/p1/mount");
+    let t2 = d.path().join("pods/p2/mount");
+    block_on(async {
+        let mut n = d.node_client().await;
+        n.node_stage_volume(stage_req(&d, id, fs.clone()))
+            .await
+            .unwrap();
+        let staging = d.path().join("staging").join(id);
+        assert!(
+            mount_options(&staging).contains("rw"),
+            "staging not mounted"
+        );
+        n.node_publish_volume(publish_req(&d, id, &t1, fs.clone(), false))
+            .await
+            .unwrap();
+        std::fs::write(t1.join("hello.txt"), b"tandem").unwrap();
+        // Publishing a filesystem volume as block: INVALID_ARGUMENT.
+        expect_code(
+            n.node_publish_volume(publish_req(&d, id, &t2, rwo_block(), false))
+                .await,
+            Code::InvalidArgument,
+        );
+        // Read-only publication: writes fail with EROFS.
+        n.node_publish_volume(publish_req(&d, id, &t2, fs.clone(), true))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(t2.join("hello.txt")).unwrap(), b"tandem");
+        let e = std::fs::write(t2.join("nope.txt"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+
+        let stats = n
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: t1.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.usage.len(), 2, "bytes and inodes: {stats:?}");
+        assert!(stats.usage[0].total > 0 && stats.usage[0].total <= size as i64);
+        // The filesystem is the one asked for.
+        let fstype = mount_fstype(&t1);
+        assert_eq!(fstype, fs_type);
+
+        for t in [&t1, &t2] {
+            n.node_unpublish_volume(unpublish_req(id, t)).await.unwrap();
+        }
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+    });
+    assert_nothing_left(&d);
+    // Staged again: not reformatted, the file is still there.
+    block_on(async {
+        let mut n = d.node_client().await;
+        n.node_stage_volume(stage_req(&d, id, fs.clone()))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&d, id, &t1, fs.clone(), false))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(t1.join("hello.txt")).unwrap(), b"tandem");
+        n.node_unpublish_volume(unpublish_req(id, &t1))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+    });
+    assert_nothing_left(&d);
+}
+
+#[test]
+fn unstage_after_a_plugin_restart_still_cleans_up() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices(false) {
+        return;
+    }
+    let _serial = heavy_lock();
+    let mut d = node_driver(Some(bins));
+    let _cleanup = Cleanup(d.path().to_path_buf());
+    let id = "tdm-restart";
+    block_on(async {
+        let mut n = d.node_client().await;
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+    });
+    // The plugin restarts (upgrade, crash): tandemd and nbdfuse keep running.
+    d.stop();
+    assert_eq!(
+        loops_under(d.path()).len(),
+        1,
+        "the device must survive a plugin restart"
+    );
+    d.start();
+    block_on(async {
+        let mut n = d.node_client().await;
+        // Stage is still idempotent, unstage still finds everything.
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+    });
+    assert_nothing_left(&d);
+}
+
+#[test]
+fn controller_and_node_provision_publish_and_delete_a_block_volume() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices(false) {
+        return;
+    }
+    let _serial = heavy_lock();
+    let inventory = format!(
+        r#"
+[[node]]
+name = "{NODE_ID}"
+capacity_bytes = 1073741824
+topology = {{ "{ZONE}" = "room-a" }}
+[[node]]
+name = "node-b"
+capacity_bytes = 1073741824
+topology = {{ "{ZONE}" = "room-b" }}
+"#
+    );
+    let ctrl = Driver::controller(&inventory, &[]);
+    let node = node_driver(Some(bins));
+    let _cleanup = Cleanup(node.path().to_path_buf());
+    let target = node.path().join("pods/vm/disk");
+    block_on(async {
+        let mut c = ctrl.controller_client().await;
+        let mut n = node.node_client().await;
+        // The CO asks for the volume near the node the pod was scheduled on.
+        let info = n
+            .node_get_info(csi::NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let mut req = create_req("pvc-vm", VOL as i64, vec![rwx_block()], &[]);
+        req.accessibility_requirements = Some(csi::TopologyRequirement {
+            requisite: vec![],
+            preferred: vec![info.accessible_topology.clone().unwrap()],
+        });
+        let v = c
+            .create_volume(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(v.accessible_topology[0].segments[NODE], NODE_ID);
+        let publish = c
+            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                node_id: info.node_id.clone(),
+                volume_capability: Some(rwx_block()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let staging = node.path().join("staging").join(&v.volume_id);
+        n.node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            publish_context: publish.publish_context.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(rwx_block()),
+            volume_context: v.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        n.node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            publish_context: publish.publish_context,
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(rwx_block()),
+            volume_context: v.volume_context.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        write_read_block(&target, 0, b"a VM disk");
+        assert_eq!(read_block(&target, 0, 9), b"a VM disk");
+        assert_eq!(
+            std::fs::File::open(&target)
+                .unwrap()
+                .seek(SeekFrom::End(0))
+                .unwrap(),
+            VOL
+        );
+        // The replica's backing carries the volume's UUID.
+        let backing = node.path().join(format!("data/{}.img", v.volume_id));
+        let inspect = Command::new(&tandem_bins().unwrap().1)
+            .arg("inspect")
+            .arg(&backing)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&inspect.stdout).contains(&v.volume_context["tandem.io/uuid"]),
+            "{}",
+            String::from_utf8_lossy(&inspect.stdout)
+        );
+
+        n.node_unpublish_volume(unpublish_req(&v.volume_id, &target))
+            .await
+            .unwrap();
+        n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .unwrap();
+        c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: info.node_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    assert_nothing_left(&node);
+}
+
+#[test]
+fn a_broken_stage_is_reported_and_staged_again() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices(false) {
+        return;
+    }
+    let _serial = heavy_lock();
+    let d = node_driver(Some(bins));
+    let _cleanup = Cleanup(d.path().to_path_buf());
+    let id = "tdm-broken";
+    let target = d.path().join("pods/p/dev");
+    block_on(async {
+        let mut n = d.node_client().await;
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&d, id, &target, rwo_block(), false))
+            .await
+            .unwrap();
+        write_read_block(&target, 0, b"before the crash");
+        // tandemd and nbdfuse die (a crash, an OOM kill; after a node
+        // reboot the loop device and mounts are gone too).
+        let pids = processes_under(&d.path().join("state/run"));
+        assert_eq!(pids.len(), 2, "expected tandemd and nbdfuse: {pids:?}");
+        for pid in pids {
+            // SAFETY: kill(2) on processes this test's driver started.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let stats = n
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: target.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let cond = stats.volume_condition.unwrap();
+        assert!(cond.abnormal, "{cond:?}");
+        assert!(cond.message.contains("tandemd is not running"), "{cond:?}");
+        // Still published: staging again is refused, saying why.
+        let m = expect_code(
+            n.node_stage_volume(stage_req(&d, id, rwo_block())).await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("broken") && m.contains("published"), "{m}");
+        n.node_unpublish_volume(unpublish_req(id, &target))
+            .await
+            .unwrap();
+        // Now NodeStage repairs it: a new tandemd, nbdfuse and loop device,
+        // and the acknowledged write is still there.
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&d, id, &target, rwo_block(), false))
+            .await
+            .unwrap();
+        assert_eq!(read_block(&target, 0, 16), b"before the crash");
+        n.node_unpublish_volume(unpublish_req(id, &target))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+    });
+    assert_nothing_left(&d);
+}
