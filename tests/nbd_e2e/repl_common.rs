@@ -248,3 +248,20 @@ pub fn resynced_bytes(d: &Daemon) -> u64 {
         })
         .sum()
 }
+
+/// A started loopback pair (alpha primary, beta secondary) with a fresh
+/// cluster CA, connected. Keep the returned directory alive as long as the
+/// daemons run.
+pub fn connected_loopback_pair() -> (tempfile::TempDir, Daemon, Daemon) {
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_certs(certs.path());
+    let (sa, sb) = loopback_specs(certs.path());
+    let mut a = node(sa);
+    let mut b = node(sb);
+    a.start();
+    b.start();
+    wait_until("alpha to connect to beta", Duration::from_secs(20), || {
+        peer_connected(&a) && peer_connected(&b)
+    });
+    (certs, a, b)
+}

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::repl_common::{
-    assert_same_data, cluster_certs, ctl, fio, loopback_specs, node, peer, peer_connected,
-    resynced_bytes, status_text, wait_until, SIZE, UUID,
+    assert_same_data, connected_loopback_pair, ctl, fio, peer, resynced_bytes, status_text,
+    wait_until, SIZE, UUID,
 };
 use tandem_tests::{block_on, create_volume, data_offset, heavy_lock, require, write_file_at};
 
@@ -17,16 +17,7 @@ fn two_nodes_replicate_synchronously_and_swap_roles() {
         return;
     }
     let _heavy = heavy_lock();
-    let certs = tempfile::tempdir().expect("tempdir");
-    cluster_certs(certs.path());
-    let (sa, sb) = loopback_specs(certs.path());
-    let mut a = node(sa);
-    let mut b = node(sb);
-    a.start();
-    b.start();
-    wait_until("alpha to connect to beta", Duration::from_secs(20), || {
-        peer_connected(&a) && peer_connected(&b)
-    });
+    let (_certs, mut a, mut b) = connected_loopback_pair();
 
     fio(&a.uri("vol"), false);
 
@@ -116,16 +107,7 @@ fn a_rebuilt_replica_takes_a_full_sync() {
         return;
     }
     let _heavy = heavy_lock();
-    let certs = tempfile::tempdir().expect("tempdir");
-    cluster_certs(certs.path());
-    let (sa, sb) = loopback_specs(certs.path());
-    let mut a = node(sa);
-    let mut b = node(sb);
-    a.start();
-    b.start();
-    wait_until("alpha to connect to beta", Duration::from_secs(20), || {
-        peer_connected(&a) && peer_connected(&b)
-    });
+    let (_certs, mut a, mut b) = connected_loopback_pair();
     fio(&a.uri("vol"), false);
 
     // beta's disk is replaced: fill it with garbage, re-create it.

@@ -4,7 +4,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tandem_core::meta::{PAGE_SIZE, RECORD_SIZE};
 use tandem_core::repl::{
     Config, ConnState, DiskState, Event, Frame, Input, IoId, LoadedMeta, MetaAt, Op, Output,
     PeerId, Protocol, ReplState, Replica, ReqId, Role, Time,
@@ -1050,43 +1049,9 @@ impl World {
 
 /// The metadata a restarted node reads back.
 fn load_meta(meta: &BTreeMap<MetaAt, Bytes>, cfg: &Config) -> Result<LoadedMeta, String> {
-    let rec = |c: u8| {
-        meta.get(&MetaAt::Record(c))
-            .map(|b| b.to_vec())
-            .unwrap_or_else(|| vec![0; RECORD_SIZE])
-    };
-    LoadedMeta::from_parts(
-        &rec(0),
-        &rec(1),
-        cfg.size,
-        cfg.bitmap_chunk,
-        cfg.initial_disk,
-        |slot, bytes| {
-            let mut out = Vec::new();
-            let mut page = 0;
-            while (out.len() as u64) < bytes {
-                match meta.get(&MetaAt::BitmapPage {
-                    slot: slot as u8,
-                    page,
-                }) {
-                    Some(b) => out.extend_from_slice(b),
-                    None => out.extend_from_slice(&[0; PAGE_SIZE]),
-                }
-                page += 1;
-            }
-            out
-        },
-    )?
-    .with_activity_log(
-        &meta
-            .get(&MetaAt::ActivityLog(0))
-            .map(|b| b.to_vec())
-            .unwrap_or_else(|| vec![0; RECORD_SIZE]),
-        &meta
-            .get(&MetaAt::ActivityLog(1))
-            .map(|b| b.to_vec())
-            .unwrap_or_else(|| vec![0; RECORD_SIZE]),
-    )
+    LoadedMeta::from_blocks(cfg.size, cfg.bitmap_chunk, cfg.initial_disk, |at| {
+        meta.get(&at).map(|b| &b[..])
+    })
 }
 
 /// Runs one seed with default options.

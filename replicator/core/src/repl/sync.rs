@@ -89,6 +89,39 @@ impl LoadedMeta {
         })
     }
 
+    /// Reads the metadata from individually stored blocks (`block(at)`:
+    /// the last content written to `at`, `None` if never written) — for
+    /// drivers that keep metadata blocks apart, like the simulator.
+    pub fn from_blocks<'a>(
+        size: u64,
+        chunk: u32,
+        disk: DiskState,
+        block: impl Fn(MetaAt) -> Option<&'a [u8]>,
+    ) -> Result<LoadedMeta, String> {
+        let zero = [0u8; crate::meta::RECORD_SIZE];
+        let get = |at| block(at).unwrap_or(&zero[..]);
+        LoadedMeta::from_parts(
+            get(MetaAt::Record(0)),
+            get(MetaAt::Record(1)),
+            size,
+            chunk,
+            disk,
+            |slot, bytes| {
+                let mut out = Vec::new();
+                let mut page = 0;
+                while (out.len() as u64) < bytes {
+                    out.extend_from_slice(get(MetaAt::BitmapPage {
+                        slot: slot as u8,
+                        page,
+                    }));
+                    page += 1;
+                }
+                out
+            },
+        )?
+        .with_activity_log(get(MetaAt::ActivityLog(0)), get(MetaAt::ActivityLog(1)))
+    }
+
     /// Adds the activity log read from its two copies.
     pub fn with_activity_log(mut self, a: &[u8], b: &[u8]) -> Result<LoadedMeta, String> {
         let (al, idx) = crate::meta::ActivityLog::select(a, b)?;

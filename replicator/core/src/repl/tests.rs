@@ -1022,45 +1022,9 @@ fn r9_ack_racing_a_conflicting_write_does_not_skip_the_reapply() {
 
 /// The metadata a node would read back after a crash.
 fn load_meta(n: &Node, cfg: &Config) -> LoadedMeta {
-    let rec = |c: u8| {
-        n.meta
-            .get(&MetaAt::Record(c))
-            .map(|b| b.to_vec())
-            .unwrap_or_else(|| vec![0; crate::meta::RECORD_SIZE])
-    };
-    LoadedMeta::from_parts(
-        &rec(0),
-        &rec(1),
-        cfg.size,
-        cfg.bitmap_chunk,
-        cfg.initial_disk,
-        |slot, bytes| {
-            let mut out = Vec::new();
-            let mut page = 0;
-            while (out.len() as u64) < bytes {
-                match n.meta.get(&MetaAt::BitmapPage {
-                    slot: slot as u8,
-                    page,
-                }) {
-                    Some(b) => out.extend_from_slice(b),
-                    None => out.extend_from_slice(&[0; crate::meta::PAGE_SIZE]),
-                }
-                page += 1;
-            }
-            out
-        },
-    )
-    .unwrap()
-    .with_activity_log(
-        &n.meta
-            .get(&MetaAt::ActivityLog(0))
-            .map(|b| b.to_vec())
-            .unwrap_or_else(|| vec![0; crate::meta::RECORD_SIZE]),
-        &n.meta
-            .get(&MetaAt::ActivityLog(1))
-            .map(|b| b.to_vec())
-            .unwrap_or_else(|| vec![0; crate::meta::RECORD_SIZE]),
-    )
+    LoadedMeta::from_blocks(cfg.size, cfg.bitmap_chunk, cfg.initial_disk, |at| {
+        n.meta.get(&at).map(|b| &b[..])
+    })
     .unwrap()
 }
 
