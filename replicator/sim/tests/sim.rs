@@ -8,11 +8,11 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// Runs `TANDEM_SIM_SEEDS` seeds (default 500) from `TANDEM_SIM_SEED_BASE`
+/// Runs `TANDEM_SIM_SEEDS` seeds (default 1000) from `TANDEM_SIM_SEED_BASE`
 /// (default 0); the first failure prints its seed and replay command.
 #[test]
 fn many_seeds() {
-    let count = env_u64("TANDEM_SIM_SEEDS").unwrap_or(500);
+    let count = env_u64("TANDEM_SIM_SEEDS").unwrap_or(1000);
     let base = env_u64("TANDEM_SIM_SEED_BASE").unwrap_or(0);
     let start = Instant::now();
     let (mut completed, mut faults, mut checks, mut conflicts, mut up, mut steps) =
