@@ -35,6 +35,8 @@
 //! role = "secondary"                 # primary | secondary (default)
 //! protocol = "C"                     # C (default) | A
 //! allow_two_primaries = false        # dual-primary for live migration; needs protocol C
+//! resync_rate = "100M"               # bytes/s a resync may send per peer (default: no fixed limit)
+//! resync_adaptive = true             # resync yields to application I/O (default)
 //! peers = [{ name = "beta", address = "10.0.0.2:7788" }]
 //! ```
 
@@ -213,6 +215,14 @@ pub struct ReplicationConfig {
     /// reported and ordered the same on both (docs/replication.md, R9).
     #[serde(default)]
     pub allow_two_primaries: bool,
+    /// Most bytes per second a resync sends to one peer, e.g. `"100M"`
+    /// (default: no fixed limit).
+    #[serde(default)]
+    pub resync_rate: Option<String>,
+    /// While application I/O is in flight, keep at most 2 resync requests
+    /// in flight per peer instead of 16 (default on).
+    #[serde(default = "default_true")]
+    pub resync_adaptive: bool,
     /// The other replicas (1 to 3).
     pub peers: Vec<PeerConfig>,
 }
@@ -225,6 +235,26 @@ pub struct PeerConfig {
     pub name: String,
     /// Its QUIC address for this volume.
     pub address: SocketAddr,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl ReplicationConfig {
+    /// `resync_rate` in bytes per second (0: no fixed limit).
+    pub fn resync_rate_bytes(&self) -> Result<u64, String> {
+        match &self.resync_rate {
+            None => Ok(0),
+            Some(s) => match crate::parse_size(s) {
+                Ok(0) => Err(format!(
+                    "{s:?}: must be positive (leave it out for no limit)"
+                )),
+                Ok(n) => Ok(n),
+                Err(e) => Err(format!("{s:?}: {e}")),
+            },
+        }
+    }
 }
 
 fn default_queue_depth() -> u32 {
@@ -484,6 +514,9 @@ impl Config {
                         "a replicated export cannot be read_only",
                     ));
                 }
+                if let Err(why) = r.resync_rate_bytes() {
+                    return Err(err(source, f("resync_rate"), why));
+                }
                 if r.allow_two_primaries && r.protocol != ProtocolConfig::C {
                     return Err(err(
                         source,
@@ -579,6 +612,32 @@ mod tests {
         ca = "/ca"
         peers = [{ name = "beta", address = "127.0.0.1:7789" }]
         "#;
+
+    #[test]
+    fn resync_rate_and_adaptive_mode() {
+        let c = Config::parse(REPLICATED, "f.toml").unwrap();
+        let r = c.exports[0].replication.as_ref().unwrap();
+        assert_eq!(r.resync_rate_bytes(), Ok(0));
+        assert!(r.resync_adaptive);
+        let set = format!("{REPLICATED}resync_rate = \"25M\"\nresync_adaptive = false\n");
+        let c = Config::parse(&set, "f.toml").unwrap();
+        c.validate("f.toml").unwrap();
+        let r = c.exports[0].replication.as_ref().unwrap();
+        assert_eq!(r.resync_rate_bytes(), Ok(25 << 20));
+        assert!(!r.resync_adaptive);
+        for bad in ["fast", "0"] {
+            let t = format!("{REPLICATED}resync_rate = \"{bad}\"\n");
+            let e = Config::parse(&t, "f.toml")
+                .unwrap()
+                .validate("f.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("f.toml: export[0].replication.resync_rate:"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn allow_two_primaries_defaults_off_and_needs_protocol_c() {

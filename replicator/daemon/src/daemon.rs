@@ -123,6 +123,10 @@ fn start_replication(
         ProtocolConfig::A => repl::Protocol::A,
     };
     cfg.allow_two_primaries = r.allow_two_primaries;
+    cfg.resync_rate = r
+        .resync_rate_bytes()
+        .map_err(|e| anyhow::anyhow!("resync_rate {e}"))?;
+    cfg.resync_adaptive = r.resync_adaptive;
     cfg.gen_seed = u64::from_le_bytes(
         uuid::Uuid::new_v4().as_bytes()[..8]
             .try_into()

@@ -244,6 +244,7 @@ impl World {
         // a split brain, which needs an operator (or an automatic policy,
         // not implemented yet) to resolve.
         let faults = !dual && rng.chance(4, 5);
+        let fixed_rate = rng.chance(1, 4);
         let names = ["alpha", "bravo", "charlie"];
         let nodes = (0..n)
             .map(|i| {
@@ -265,6 +266,9 @@ impl World {
                 cfg.bitmap_chunk = CHUNK;
                 cfg.extent_size = EXTENT;
                 cfg.al_extents = 4;
+                // A fixed resync rate on 1 seed in 4 (32 KiB/s: a full
+                // resync of the 32 KiB volume takes a second).
+                cfg.resync_rate = if fixed_rate { 32 << 10 } else { 0 };
                 cfg.gen_seed = rng.next_u64();
                 let issuer = i == 0 || (dual && i == 1);
                 if issuer {

@@ -59,6 +59,13 @@ pub struct Config {
     /// 256, i.e. 1 GiB; at most `meta::AL_MAX_EXTENTS`). After a Primary
     /// crash these extents are resynced.
     pub al_extents: usize,
+    /// Most bytes per second a resync sends to one peer (0: no fixed
+    /// limit, the default).
+    pub resync_rate: u64,
+    /// Adaptive resync (default on): while frontend requests are in
+    /// flight, at most 2 resync reads or frames are in flight per peer
+    /// (16 otherwise), so the resync yields to application I/O.
+    pub resync_adaptive: bool,
 }
 
 /// Default activity-log size: 256 extents.
@@ -106,6 +113,8 @@ impl Config {
             extent_size: DEFAULT_EXTENT,
             gen_seed: 0,
             al_extents: DEFAULT_AL_EXTENTS,
+            resync_rate: 0,
+            resync_adaptive: true,
         }
     }
 

@@ -50,6 +50,8 @@ pub(crate) struct Source {
     pub(crate) total: u64,
     /// When the sync started.
     pub(crate) started: Time,
+    /// Fixed rate: the next read may not start before this.
+    pub(crate) next_start: Time,
 }
 
 /// Sync state towards one peer.

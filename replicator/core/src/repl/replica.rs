@@ -225,6 +225,7 @@ impl Replica {
             .iter()
             .filter(|p| p.conn != ConnState::StandAlone)
             .map(|p| p.next_ping.min(p.last_rx + self.cfg.peer_timeout))
+            .chain(self.resync_timer())
             .min()
     }
 

@@ -20,7 +20,7 @@ use super::peer::{PeerSet, PeerSync, Source};
 use super::replica::Replica;
 use super::state::{ConnState, DiskState, Role};
 use super::write_path::IoOwner;
-use super::{errno, Event, IoId, OutdatedReason, Output, PeerId};
+use super::{errno, Event, IoId, OutdatedReason, Output, PeerId, Time};
 use crate::meta::{Bitmap, History, MetaRecord, SLOTS};
 
 /// A metadata block to write, from [`Output::MetaWrite`].
@@ -416,6 +416,8 @@ pub(crate) fn seed_for(seed: u64, name: &str) -> u64 {
 const RESYNC_RUN: u64 = 1 << 20;
 /// Most resync reads plus frames in flight per peer.
 const RESYNC_WINDOW: usize = 16;
+/// The same while frontend requests are in flight (adaptive mode).
+const RESYNC_WINDOW_BUSY: usize = 2;
 
 impl Replica {
     /// A fresh generation id (never 0 or the initial one).
@@ -792,11 +794,28 @@ impl Replica {
         for i in 0..self.peers.len() {
             let peer = PeerId(i as u8);
             while let PeerSync::Source(s) = &self.peers[i].sync {
-                if s.awaiting_bits || s.reads.len() + s.sent.len() >= RESYNC_WINDOW {
+                // R21: adaptive mode yields to frontend I/O; a fixed rate
+                // spaces the reads out.
+                let window = if self.cfg.resync_adaptive && !self.requests.is_empty() {
+                    RESYNC_WINDOW_BUSY
+                } else {
+                    RESYNC_WINDOW
+                };
+                let rate = self.cfg.resync_rate;
+                if s.awaiting_bits
+                    || s.reads.len() + s.sent.len() >= window
+                    || (rate > 0 && s.next_start > self.now)
+                {
                     break;
                 }
                 let bm = &self.bitmaps[i];
-                let max_bits = (RESYNC_RUN / bm.chunk()).max(1);
+                // With a fixed rate, runs of about 50 ms worth keep it smooth.
+                let run = if rate > 0 {
+                    RESYNC_RUN.min((rate / 20).max(bm.chunk()))
+                } else {
+                    RESYNC_RUN
+                };
+                let max_bits = (run / bm.chunk()).max(1);
                 let in_flight: Vec<(u64, u64)> = s
                     .reads
                     .values()
@@ -851,11 +870,22 @@ impl Replica {
                 self.next_io += 1;
                 let epoch = self.peers[i].epoch;
                 self.ios.insert(io, IoOwner::ResyncRead { peer, epoch });
+                let now = self.now;
                 if let PeerSync::Source(s) = &mut self.peers[i].sync {
                     let id = s.next_id;
                     s.next_id += 1;
                     s.reads.insert(io, (id, a, b));
                     s.cursor = b;
+                    if rate > 0 {
+                        let nanos = u128::from(y - x) * 1_000_000_000 / u128::from(rate);
+                        // A token bucket with 100 ms of burst: a late
+                        // timer catches up, an idle spell does not bank.
+                        let floor = Time::from_nanos(now.as_nanos().saturating_sub(100_000_000));
+                        s.next_start = s.next_start.max(floor)
+                            + std::time::Duration::from_nanos(
+                                u64::try_from(nanos).unwrap_or(u64::MAX),
+                            );
+                    }
                 }
                 self.out.push_back(Output::Read {
                     io,
@@ -1157,6 +1187,27 @@ impl Replica {
             self.al.clear();
             self.mt.touch(MetaKey::Al);
         }
+    }
+
+    /// With a fixed resync rate: when the next resync read may start.
+    pub(crate) fn resync_timer(&self) -> Option<Time> {
+        if self.cfg.resync_rate == 0 {
+            return None;
+        }
+        self.peers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| match &p.sync {
+                PeerSync::Source(s)
+                    if !s.awaiting_bits
+                        && s.next_start > self.now
+                        && self.bitmaps[i].count() > 0 =>
+                {
+                    Some(s.next_start)
+                }
+                _ => None,
+            })
+            .min()
     }
 
     /// A peer that is Connecting freezes new frontend writes: its Hello

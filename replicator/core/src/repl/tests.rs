@@ -1366,3 +1366,65 @@ fn r20_after_a_primary_crash_only_activity_log_extents_are_resynced() {
         1
     );
 }
+
+#[test]
+fn r21_a_fixed_resync_rate_spaces_the_resync_out() {
+    // 32 KiB dirty at 16 KiB/s: about two seconds, in small runs.
+    let mut c = Cluster::connected(2, |_, cfg| {
+        cfg.bitmap_chunk = 512;
+        cfg.resync_rate = 16 << 10;
+    });
+    c.break_link(0, 1);
+    c.run();
+    c.submit(0, 1, w(0, 0x5a, 64, false));
+    c.run();
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 32 << 10);
+    c.connect(0, 1);
+    c.run();
+    let left = |c: &Cluster| c.status(0, 1).out_of_sync_bytes;
+    assert!(left(&c) > 28 << 10, "no burst: {} left", left(&c));
+    for _ in 0..10 {
+        c.advance(Duration::from_millis(100));
+    }
+    let after_1s = left(&c);
+    assert!(
+        (12 << 10..=20 << 10).contains(&after_1s),
+        "about 16 KiB moved in a second: {after_1s} left"
+    );
+    for _ in 0..15 {
+        c.advance(Duration::from_millis(100));
+    }
+    assert_eq!(left(&c), 0);
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+}
+
+#[test]
+fn r21_adaptive_resync_yields_to_frontend_writes() {
+    let mut c = Cluster::connected(2, |_, cfg| cfg.bitmap_chunk = 512);
+    c.break_link(0, 1);
+    c.run();
+    for k in 0..64u64 {
+        c.submit(0, 1 + k, w(k * 1024, 1, 1, false));
+    }
+    c.run();
+    // Reconnect with a frontend write in flight (its local I/O held): at
+    // most 2 resync reads start; once it is done the window opens.
+    c.nodes[0].hold_io = true;
+    c.submit(0, 100, w(60 << 10, 2, 1, false));
+    c.connect(0, 1);
+    c.run();
+    let reads = |c: &Cluster| {
+        c.nodes[0]
+            .io
+            .iter()
+            .filter(|(_, x)| matches!(x, NodeIo::Read(..)))
+            .count()
+    };
+    assert_eq!(reads(&c), 2, "resync held back while the frontend is busy");
+    c.nodes[0].hold_io = false;
+    c.run();
+    assert_eq!(c.done(0, 100), Some(Ok(())));
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+}
