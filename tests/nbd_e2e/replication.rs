@@ -132,7 +132,9 @@ fn a_rebuilt_replica_takes_a_full_sync() {
         Duration::from_secs(60),
         || {
             let p = peer(&a);
-            p["replication"] == "Established" && p["out_of_sync_bytes"] == 0
+            p["replication"] == "Established"
+                && p["out_of_sync_bytes"] == 0
+                && b.export_status("vol")["replication"]["disk"] == "UpToDate"
         },
     );
     assert_eq!(b.export_status("vol")["replication"]["disk"], "UpToDate");

@@ -169,12 +169,11 @@ impl Peer {
             return ReplState::Off;
         }
         match self.sync {
-            PeerSync::Source(_) => ReplState::SyncSource,
+            // Until the target confirms it is UpToDate, the sync is not over.
+            PeerSync::Source(_) | PeerSync::SourceDone { .. } => ReplState::SyncSource,
             PeerSync::Target { .. } => ReplState::SyncTarget,
-            PeerSync::SourceDone { .. } | PeerSync::None if self.replicating() => {
-                ReplState::Established
-            }
-            _ => ReplState::Off,
+            PeerSync::None if self.replicating() => ReplState::Established,
+            PeerSync::None => ReplState::Off,
         }
     }
 }
