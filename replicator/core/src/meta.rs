@@ -27,6 +27,7 @@
 use bytes::{Buf, BufMut};
 
 use crate::repl::DiskState;
+use crate::superblock::{check_block, BlockFault};
 
 /// Magic at offset 0 of each record copy.
 pub const MAGIC: [u8; 8] = *b"TANDEMMD";
@@ -198,25 +199,12 @@ impl MetaRecord {
 
     /// Decodes and checks one copy.
     pub fn decode(bytes: &[u8]) -> Result<MetaRecord, MetaError> {
-        if bytes.len() < RECORD_SIZE {
-            return Err(MetaError::Truncated(bytes.len()));
-        }
-        let block = &bytes[..RECORD_SIZE];
-        if block.iter().all(|&x| x == 0) {
-            return Err(MetaError::Blank);
-        }
-        let mut magic = [0u8; 8];
-        magic.copy_from_slice(&block[..8]);
-        if magic != MAGIC {
-            return Err(MetaError::Magic(magic));
-        }
-        let mut stored = [0u8; 4];
-        stored.copy_from_slice(&block[RECORD_SIZE - 4..]);
-        let stored = u32::from_be_bytes(stored);
-        let computed = crc32fast::hash(&block[..RECORD_SIZE - 4]);
-        if stored != computed {
-            return Err(MetaError::Checksum { stored, computed });
-        }
+        let block = check_block(bytes, RECORD_SIZE, &MAGIC).map_err(|f| match f {
+            BlockFault::Truncated(n) => MetaError::Truncated(n),
+            BlockFault::Blank => MetaError::Blank,
+            BlockFault::Magic(m) => MetaError::Magic(m),
+            BlockFault::Checksum { stored, computed } => MetaError::Checksum { stored, computed },
+        })?;
         let field = |field, why: String| MetaError::Field { field, why };
         let mut b = &block[8..];
         let version = b.get_u32();
@@ -334,21 +322,15 @@ impl ActivityLog {
 
     /// Decodes one copy; `Ok(None)` when it is blank.
     pub fn decode(bytes: &[u8]) -> Result<Option<ActivityLog>, String> {
-        if bytes.len() < RECORD_SIZE {
-            return Err(format!("truncated: {} of {RECORD_SIZE} bytes", bytes.len()));
-        }
-        let block = &bytes[..RECORD_SIZE];
-        if block.iter().all(|&x| x == 0) {
-            return Ok(None);
-        }
-        if block[..8] != AL_MAGIC {
-            return Err("bad magic".into());
-        }
-        let mut stored = [0u8; 4];
-        stored.copy_from_slice(&block[RECORD_SIZE - 4..]);
-        if u32::from_be_bytes(stored) != crc32fast::hash(&block[..RECORD_SIZE - 4]) {
-            return Err("checksum mismatch".into());
-        }
+        let block = match check_block(bytes, RECORD_SIZE, &AL_MAGIC) {
+            Ok(b) => b,
+            Err(BlockFault::Blank) => return Ok(None),
+            Err(BlockFault::Truncated(n)) => {
+                return Err(format!("truncated: {n} of {RECORD_SIZE} bytes"))
+            }
+            Err(BlockFault::Magic(_)) => return Err("bad magic".into()),
+            Err(BlockFault::Checksum { .. }) => return Err("checksum mismatch".into()),
+        };
         let mut b = &block[8..];
         let version = b.get_u32();
         if version != VERSION {

@@ -225,25 +225,14 @@ impl Superblock {
 
     /// Decodes and checks one copy.
     pub fn decode(bytes: &[u8]) -> Result<Self, SuperblockError> {
-        if bytes.len() < SUPERBLOCK_SIZE {
-            return Err(SuperblockError::Truncated(bytes.len()));
-        }
-        let block = &bytes[..SUPERBLOCK_SIZE];
-        if block.iter().all(|&x| x == 0) {
-            return Err(SuperblockError::Blank);
-        }
-        let mut magic = [0u8; 8];
-        magic.copy_from_slice(&block[..8]);
-        if magic != MAGIC {
-            return Err(SuperblockError::Magic(magic));
-        }
-        let mut stored_bytes = [0u8; 4];
-        stored_bytes.copy_from_slice(&block[SUPERBLOCK_SIZE - 4..]);
-        let stored = u32::from_be_bytes(stored_bytes);
-        let computed = crc32fast::hash(&block[..SUPERBLOCK_SIZE - 4]);
-        if stored != computed {
-            return Err(SuperblockError::Checksum { stored, computed });
-        }
+        let block = check_block(bytes, SUPERBLOCK_SIZE, &MAGIC).map_err(|f| match f {
+            BlockFault::Truncated(n) => SuperblockError::Truncated(n),
+            BlockFault::Blank => SuperblockError::Blank,
+            BlockFault::Magic(m) => SuperblockError::Magic(m),
+            BlockFault::Checksum { stored, computed } => {
+                SuperblockError::Checksum { stored, computed }
+            }
+        })?;
         let mut b = &block[8..];
         let format_version = b.get_u32();
         let incompat = b.get_u32();
@@ -287,6 +276,49 @@ impl Superblock {
         sb.check()?;
         Ok(sb)
     }
+}
+
+/// Why a 4 KiB checksummed metadata block fails its framing checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockFault {
+    /// Fewer bytes than a block.
+    Truncated(usize),
+    /// All zeroes.
+    Blank,
+    /// Another magic.
+    Magic([u8; 8]),
+    /// CRC-32 of all but the last 4 bytes differs from those 4 bytes.
+    Checksum { stored: u32, computed: u32 },
+}
+
+/// The framing every metadata block shares (superblock, replica record,
+/// activity log): `size` bytes, `magic` first, CRC-32 (IEEE) of the rest in
+/// the last 4 bytes. Returns the block.
+pub(crate) fn check_block<'a>(
+    bytes: &'a [u8],
+    size: usize,
+    magic: &[u8; 8],
+) -> Result<&'a [u8], BlockFault> {
+    if bytes.len() < size {
+        return Err(BlockFault::Truncated(bytes.len()));
+    }
+    let block = &bytes[..size];
+    if block.iter().all(|&x| x == 0) {
+        return Err(BlockFault::Blank);
+    }
+    let mut found = [0u8; 8];
+    found.copy_from_slice(&block[..8]);
+    if found != *magic {
+        return Err(BlockFault::Magic(found));
+    }
+    let mut stored = [0u8; 4];
+    stored.copy_from_slice(&block[size - 4..]);
+    let stored = u32::from_be_bytes(stored);
+    let computed = crc32fast::hash(&block[..size - 4]);
+    if stored != computed {
+        return Err(BlockFault::Checksum { stored, computed });
+    }
+    Ok(block)
 }
 
 /// Chooses the superblock from the two copies (each [`SUPERBLOCK_SIZE`] bytes).

@@ -464,6 +464,10 @@ impl Replica {
 
     /// Emits writes for every metadata block changed and not being written.
     pub(crate) fn meta_flush(&mut self) -> bool {
+        if self.mt.is_idle() {
+            // The common case on the write path: nothing to persist.
+            return false;
+        }
         let mut keys = self.mt.to_write();
         if !self.mt.durable_except(self.al_guard, MetaKey::Al) {
             // Crash recovery marked the old log's extents in the bitmaps:
