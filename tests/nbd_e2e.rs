@@ -7,6 +7,8 @@
 mod bad_input;
 #[path = "nbd_e2e/config_refusal.rs"]
 mod config_refusal;
+#[path = "nbd_e2e/demo.rs"]
+mod demo;
 #[path = "nbd_e2e/dual_primary.rs"]
 mod dual_primary;
 #[path = "nbd_e2e/filesystem.rs"]
@@ -21,6 +23,8 @@ mod lifecycle;
 mod metrics;
 #[path = "nbd_e2e/multi_conn.rs"]
 mod multi_conn;
+#[path = "nbd_e2e/quorum.rs"]
+mod quorum;
 #[path = "nbd_e2e/repl_common.rs"]
 mod repl_common;
 #[path = "nbd_e2e/replication.rs"]

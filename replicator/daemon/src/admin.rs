@@ -33,6 +33,15 @@ pub enum AdminRequest {
         /// Export name.
         export: String,
     },
+    /// Resolve a split brain: this node volunteers to discard its data
+    /// (it becomes the sync target at the next handshake; R24).
+    Resolve {
+        /// Export name.
+        export: String,
+        /// Discard this node's changes since the split (must be true; the
+        /// field makes the intent explicit).
+        discard_my_data: bool,
+    },
 }
 
 /// Daemon-wide status.
@@ -118,6 +127,10 @@ async fn handle(stream: UnixStream, exports: &Exports, listeners: &[String]) -> 
             }
             Ok(AdminRequest::Promote { export }) => role_change(exports, &export, true).await,
             Ok(AdminRequest::Demote { export }) => role_change(exports, &export, false).await,
+            Ok(AdminRequest::Resolve {
+                export,
+                discard_my_data,
+            }) => resolve(exports, &export, discard_my_data).await,
             Err(e) => failure(format!("bad request: {e}")),
         };
         let mut out = serde_json::to_vec(&resp)?;
@@ -132,6 +145,33 @@ fn failure(error: String) -> AdminResponse {
         ok: false,
         error: Some(error),
         status: None,
+    }
+}
+
+async fn resolve(exports: &Exports, name: &str, discard_my_data: bool) -> AdminResponse {
+    let Some(export) = exports.get(name).filter(|_| !name.is_empty()) else {
+        return failure(format!("no export named {name:?}"));
+    };
+    let Some(r) = &export.replicator else {
+        return failure(format!("export {name:?} is not replicated"));
+    };
+    if !discard_my_data {
+        return failure(
+            "resolve needs discard_my_data: run it on the node whose changes are to be discarded"
+                .into(),
+        );
+    }
+    match r.resolve(true).await {
+        Ok(Ok(())) => {
+            tracing::warn!(export = %name, "split brain: this node will discard its changes at the next handshake");
+            AdminResponse {
+                ok: true,
+                error: None,
+                status: None,
+            }
+        }
+        Ok(Err(e)) => failure(format!("resolve refused: {e}")),
+        Err(e) => failure(e.to_string()),
     }
 }
 

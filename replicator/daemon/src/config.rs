@@ -37,6 +37,12 @@
 //! allow_two_primaries = false        # dual-primary for live migration; needs protocol C
 //! resync_rate = "100M"               # bytes/s a resync may send per peer (default: no fixed limit)
 //! resync_adaptive = true             # resync yields to application I/O (default)
+//! after_split_brain = "disconnect"  # | discard-zero-changes | discard-least-changes | discard-younger-primary
+//! on_peer_loss = "continue"          # without a witness: continue (default) | freeze
+//! on_no_quorum = "suspend"           # writes nobody grants: suspend (default) | io-error
+//! auto_failover = true               # with a witness: promote when the Primary is gone (default)
+//! failover_timeout = "2s"            # how long the Primary must be gone first
+//! witness = { name = "witness", address = "10.0.0.3:7790" }   # optional third vote
 //! peers = [{ name = "beta", address = "10.0.0.2:7788" }]
 //! ```
 
@@ -223,6 +229,30 @@ pub struct ReplicationConfig {
     /// in flight per peer instead of 16 (default on).
     #[serde(default = "default_true")]
     pub resync_adaptive: bool,
+    /// What a handshake that finds a split brain does: `disconnect`
+    /// (default), `discard-zero-changes`, `discard-least-changes` or
+    /// `discard-younger-primary` (docs/replication.md, R24).
+    #[serde(default)]
+    pub after_split_brain: Option<String>,
+    /// Without a witness, what a Primary does when a peer is lost:
+    /// `continue` writing alone (default) or `freeze` until it returns.
+    #[serde(default)]
+    pub on_peer_loss: Option<String>,
+    /// Writes neither a peer nor the witness lets complete: `suspend`
+    /// (default: held until one does) or `io-error` (failed with EIO).
+    #[serde(default)]
+    pub on_no_quorum: Option<String>,
+    /// With a witness: promote this node when its Primary has been gone
+    /// for `failover_timeout` and the witness agrees (default on).
+    #[serde(default = "default_true")]
+    pub auto_failover: bool,
+    /// How long the Primary must be gone before a failover, e.g. `"2s"` or
+    /// `"500ms"` (default 2 s).
+    #[serde(default)]
+    pub failover_timeout: Option<String>,
+    /// A witness at a third site (`tandemd witness`).
+    #[serde(default)]
+    pub witness: Option<PeerConfig>,
     /// The other replicas (1 to 3).
     pub peers: Vec<PeerConfig>,
 }
@@ -241,7 +271,62 @@ fn default_true() -> bool {
     true
 }
 
+/// Parses `"2s"`, `"500ms"` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1u64)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (t, 1000)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: not a duration (e.g. \"2s\" or \"500ms\")"))?;
+    n.checked_mul(mult)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("{s:?}: too long"))
+}
+
 impl ReplicationConfig {
+    /// `after_split_brain` as a policy.
+    pub fn split_brain_policy(&self) -> Result<tandem_core::repl::SplitBrainPolicy, String> {
+        match &self.after_split_brain {
+            None => Ok(Default::default()),
+            Some(s) => tandem_core::repl::SplitBrainPolicy::from_name(s).ok_or_else(|| {
+                format!("{s:?}: use disconnect, discard-zero-changes, discard-least-changes or discard-younger-primary")
+            }),
+        }
+    }
+
+    /// `on_peer_loss = "freeze"`.
+    pub fn freeze_on_peer_loss(&self) -> Result<bool, String> {
+        match self.on_peer_loss.as_deref() {
+            None | Some("continue") => Ok(false),
+            Some("freeze") => Ok(true),
+            Some(s) => Err(format!("{s:?}: use continue or freeze")),
+        }
+    }
+
+    /// `on_no_quorum`.
+    pub fn no_quorum(&self) -> Result<crate::witness::NoQuorum, String> {
+        match self.on_no_quorum.as_deref() {
+            None | Some("suspend") => Ok(crate::witness::NoQuorum::Suspend),
+            Some("io-error") => Ok(crate::witness::NoQuorum::IoError),
+            Some(s) => Err(format!("{s:?}: use suspend or io-error")),
+        }
+    }
+
+    /// `failover_timeout` (default 2 s).
+    pub fn failover_timeout(&self) -> Result<std::time::Duration, String> {
+        match &self.failover_timeout {
+            None => Ok(std::time::Duration::from_secs(2)),
+            Some(s) => parse_duration(s),
+        }
+    }
+
     /// `resync_rate` in bytes per second (0: no fixed limit).
     pub fn resync_rate_bytes(&self) -> Result<u64, String> {
         match &self.resync_rate {
@@ -516,6 +601,37 @@ impl Config {
                 }
                 if let Err(why) = r.resync_rate_bytes() {
                     return Err(err(source, f("resync_rate"), why));
+                }
+                if let Err(why) = r.split_brain_policy() {
+                    return Err(err(source, f("after_split_brain"), why));
+                }
+                if let Err(why) = r.freeze_on_peer_loss() {
+                    return Err(err(source, f("on_peer_loss"), why));
+                }
+                if let Err(why) = r.no_quorum() {
+                    return Err(err(source, f("on_no_quorum"), why));
+                }
+                if let Err(why) = r.failover_timeout() {
+                    return Err(err(source, f("failover_timeout"), why));
+                }
+                if let Some(w) = &r.witness {
+                    if let Err(why) = crate::transport::certs::validate_node_name(&w.name) {
+                        return Err(err(source, f("witness.name"), why.to_string()));
+                    }
+                    if w.name == r.node || r.peers.iter().any(|p| p.name == w.name) {
+                        return Err(err(
+                            source,
+                            f("witness.name"),
+                            "the witness must be a node of its own (not this node or a peer)",
+                        ));
+                    }
+                    if r.freeze_on_peer_loss().unwrap_or(false) {
+                        return Err(err(
+                            source,
+                            f("on_peer_loss"),
+                            "with a witness, the witness decides (leave on_peer_loss out)",
+                        ));
+                    }
                 }
                 if r.allow_two_primaries && r.protocol != ProtocolConfig::C {
                     return Err(err(

@@ -127,6 +127,13 @@ fn start_replication(
         .resync_rate_bytes()
         .map_err(|e| anyhow::anyhow!("resync_rate {e}"))?;
     cfg.resync_adaptive = r.resync_adaptive;
+    cfg.after_split_brain = r
+        .split_brain_policy()
+        .map_err(|e| anyhow::anyhow!("after_split_brain {e}"))?;
+    let freeze = r
+        .freeze_on_peer_loss()
+        .map_err(|e| anyhow::anyhow!("on_peer_loss {e}"))?;
+    cfg.solo_needs_grant = r.witness.is_some() || freeze;
     cfg.gen_seed = u64::from_le_bytes(
         uuid::Uuid::new_v4().as_bytes()[..8]
             .try_into()
@@ -156,7 +163,25 @@ fn start_replication(
         &identity,
         r.peers.iter().map(|p| p.name.clone()).collect(),
     )?);
-    let replicator = Replicator::spawn_with_metrics(replica, volume.clone(), layout, metrics);
+    let quorum = crate::witness::QuorumCtl::new(
+        crate::witness::volume_key(&sb.volume_uuid),
+        r.witness.is_some(),
+        r.auto_failover,
+        r.failover_timeout()
+            .map_err(|e| anyhow::anyhow!("failover_timeout {e}"))?,
+        r.no_quorum()
+            .map_err(|e| anyhow::anyhow!("on_no_quorum {e}"))?,
+    );
+    let replicator = Replicator::spawn_full(replica, volume.clone(), layout, metrics, quorum);
+    if let Some(w) = &r.witness {
+        info!(witness = %w.name, address = %w.address, auto_failover = r.auto_failover, "using a witness");
+        tokio::spawn(crate::witness::run_client(
+            endpoint.clone(),
+            w.name.clone(),
+            w.address,
+            replicator.witness_events(),
+        ));
+    }
     info!(
         node = %r.node, listen = %r.listen, role = ?r.role, protocol = ?r.protocol,
         allow_two_primaries = r.allow_two_primaries, "replication listening"

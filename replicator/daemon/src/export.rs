@@ -91,6 +91,12 @@ pub struct ReplicationStatus {
     pub conflicts: u64,
     /// Per peer.
     pub peers: Vec<PeerStatusJson>,
+    /// Quorum and witness (R25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<crate::witness::QuorumStatus>,
+    /// This node volunteers to discard its data in a split brain (R24).
+    #[serde(default)]
+    pub discard_my_data: bool,
 }
 
 /// One peer, as `tandemctl status` shows it.
@@ -270,6 +276,8 @@ impl Export {
                             split_brain: p.split_brain,
                         })
                         .collect(),
+                    quorum: Some(rs.quorum),
+                    discard_my_data: rs.discard_my_data,
                 });
             }
         }

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod demo_sites;
 pub mod export;
 pub mod metrics;
 pub mod nbd;
@@ -21,6 +22,7 @@ pub mod replication;
 pub mod storage;
 pub mod transport;
 pub mod volume;
+pub mod witness;
 
 /// Parses sizes like `256M`, `1G`, `4096`, `1.5T` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {

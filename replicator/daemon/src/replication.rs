@@ -38,6 +38,7 @@ use crate::metrics::ReplicationMetrics;
 use crate::storage::{IoBuf, IoError};
 use crate::transport::PeerEndpoint;
 use crate::volume::Volume;
+use crate::witness::{NoQuorum, QuorumCtl};
 
 /// Snapshot of a replica for status output.
 #[derive(Debug, Clone)]
@@ -52,6 +53,10 @@ pub struct ReplicaStatus {
     pub conflicts: u64,
     /// Per peer.
     pub peers: Vec<PeerStatus>,
+    /// Quorum and witness (R25).
+    pub quorum: crate::witness::QuorumStatus,
+    /// This node volunteers to discard its data in a split brain (R24).
+    pub discard_my_data: bool,
 }
 
 /// Bytes of queued frames coalesced into one stream write.
@@ -100,6 +105,9 @@ enum Msg {
     Promote(oneshot::Sender<Result<(), RoleError>>),
     Demote(oneshot::Sender<Result<(), RoleError>>),
     Status(oneshot::Sender<ReplicaStatus>),
+    Witness(crate::witness::ClientEvent),
+    Tick,
+    Resolve(bool, oneshot::Sender<Result<(), RoleError>>),
 }
 
 /// A handle to a running replication driver. Cheap to clone.
@@ -139,6 +147,26 @@ impl Replicator {
         layout: Layout,
         metrics: Arc<ReplicationMetrics>,
     ) -> Replicator {
+        let volume_key = crate::witness::volume_key(&replica.config().volume_uuid);
+        let quorum = QuorumCtl::new(
+            volume_key,
+            false,
+            false,
+            Duration::from_secs(2),
+            NoQuorum::Suspend,
+        );
+        Replicator::spawn_full(replica, volume, layout, metrics, quorum)
+    }
+
+    /// [`Replicator::spawn_with_metrics`] with a quorum policy (witness,
+    /// failover, what to do without quorum; R25).
+    pub fn spawn_full(
+        replica: Replica,
+        volume: Arc<Volume>,
+        layout: Layout,
+        metrics: Arc<ReplicationMetrics>,
+        quorum: QuorumCtl,
+    ) -> Replicator {
         let (tx, rx) = mpsc::unbounded_channel();
         let peers = Arc::new(replica.config().peers.clone());
         let driver = Driver {
@@ -152,6 +180,7 @@ impl Replicator {
             links: HashMap::new(),
             metrics: metrics.clone(),
             ready: Vec::new(),
+            quorum,
         };
         tokio::spawn(driver.run(rx));
         Replicator {
@@ -190,6 +219,30 @@ impl Replicator {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Msg::Demote(tx)).map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
+    }
+
+    /// Volunteers to discard this node's data in a split brain (R24): the
+    /// next handshake that finds one makes this node the sync target.
+    pub async fn resolve(&self, discard_my_data: bool) -> Result<Result<(), RoleError>, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Resolve(discard_my_data, tx))
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// A channel for the witness client's events (R25).
+    pub fn witness_events(&self) -> mpsc::UnboundedSender<crate::witness::ClientEvent> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let driver = self.tx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                if driver.send(Msg::Witness(e)).is_err() {
+                    return;
+                }
+            }
+        });
+        tx
     }
 
     /// Current status.
@@ -451,6 +504,7 @@ struct Driver {
     metrics: Arc<ReplicationMetrics>,
     /// Scratch for frames released by a link's reorder buffer.
     ready: Vec<Frame>,
+    quorum: QuorumCtl,
 }
 
 impl Driver {
@@ -459,6 +513,18 @@ impl Driver {
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        if self.quorum.active() {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(Duration::from_millis(200));
+                loop {
+                    t.tick().await;
+                    if tx.send(Msg::Tick).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         loop {
             let deadline = self
                 .replica
@@ -545,7 +611,27 @@ impl Driver {
                 }
             }
             Msg::Promote(reply) => {
+                if let Err(why) = self.quorum.may_promote() {
+                    let _ = reply.send(Err(RoleError::Refused(why)));
+                    return;
+                }
+                self.replica.set_wall_clock(wall_ms());
                 let _ = reply.send(self.replica.promote(now));
+            }
+            Msg::Resolve(discard, reply) => {
+                let _ = reply.send(self.replica.set_discard_my_data(discard));
+            }
+            // Quorum work runs on its own tick (200 ms), not per I/O.
+            Msg::Tick => self.quorum.tick(&mut self.replica, now, Instant::now()),
+            Msg::Witness(e) => {
+                match e {
+                    crate::witness::ClientEvent::Up(tx) => self.quorum.witness_up(tx),
+                    crate::witness::ClientEvent::Down => self.quorum.witness_down(),
+                    crate::witness::ClientEvent::Verdict(v) => {
+                        self.quorum.verdict(&mut self.replica, now, v, wall_ms())
+                    }
+                }
+                self.quorum.tick(&mut self.replica, now, Instant::now());
             }
             Msg::Demote(reply) => {
                 let _ = reply.send(self.replica.demote(now));
@@ -561,6 +647,8 @@ impl Driver {
                     in_flight: self.replica.requests_in_flight(),
                     conflicts: self.replica.concurrent_write_conflicts(),
                     peers,
+                    quorum: self.quorum.status(&self.replica),
+                    discard_my_data: self.replica.discard_my_data(),
                 });
             }
         }
@@ -652,6 +740,13 @@ impl Driver {
             .get(usize::from(peer.0))
             .map_or("?", String::as_str)
     }
+}
+
+/// Wall clock in ms since the Unix epoch (for `discard-younger-primary`).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

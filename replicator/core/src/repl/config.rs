@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::frame::{MAX_NODE_NAME, PROTOCOL_VERSION};
+use super::frame::{SplitBrainPolicy, MAX_NODE_NAME, PROTOCOL_VERSION};
 use super::state::{DiskState, Protocol, Role};
 
 /// Default interval between keepalive pings: 1 s.
@@ -66,6 +66,15 @@ pub struct Config {
     /// flight, at most 2 resync reads or frames are in flight per peer
     /// (16 otherwise), so the resync yields to application I/O.
     pub resync_adaptive: bool,
+    /// What a handshake that finds a split brain does (default
+    /// [`SplitBrainPolicy::Disconnect`]; R24).
+    pub after_split_brain: SplitBrainPolicy,
+    /// A Primary completes a write that some peer did not get only after
+    /// the driver granted it the right to write alone
+    /// ([`super::Replica::grant_solo`]): set with a witness (the witness
+    /// grants) or to freeze on peer loss (R25). Default off: a Primary
+    /// continues alone at once.
+    pub solo_needs_grant: bool,
 }
 
 /// Default activity-log size: 256 extents.
@@ -115,6 +124,8 @@ impl Config {
             al_extents: DEFAULT_AL_EXTENTS,
             resync_rate: 0,
             resync_adaptive: true,
+            after_split_brain: SplitBrainPolicy::Disconnect,
+            solo_needs_grant: false,
         }
     }
 

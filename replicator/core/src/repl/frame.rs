@@ -29,7 +29,7 @@ pub const MAGIC: u32 = u32::from_be_bytes(*b"TNDR");
 /// Framing version this build writes and reads.
 pub const FRAMING_VERSION: u8 = 1;
 /// Replication protocol version carried in [`Hello`] and compared at handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 24;
 /// Largest write data a single frame carries (32 MiB).
@@ -163,6 +163,79 @@ pub struct HelloGens {
     /// Changes whenever the sender restarts: writes it acknowledged but had
     /// not flushed may have been lost.
     pub instance: u64,
+    /// The sender volunteers to be the sync target if this handshake finds
+    /// a split brain (`tandemctl resolve --discard-my-data`, or it lost the
+    /// witness's arbitration).
+    pub discard_my_data: bool,
+    /// The sender's automatic split-brain policy; applied only when both
+    /// sides name the same one.
+    pub split_brain_policy: SplitBrainPolicy,
+    /// When the sender last became Primary (wall clock, ms since the Unix
+    /// epoch; 0: not since it started).
+    pub primary_since: u64,
+}
+
+/// What a handshake does when it finds a split brain (both sides wrote
+/// while apart; `docs/replication.md`, R19).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SplitBrainPolicy {
+    /// Refuse the connection on both sides until an operator resolves it
+    /// (the default).
+    #[default]
+    Disconnect,
+    /// If one side wrote nothing the other lacks, it becomes the target.
+    DiscardZeroChanges,
+    /// The side with fewer changed chunks becomes the target (a tie:
+    /// disconnect).
+    DiscardLeastChanges,
+    /// The side that became Primary last becomes the target (unknown on
+    /// either side: disconnect).
+    DiscardYoungerPrimary,
+}
+
+impl SplitBrainPolicy {
+    /// Wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            SplitBrainPolicy::Disconnect => 0,
+            SplitBrainPolicy::DiscardZeroChanges => 1,
+            SplitBrainPolicy::DiscardLeastChanges => 2,
+            SplitBrainPolicy::DiscardYoungerPrimary => 3,
+        }
+    }
+
+    /// Policy for a wire code, if known.
+    pub fn from_code(c: u8) -> Option<SplitBrainPolicy> {
+        Some(match c {
+            0 => SplitBrainPolicy::Disconnect,
+            1 => SplitBrainPolicy::DiscardZeroChanges,
+            2 => SplitBrainPolicy::DiscardLeastChanges,
+            3 => SplitBrainPolicy::DiscardYoungerPrimary,
+            _ => return None,
+        })
+    }
+
+    /// The name used in configuration files.
+    pub fn name(self) -> &'static str {
+        match self {
+            SplitBrainPolicy::Disconnect => "disconnect",
+            SplitBrainPolicy::DiscardZeroChanges => "discard-zero-changes",
+            SplitBrainPolicy::DiscardLeastChanges => "discard-least-changes",
+            SplitBrainPolicy::DiscardYoungerPrimary => "discard-younger-primary",
+        }
+    }
+
+    /// Parses a configuration name.
+    pub fn from_name(s: &str) -> Option<SplitBrainPolicy> {
+        [
+            SplitBrainPolicy::Disconnect,
+            SplitBrainPolicy::DiscardZeroChanges,
+            SplitBrainPolicy::DiscardLeastChanges,
+            SplitBrainPolicy::DiscardYoungerPrimary,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s)
+    }
 }
 
 /// One replication frame.
@@ -380,6 +453,9 @@ impl Frame {
                 p.put_u64(g.dirty_bits);
                 p.put_u32(g.chunk);
                 p.put_u64(g.instance);
+                p.put_u8(u8::from(g.discard_my_data));
+                p.put_u8(g.split_brain_policy.code());
+                p.put_u64(g.primary_since);
                 p.put_u8(name.len() as u8);
                 p.put_slice(name.as_bytes());
                 (0, 0, p, &[])
@@ -601,7 +677,7 @@ enum Parsed {
 }
 
 /// Fixed part of a Hello payload, before the node name.
-const HELLO_FIXED: usize = 35 + 44 + 8 * HISTORY;
+const HELLO_FIXED: usize = 35 + 54 + 8 * HISTORY;
 
 fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameError> {
     let bad = |why| FrameError::Malformed { kind, why };
@@ -663,6 +739,14 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
                 dirty_bits: p.get_u64(),
                 chunk: p.get_u32(),
                 instance: p.get_u64(),
+                discard_my_data: match p.get_u8() {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(bad("unknown Hello flags")),
+                },
+                split_brain_policy: SplitBrainPolicy::from_code(p.get_u8())
+                    .ok_or(bad("unknown split-brain policy"))?,
+                primary_since: p.get_u64(),
             };
             let n = p.get_u8() as usize;
             if n > MAX_NODE_NAME {
@@ -865,6 +949,10 @@ mod tests {
                         dirty_bits: g[4],
                         chunk: c,
                         instance: g[5],
+                        discard_my_data: g[6] % 2 == 1,
+                        split_brain_policy: SplitBrainPolicy::from_code((g[6] % 4) as u8)
+                            .unwrap_or_default(),
+                        primary_since: g[3],
                     }
                 })),
             ".{0,100}".prop_map(|reason| Frame::HelloRefused { reason }),

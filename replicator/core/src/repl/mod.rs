@@ -39,9 +39,9 @@ pub use config::{
     Config, ConfigError, DEFAULT_AL_EXTENTS, DEFAULT_BITMAP_CHUNK, DEFAULT_EXTENT,
     DEFAULT_KEEPALIVE, DEFAULT_PEER_TIMEOUT, MAX_PEERS,
 };
-pub use frame::{Frame, FrameError, Hello, HelloGens};
+pub use frame::{Frame, FrameError, Hello, HelloGens, SplitBrainPolicy};
 pub use peer::{PeerStatus, SyncProgress};
-pub use replica::{Replica, RoleError};
+pub use replica::{Quorum, Replica, RoleError};
 pub use state::{ConnState, DiskState, Protocol, ReplState, Role};
 pub use sync::{decide, Decision, LoadedMeta, MetaAt, SyncRole};
 

@@ -23,6 +23,12 @@ pub enum RoleError {
     /// Dual-primary allows exactly two primaries.
     #[error("two primaries already (dual-primary allows at most two)")]
     TooManyPrimaries,
+    /// The driver refused (e.g. the witness says this node missed writes).
+    #[error("{0}")]
+    Refused(String),
+    /// A Primary cannot volunteer to discard its data.
+    #[error("this node is Primary; demote it before discarding its data")]
+    DiscardOnPrimary,
     /// Demotion waits until no frontend request is in flight.
     #[error("{0} frontend requests still in flight; retry when they completed")]
     RequestsInFlight(usize),
@@ -79,6 +85,28 @@ pub struct Replica {
     pub(crate) next_al_copy: u8,
     /// The log is rewritten only once this metadata version is durable.
     pub(crate) al_guard: u64,
+    /// Volunteer as the target of a split-brain resolution (R24).
+    pub(crate) discard_my_data: bool,
+    /// Wall clock (ms since the Unix epoch) the driver last reported.
+    pub(crate) wall_ms: u64,
+    /// Wall clock when this node last became Primary (0: not since start).
+    pub(crate) primary_since: u64,
+    /// The driver granted this Primary the right to complete writes a peer
+    /// did not get (R25; always true without `solo_needs_grant`).
+    pub(crate) solo_granted: bool,
+}
+
+/// Whether a Primary may complete writes (R25), from [`Replica::quorum`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quorum {
+    /// Every peer is connected and receives every write (none is left
+    /// behind).
+    pub all_replicating: bool,
+    /// The driver granted writing alone ([`Replica::grant_solo`]).
+    pub solo_granted: bool,
+    /// Frontend requests done locally but held back: some peer does not
+    /// have them and writing alone is not granted.
+    pub held: usize,
 }
 
 impl Replica {
@@ -178,6 +206,10 @@ impl Replica {
             al_seq: al_loaded.seq,
             next_al_copy: if al_newest == 0 { 1 } else { 0 },
             al_guard: 0,
+            discard_my_data: false,
+            wall_ms: 0,
+            primary_since: 0,
+            solo_granted: !cfg.solo_needs_grant,
             cfg,
             peers,
             out: VecDeque::new(),
@@ -295,6 +327,107 @@ impl Replica {
         self.clear_activity_log();
         self.progress();
         Ok(())
+    }
+
+    /// Volunteers (or stops volunteering) to be the sync target if a
+    /// handshake finds a split brain: this node's changes since the split
+    /// are discarded and overwritten by the peer's (R24). Refused on a
+    /// Primary. Takes effect at the next handshake; cleared once a resync
+    /// made this node UpToDate.
+    pub fn set_discard_my_data(&mut self, on: bool) -> Result<(), RoleError> {
+        if on && self.role == Role::Primary {
+            return Err(RoleError::DiscardOnPrimary);
+        }
+        self.discard_my_data = on;
+        Ok(())
+    }
+
+    /// Whether this node volunteers to discard its data in a split brain.
+    pub fn discard_my_data(&self) -> bool {
+        self.discard_my_data
+    }
+
+    /// The wall clock, in ms since the Unix epoch (the core reads no clock;
+    /// the driver reports it before promoting). Used only to compare when
+    /// two nodes became Primary (`discard-younger-primary`).
+    pub fn set_wall_clock(&mut self, unix_ms: u64) {
+        self.wall_ms = unix_ms;
+    }
+
+    /// Grants this node the right to complete writes that a peer does not
+    /// get (R25): the witness agreed that this node writes alone, or the
+    /// operator unfroze it. Held requests complete.
+    pub fn grant_solo(&mut self, now: Time) {
+        self.now = self.now.max(now);
+        self.solo_granted = true;
+        self.progress();
+    }
+
+    /// Takes the grant back (with `solo_needs_grant`; e.g. every peer is
+    /// back in sync and the witness released it).
+    pub fn revoke_solo(&mut self) {
+        self.solo_granted = !self.cfg.solo_needs_grant;
+    }
+
+    /// Whether writes may complete, and how many are held back (R25).
+    pub fn quorum(&self) -> Quorum {
+        let held = if self.may_complete() {
+            0
+        } else {
+            self.requests
+                .values()
+                .filter(|r| {
+                    !r.completed && matches!(r.local, super::write_path::LocalState::Done(_))
+                })
+                .count()
+        };
+        Quorum {
+            all_replicating: self.all_replicating(),
+            solo_granted: self.solo_granted,
+            held,
+        }
+    }
+
+    /// Fails every held request (R25) with `errno` (the node lost quorum
+    /// and is configured to fail I/O, or lost the arbitration).
+    pub fn fail_held(&mut self, now: Time, errno: i32) {
+        self.now = self.now.max(now);
+        if self.may_complete() {
+            return;
+        }
+        let held: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| {
+                !r.completed && matches!(r.local, super::write_path::LocalState::Done(_))
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in held {
+            let Some(r) = self.requests.get_mut(&seq) else {
+                continue;
+            };
+            r.completed = true;
+            let req = r.req;
+            self.out.push_back(Output::Complete {
+                req,
+                result: Err(errno),
+            });
+            if r.peers_pending.is_empty() {
+                self.requests.remove(&seq);
+            }
+        }
+        self.progress();
+    }
+
+    pub(crate) fn all_replicating(&self) -> bool {
+        self.peers.iter().all(|p| p.replicating())
+    }
+
+    /// R25: a request may complete if no peer is left behind, or writing
+    /// alone is granted.
+    pub(crate) fn may_complete(&self) -> bool {
+        self.solo_granted || self.all_replicating()
     }
 
     /// Own role.
@@ -423,6 +556,9 @@ impl Replica {
 
     pub(crate) fn set_role(&mut self, role: Role) {
         self.role = role;
+        if role == Role::Primary {
+            self.primary_since = self.wall_ms;
+        }
         self.event(Event::RoleChanged { role });
         self.broadcast_state();
     }

@@ -15,7 +15,7 @@
 use bytes::Bytes;
 use std::collections::BTreeMap;
 
-use super::frame::{Frame, HelloGens, MAX_SYNC_RANGES};
+use super::frame::{Frame, HelloGens, SplitBrainPolicy, MAX_SYNC_RANGES};
 use super::peer::{PeerSet, PeerSync, Source};
 use super::replica::Replica;
 use super::state::{ConnState, DiskState, Role};
@@ -290,6 +290,11 @@ pub fn decide(me: &View, peer: &View) -> Decision {
             }
         }
     };
+    let d = if d == Decision::SplitBrain {
+        resolve_split_brain(m, p).unwrap_or(d)
+    } else {
+        d
+    };
     match d {
         Decision::Source { .. } if me.disk != up => Decision::NoUpToDate,
         Decision::Target { .. } if peer.disk != up => Decision::NoUpToDate,
@@ -299,6 +304,52 @@ pub fn decide(me: &View, peer: &View) -> Decision {
         Decision::Target { .. } if peer.role != Role::Primary => Decision::TargetWaits,
         d => d,
     }
+}
+
+/// Resolves a split brain (R24) if one side volunteered to discard its data
+/// or both sides name the same automatic policy and it picks a side;
+/// `None` leaves it a split brain. The side discarding its data is the
+/// target; the resync is bitmap-based when both bitmaps count from a common
+/// generation (their union then covers every chunk either side changed),
+/// full otherwise.
+fn resolve_split_brain(m: &HelloGens, p: &HelloGens) -> Option<Decision> {
+    let i_lose = match (m.discard_my_data, p.discard_my_data) {
+        (true, false) => true,
+        (false, true) => false,
+        (true, true) => return None,
+        (false, false) if m.split_brain_policy != p.split_brain_policy => return None,
+        (false, false) => match m.split_brain_policy {
+            SplitBrainPolicy::Disconnect => return None,
+            SplitBrainPolicy::DiscardZeroChanges => match (m.dirty_bits, p.dirty_bits) {
+                (0, x) if x != 0 => true,
+                (x, 0) if x != 0 => false,
+                _ => return None,
+            },
+            SplitBrainPolicy::DiscardLeastChanges => match m.dirty_bits.cmp(&p.dirty_bits) {
+                std::cmp::Ordering::Less => true,
+                std::cmp::Ordering::Greater => false,
+                std::cmp::Ordering::Equal => return None,
+            },
+            SplitBrainPolicy::DiscardYoungerPrimary => {
+                if m.primary_since == 0 || p.primary_since == 0 {
+                    return None;
+                }
+                match m.primary_since.cmp(&p.primary_since) {
+                    std::cmp::Ordering::Greater => true,
+                    std::cmp::Ordering::Less => false,
+                    std::cmp::Ordering::Equal => return None,
+                }
+            }
+        },
+    };
+    let bases = |g: &HelloGens| [g.bitmap_gen, g.bitmap_alt].into_iter().filter(|x| *x != 0);
+    let common = bases(m).any(|x| bases(p).any(|y| y == x));
+    let full = !common;
+    Some(if i_lose {
+        Decision::Target { full }
+    } else {
+        Decision::Source { full }
+    })
 }
 
 /// Which metadata block a change dirtied (the record regardless of copy).
@@ -613,6 +664,9 @@ impl Replica {
             dirty_bits: self.bitmaps[peer.0 as usize].count(),
             chunk: self.cfg.bitmap_chunk,
             instance: self.instance,
+            discard_my_data: self.discard_my_data,
+            split_brain_policy: self.cfg.after_split_brain,
+            primary_since: self.primary_since,
         }
     }
 
@@ -1050,6 +1104,7 @@ impl Replica {
             return false;
         }
         self.uptodate_at = None;
+        self.discard_my_data = false;
         let i = peer.0 as usize;
         if matches!(self.peers[i].sync, PeerSync::Target { .. }) {
             self.peers[i].sync = PeerSync::None;

@@ -776,7 +776,7 @@ fn r10_handshake_refuses_mismatches() {
         (Box::new(|c| c.volume_uuid = [8; 16]), "uuid"),
         (Box::new(|c| c.size = SIZE * 2), "size"),
         (Box::new(|c| c.block_size = 4096), "block size"),
-        (Box::new(|c| c.protocol_version = 3), "protocol version"),
+        (Box::new(|c| c.protocol_version += 1), "protocol version"),
         (Box::new(|c| c.bitmap_chunk = 8192), "bitmap chunk"),
         (Box::new(|c| c.initial_role = Role::Primary), "Primary"),
         (Box::new(|c| c.node_name = "x".into()), "node name"),
@@ -1054,15 +1054,24 @@ fn generations_decide_the_same_direction_on_both_sides() {
     use proptest::test_runner::{Config as PtConfig, TestRunner};
     let gen = || prop_oneof![Just(0u64), Just(1u64), Just(2u64), Just(3u64), Just(4u64)];
     let gens = || {
-        (gen(), gen(), gen(), gen(), 0u64..3, gen()).prop_map(|(c, b, h0, h1, d, alt)| HelloGens {
-            current: c.max(1),
-            bitmap_gen: b,
-            bitmap_alt: alt,
-            history: [h0, h1, 0, 0, 0, 0, 0, 0],
-            dirty_bits: d,
-            chunk: 4096,
-            instance: 0,
-        })
+        (
+            (gen(), gen(), gen(), gen(), 0u64..3, gen()),
+            (any::<bool>(), 0u8..4, 0u64..3),
+        )
+            .prop_map(
+                |((c, b, h0, h1, d, alt), (discard, pol, since))| HelloGens {
+                    current: c.max(1),
+                    bitmap_gen: b,
+                    bitmap_alt: alt,
+                    history: [h0, h1, 0, 0, 0, 0, 0, 0],
+                    dirty_bits: d,
+                    chunk: 4096,
+                    instance: 0,
+                    discard_my_data: discard,
+                    split_brain_policy: SplitBrainPolicy::from_code(pol).unwrap_or_default(),
+                    primary_since: since,
+                },
+            )
     };
     let role = || prop_oneof![Just(Role::Primary), Just(Role::Secondary)];
     let disk = || {
@@ -1109,6 +1118,7 @@ fn generations_decide_the_same_direction_on_both_sides() {
         dirty_bits,
         chunk: 4096,
         instance: 0,
+        ..HelloGens::default()
     };
     let view = |gens, role, name| View {
         gens,
@@ -1144,6 +1154,47 @@ fn generations_decide_the_same_direction_on_both_sides() {
             "{a:?} {b:?}"
         );
     }
+    // R24: resolving a split brain (a Primary with 3 changed chunks, a
+    // Secondary with 1, both diverged from generation 5).
+    let sb = |discard, policy, since: u64| {
+        let mut a = v(6, 5, [5, 0], 3);
+        let mut b = v(7, 5, [5, 0], 1);
+        a.split_brain_policy = policy;
+        b.split_brain_policy = policy;
+        b.discard_my_data = discard;
+        a.primary_since = 100;
+        b.primary_since = since;
+        decide(&view(a, p, "a"), &view(b, s, "b"))
+    };
+    use SplitBrainPolicy as P;
+    let bitmap = Decision::Source { full: false };
+    assert_eq!(sb(true, P::Disconnect, 0), bitmap);
+    assert_eq!(sb(false, P::Disconnect, 0), Decision::SplitBrain);
+    assert_eq!(sb(false, P::DiscardLeastChanges, 0), bitmap);
+    assert_eq!(sb(false, P::DiscardZeroChanges, 0), Decision::SplitBrain);
+    assert_eq!(sb(false, P::DiscardYoungerPrimary, 0), Decision::SplitBrain);
+    assert_eq!(sb(false, P::DiscardYoungerPrimary, 200), bitmap);
+    // The younger Primary is a: it would be the target, but it is Primary.
+    assert_eq!(
+        sb(false, P::DiscardYoungerPrimary, 50),
+        Decision::TargetIsPrimary
+    );
+    // Different policies on the two sides: no automatic resolution.
+    let (mut a, mut b) = (v(6, 5, [5, 0], 3), v(7, 5, [5, 0], 0));
+    a.split_brain_policy = P::DiscardZeroChanges;
+    assert_eq!(
+        decide(&view(a, p, "a"), &view(b, s, "b")),
+        Decision::SplitBrain
+    );
+    b.split_brain_policy = P::DiscardZeroChanges;
+    assert_eq!(decide(&view(a, p, "a"), &view(b, s, "b")), bitmap);
+    // Bitmaps from different bases: the resolution is a full sync.
+    let (a, mut b) = (v(6, 5, [5, 0], 3), v(7, 4, [4, 5], 1));
+    b.discard_my_data = true;
+    assert_eq!(
+        decide(&view(a, p, "a"), &view(b, s, "b")),
+        Decision::Source { full: true }
+    );
 }
 
 #[test]
@@ -1173,6 +1224,89 @@ fn split_brain_is_detected_on_both_sides_and_nothing_is_overwritten() {
         ));
     }
     assert_eq!((c.nodes[0].disk.clone(), c.nodes[1].disk.clone()), before);
+}
+
+#[test]
+fn r24_discard_my_data_resolves_a_split_brain_with_a_bitmap_resync() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.submit(0, 1, w(0, 0x1, 1, false));
+    c.run();
+    c.break_link(0, 1);
+    c.run();
+    // Both write while apart, to different and to the same blocks.
+    c.submit(0, 2, w(0, 0xA, 1, false));
+    c.submit(0, 3, w(8192, 0xA, 1, false));
+    c.nodes[1].r.promote(c.now).unwrap();
+    c.submit(1, 1, w(4096, 0xB, 1, false));
+    c.submit(1, 2, w(8192, 0xB, 1, false));
+    c.run();
+    c.nodes[1].r.demote(c.now).unwrap();
+    c.connect(0, 1);
+    c.run();
+    assert!(c.status(0, 1).split_brain);
+    // A Primary may not volunteer; the Secondary does.
+    assert_eq!(
+        c.nodes[0].r.set_discard_my_data(true),
+        Err(RoleError::DiscardOnPrimary)
+    );
+    c.nodes[1].r.set_discard_my_data(true).unwrap();
+    c.connect(0, 1);
+    c.run();
+    for i in 0..2 {
+        let st = c.status(i, 1 - i);
+        assert_eq!(st.conn, ConnState::Connected, "node {i}");
+        assert_eq!(st.repl, ReplState::Established, "node {i}");
+        assert!(!st.split_brain);
+    }
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::UpToDate);
+    assert!(!c.nodes[1].r.discard_my_data(), "cleared once resynced");
+    // b's blocks are a's again, including the one only b wrote: the
+    // union of both bitmaps moved, three 4 KiB chunks, not the volume.
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    let moved: u64 = c.nodes[0]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SyncFinished {
+                role: SyncRole::Source,
+                bytes,
+                ..
+            } => Some(*bytes),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(moved, 3 * 4096);
+}
+
+#[test]
+fn r25_with_solo_needs_grant_a_primary_holds_writes_a_peer_missed_until_granted() {
+    let mut c = Cluster::connected(2, |_, cfg| cfg.solo_needs_grant = true);
+    c.submit(0, 1, w(0, 0x1, 1, false));
+    c.run();
+    assert!(c.done(0, 1).is_some(), "with the peer, writes complete");
+    c.break_link(0, 1);
+    c.run();
+    c.submit(0, 2, w(4096, 0x2, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), None, "held: the peer missed it");
+    let q = c.nodes[0].r.quorum();
+    assert_eq!(
+        (q.all_replicating, q.solo_granted, q.held),
+        (false, false, 1)
+    );
+    c.nodes[0].r.grant_solo(c.now);
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    // Lost the arbitration instead: held requests fail.
+    c.nodes[0].r.revoke_solo();
+    c.submit(0, 3, w(8192, 0x3, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 3), None);
+    c.nodes[0].r.fail_held(c.now, errno::EIO);
+    c.run();
+    assert_eq!(c.done(0, 3), Some(Err(errno::EIO)));
+    assert_eq!(c.nodes[0].r.requests_in_flight(), 0);
+    c.nodes[0].r.demote(c.now).unwrap();
 }
 
 #[test]

@@ -662,19 +662,20 @@ impl Replica {
                 })
                 .map(|(s, _)| *s)
                 .collect();
+            let may_complete = self.may_complete();
             for seq in ready {
                 let r = self.requests.get_mut(&seq).expect("listed above");
                 let LocalState::Done(result) = r.local else {
                     continue;
                 };
                 let all_acked = r.peers_pending.is_empty();
-                if !r.completed && (early || all_acked) {
+                if !r.completed && (early || all_acked) && may_complete {
                     r.completed = true;
                     let req = r.req;
                     self.out.push_back(Output::Complete { req, result });
                     changed = true;
                 }
-                if all_acked {
+                if all_acked && r.completed {
                     self.requests.remove(&seq);
                     changed = true;
                 }

@@ -70,6 +70,20 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Resolve a split brain by discarding this node's changes since the
+    /// split: at the next handshake this node becomes the sync target and
+    /// takes the peer's data (a bitmap-based resync). Run it on the node
+    /// whose writes are to be thrown away, while it is Secondary.
+    Resolve {
+        /// Export name.
+        export: String,
+        /// Required: confirms that this node's changes are discarded.
+        #[arg(long)]
+        discard_my_data: bool,
+        /// Admin socket of the daemon.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Show a running tandemd's exports: role, disk state, counters and,
     /// per peer, connection, replication, peer disk, requests in flight and
     /// bytes out of sync (like `drbdadm status`).
@@ -263,6 +277,27 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             println!("{export}: Secondary");
         }
+        Cmd::Resolve {
+            export,
+            discard_my_data,
+            admin_socket,
+        } => {
+            if !discard_my_data {
+                bail!("resolve discards this node's changes since the split; say so with --discard-my-data (run it on the node to discard)");
+            }
+            let resp = admin::call(
+                &admin_socket,
+                &AdminRequest::Resolve {
+                    export: export.clone(),
+                    discard_my_data,
+                },
+            )
+            .await?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            println!("{export}: this node discards its changes at the next handshake and resyncs from its peer");
+        }
         Cmd::Status {
             export,
             admin_socket,
@@ -333,6 +368,35 @@ fn human_status(st: &admin::Status) -> String {
         );
         if let Some(r) = &e.replication {
             let _ = writeln!(o, "  in-flight:{} conflicts:{}", r.in_flight, r.conflicts);
+            if let Some(q) = r.quorum.as_ref().filter(|q| q.witness || q.held > 0) {
+                let _ = writeln!(
+                    o,
+                    "  quorum: witness:{} holder:{} held-writes:{} writes-alone:{}{}",
+                    if !q.witness {
+                        "none"
+                    } else if q.witness_connected {
+                        "connected"
+                    } else {
+                        "UNREACHABLE"
+                    },
+                    q.holder.as_deref().unwrap_or("-"),
+                    q.held,
+                    q.solo_granted,
+                    if q.outdated {
+                        " (OUTDATED by the witness: resync needed before promotion)"
+                    } else if q.held > 0 {
+                        " (SUSPENDED: writes wait for a peer or the witness)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if r.discard_my_data {
+                let _ = writeln!(
+                    o,
+                    "  discard-my-data: this node resyncs from its peer at the next handshake"
+                );
+            }
             for p in &r.peers {
                 let _ = writeln!(
                     o,

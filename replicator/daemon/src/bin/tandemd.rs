@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tandem_daemon::config::{Config, Overrides};
 use tandem_daemon::demo::DemoArgs;
+use tandem_daemon::demo_sites::SitesArgs;
 
 /// Tandem block replication daemon: serves volumes over NBD.
 #[derive(Parser)]
@@ -17,8 +18,13 @@ struct Cli {
 enum Cmd {
     /// Serve the configured exports until SIGINT/SIGTERM.
     Run(Overrides),
-    /// Run the self-contained demo: create, serve, write, restart, verify.
-    Demo(DemoArgs),
+    /// Run the two-site demo: two sites and a witness on loopback, a
+    /// workload, site A killed, site B takes over, every acknowledged write
+    /// verified, site A resynced (`--single-node` for the one-node demo).
+    Demo(SitesArgs),
+    /// Run a witness: a diskless third vote for replicated volumes (who
+    /// may write alone, who may take over; docs/replication.md, R25).
+    Witness(tandem_daemon::witness::WitnessArgs),
 }
 
 fn init_logging(filter: &str) {
@@ -50,9 +56,22 @@ fn real_main(cli: Cli) -> Result<()> {
             init_logging(&config.log.level);
             rt.block_on(tandem_daemon::daemon::run(config))
         }
+        Cmd::Witness(args) => {
+            init_logging(&args.log_level);
+            rt.block_on(tandem_daemon::witness::run(args))
+        }
+        Cmd::Demo(args) if args.single_node => {
+            init_logging("warn");
+            rt.block_on(tandem_daemon::demo::run(DemoArgs {
+                size: args.size,
+                dir: args.dir,
+                serve: args.serve,
+                engine: tandem_daemon::config::EngineKind::Uring,
+            }))
+        }
         Cmd::Demo(args) => {
             init_logging("warn");
-            rt.block_on(tandem_daemon::demo::run(args))
+            rt.block_on(tandem_daemon::demo_sites::run(args))
         }
     }
 }

@@ -17,7 +17,7 @@
 //!   [`PeerEndpoint::connect`] waits for it, so a refusal by the server is
 //!   reported by `connect` itself rather than on first use. The greeting
 //!   stream is consumed by `connect`; applications never see it.
-//! * ALPN is [`ALPN`] (`tandem/3`); TLS 1.3 only; no 0-RTT and no session
+//! * ALPN is [`ALPN`] (`tandem/4`); TLS 1.3 only; no 0-RTT and no session
 //!   resumption (every connection checks certificates in full); datagrams
 //!   unused.
 //!
@@ -47,7 +47,7 @@ use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, warn};
 
 /// The ALPN protocol identifier of the peer protocol.
-pub const ALPN: &[u8] = b"tandem/3";
+pub const ALPN: &[u8] = b"tandem/4";
 /// QUIC keep-alive interval: a PING is sent when nothing else was sent for
 /// this long, so an idle but healthy connection never times out.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -95,7 +95,7 @@ pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(0x11);
 
 /// What the server sends on its first unidirectional stream once it has
 /// authenticated the client.
-const GREETING: &[u8] = b"tandem/3 welcome\n";
+const GREETING: &[u8] = b"tandem/4 welcome\n";
 /// Authenticated connections waiting for [`PeerEndpoint::accept`].
 const ACCEPT_QUEUE: usize = 64;
 
@@ -728,8 +728,8 @@ impl PeerEndpoint {
         let attempt = async {
             let conn = connecting.await.map_err(conn_err)?;
             if negotiated_alpn(&conn).as_deref() != Some(ALPN) {
-                conn.close(CLOSE_PROTOCOL, b"ALPN tandem/3 required");
-                return Err(protocol("the peer did not negotiate ALPN tandem/3".into()));
+                conn.close(CLOSE_PROTOCOL, b"ALPN tandem/4 required");
+                return Err(protocol("the peer did not negotiate ALPN tandem/4".into()));
             }
             let mut greeting = conn.accept_uni().await.map_err(conn_err)?;
             let got = greeting
@@ -881,8 +881,8 @@ async fn authenticate(
         }
     };
     if negotiated_alpn(&conn).as_deref() != Some(ALPN) {
-        warn!(%remote, "refused peer at {remote}: ALPN tandem/3 not negotiated");
-        conn.close(CLOSE_PROTOCOL, b"ALPN tandem/3 required");
+        warn!(%remote, "refused peer at {remote}: ALPN tandem/4 not negotiated");
+        conn.close(CLOSE_PROTOCOL, b"ALPN tandem/4 required");
         return None;
     }
     let names = peer_names(&conn);
