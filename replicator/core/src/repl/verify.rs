@@ -22,8 +22,9 @@
 //! disk), and no other write touched the block while it was read.
 //!
 //! Only a node with an UpToDate disk verifies, against a connected peer that
-//! is UpToDate with no resync running and is not Primary (its writes would
-//! reach its own disk before this node hears of them). With marking, the
+//! is UpToDate with no resync running, and only while no connected peer is
+//! Primary (a Primary's writes reach its peers' disks before this node hears
+//! of them): in practice on the Primary. With marking, the
 //! differing blocks are set in the peer's bitmap (durably, as a missed write
 //! would be: a new generation starts) and the connection is closed once
 //! that is durable; the reconnect's handshake makes this node the sync
@@ -106,8 +107,9 @@ pub enum VerifyError {
     /// The peer is not UpToDate, or a resync with it runs or is due.
     #[error("peer {0} is not UpToDate and in sync (a resync runs or is due)")]
     PeerNotInSync(String),
-    /// The peer is Primary: its writes reach its disk before this node hears
-    /// of them, so differences could not be told from writes in flight.
+    /// A connected peer (the one named) is Primary: its writes reach disks
+    /// before this node hears of them, so differences could not be told
+    /// from writes in flight.
     #[error("peer {0} is Primary; run verify on the Primary")]
     PeerIsPrimary(String),
     /// A verify with this peer is already running.
@@ -284,8 +286,14 @@ impl Replica {
         {
             return Err(VerifyError::PeerNotInSync(p.name.clone()));
         }
-        if p.role == Some(Role::Primary) {
-            return Err(VerifyError::PeerIsPrimary(p.name.clone()));
+        // Any Primary but this node writes to the peer before this node
+        // hears of the write.
+        if let Some(q) = self
+            .peers
+            .iter()
+            .find(|q| q.conn == ConnState::Connected && q.role == Some(Role::Primary))
+        {
+            return Err(VerifyError::PeerIsPrimary(q.name.clone()));
         }
         Ok(())
     }
