@@ -8,7 +8,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::repl_common::{assert_same_data, connected_loopback_pair, peer, wait_until, SIZE};
+use crate::repl_common::{
+    assert_same_data, connected_loopback_pair, peer, status_text, wait_until, SIZE,
+};
 use tandem_tests::{
     block_on, data_offset, heavy_lock, read_file_at, require, run, tandemctl, wait_timeout,
     write_file_at, Daemon, Json, Rng,
@@ -148,6 +150,22 @@ fn online_verify_finds_exactly_the_corrupted_blocks_and_resyncs_them() {
     assert_eq!(p["replication"], "Established", "{p}");
     assert_eq!(p["out_of_sync_bytes"], 0, "{p}");
     assert_eq!(p["verify"]["differing_bytes"], v["differing_bytes"], "{p}");
+
+    let text = status_text(&a);
+    assert!(
+        text.contains("    verify: finished 64MiB of 64MiB compared, 20KiB in 4 range(s) differ\n"),
+        "tandemctl status:\n{text}"
+    );
+    // The Secondary cannot verify against the Primary (its writes reach
+    // the Secondary's disk first): refused, saying why.
+    let out = run(Command::new(tandemctl())
+        .args(["verify", "vol", "--admin-socket"])
+        .arg(b.admin_socket()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is Primary; run verify on the Primary"),
+        "tandemctl verify on beta: {err}"
+    );
 
     // Human output names the ranges.
     let out = run(Command::new(tandemctl())
