@@ -33,3 +33,5 @@ mod replication;
 mod replication_netns;
 #[path = "nbd_e2e/three_replicas.rs"]
 mod three_replicas;
+#[path = "nbd_e2e/verify.rs"]
+mod verify;

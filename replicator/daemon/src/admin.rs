@@ -42,6 +42,18 @@ pub enum AdminRequest {
         /// field makes the intent explicit).
         discard_my_data: bool,
     },
+    /// Start an online verify of a replicated export against its peers
+    /// (R22); progress and result in the status (`peers[].verify`).
+    Verify {
+        /// Export name.
+        export: String,
+        /// Only this peer (default: every connected peer).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<String>,
+        /// Mark the differing blocks for resync from this node.
+        #[serde(default)]
+        mark: bool,
+    },
 }
 
 /// Daemon-wide status.
@@ -66,6 +78,9 @@ pub struct AdminResponse {
     /// Status, for `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// The peers a verify started with, for `verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<String>>,
 }
 
 /// Binds the admin socket with mode 0600.
@@ -118,6 +133,7 @@ async fn handle(stream: UnixStream, exports: &Exports, listeners: &[String]) -> 
                 AdminResponse {
                     ok: true,
                     error: None,
+                    peers: None,
                     status: Some(Status {
                         version: env!("CARGO_PKG_VERSION").to_string(),
                         listeners: listeners.to_vec(),
@@ -131,6 +147,9 @@ async fn handle(stream: UnixStream, exports: &Exports, listeners: &[String]) -> 
                 export,
                 discard_my_data,
             }) => resolve(exports, &export, discard_my_data).await,
+            Ok(AdminRequest::Verify { export, peer, mark }) => {
+                verify(exports, &export, peer.as_deref(), mark).await
+            }
             Err(e) => failure(format!("bad request: {e}")),
         };
         let mut out = serde_json::to_vec(&resp)?;
@@ -145,6 +164,52 @@ fn failure(error: String) -> AdminResponse {
         ok: false,
         error: Some(error),
         status: None,
+        peers: None,
+    }
+}
+
+async fn verify(exports: &Exports, name: &str, peer: Option<&str>, mark: bool) -> AdminResponse {
+    let Some(export) = exports.get(name).filter(|_| !name.is_empty()) else {
+        return failure(format!("no export named {name:?}"));
+    };
+    let Some(r) = &export.replicator else {
+        return failure(format!("export {name:?} is not replicated"));
+    };
+    let names: Vec<String> = match peer {
+        Some(p) if r.peer_id(p).is_none() => {
+            return failure(format!("export {name:?} has no peer named {p:?}"))
+        }
+        Some(p) => vec![p.to_string()],
+        None => r.peer_names().to_vec(),
+    };
+    let mut started = Vec::new();
+    let mut errors = Vec::new();
+    for n in names {
+        let Some(id) = r.peer_id(&n) else { continue };
+        match r.verify(id, mark).await {
+            Ok(Ok(())) => started.push(n),
+            // Without a named peer, peers that are not connected are skipped.
+            Ok(Err(tandem_core::repl::VerifyError::NotConnected(_))) if peer.is_none() => {}
+            Ok(Err(e)) => errors.push(format!("{n}: {e}")),
+            Err(e) => return failure(e.to_string()),
+        }
+    }
+    if started.is_empty() {
+        if errors.is_empty() {
+            return failure(format!("export {name:?}: no peer is connected"));
+        }
+        return failure(format!("verify refused: {}", errors.join("; ")));
+    }
+    tracing::info!(export = %name, peers = ?started, mark, "online verify started by admin request");
+    AdminResponse {
+        ok: true,
+        error: if errors.is_empty() {
+            None
+        } else {
+            Some(errors.join("; "))
+        },
+        status: None,
+        peers: Some(started),
     }
 }
 
@@ -168,6 +233,7 @@ async fn resolve(exports: &Exports, name: &str, discard_my_data: bool) -> AdminR
                 ok: true,
                 error: None,
                 status: None,
+                peers: None,
             }
         }
         Ok(Err(e)) => failure(format!("resolve refused: {e}")),
@@ -194,6 +260,7 @@ async fn role_change(exports: &Exports, name: &str, promote: bool) -> AdminRespo
                 ok: true,
                 error: None,
                 status: None,
+                peers: None,
             }
         }
         Ok(Err(e)) => failure(format!(

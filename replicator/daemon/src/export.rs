@@ -128,6 +128,52 @@ pub struct PeerStatusJson {
     /// The last handshake found a split brain.
     #[serde(default)]
     pub split_brain: bool,
+    /// The online verify with this peer, running or last finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyJson>,
+}
+
+/// An online verify, as `tandemctl status` and `tandemctl verify` show it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct VerifyJson {
+    /// Bytes compared so far.
+    pub done_bytes: u64,
+    /// Bytes to compare (the volume size).
+    pub total_bytes: u64,
+    /// Bytes found different.
+    pub differing_bytes: u64,
+    /// The differing byte ranges `[start, end)`.
+    pub ranges: Vec<(u64, u64)>,
+    /// Bytes written to during every check and given up.
+    #[serde(default)]
+    pub skipped_bytes: u64,
+    /// Over (completed or aborted).
+    pub finished: bool,
+    /// Why it stopped early.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted: Option<String>,
+    /// The differing blocks were marked for resync.
+    #[serde(default)]
+    pub marked: bool,
+    /// Milliseconds since it started (until it finished).
+    #[serde(default)]
+    pub elapsed_ms: u64,
+}
+
+impl From<&tandem_core::repl::VerifyProgress> for VerifyJson {
+    fn from(v: &tandem_core::repl::VerifyProgress) -> VerifyJson {
+        VerifyJson {
+            done_bytes: v.done_bytes,
+            total_bytes: v.total_bytes,
+            differing_bytes: v.differing_bytes,
+            ranges: v.ranges.clone(),
+            skipped_bytes: v.skipped_bytes,
+            finished: v.finished,
+            aborted: v.aborted.clone(),
+            marked: v.marked,
+            elapsed_ms: u64::try_from(v.elapsed.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
 }
 
 /// A resync in progress, as `tandemctl status` shows it.
@@ -248,7 +294,10 @@ impl Export {
                     peers: rs
                         .peers
                         .iter()
-                        .map(|p| PeerStatusJson {
+                        .zip(rs.verify.iter().chain(std::iter::repeat(
+                            &None::<tandem_core::repl::VerifyProgress>,
+                        )))
+                        .map(|(p, v)| PeerStatusJson {
                             name: p.name.clone(),
                             connection: format!("{:?}", p.conn),
                             replication: format!("{:?}", p.repl),
@@ -274,6 +323,7 @@ impl Export {
                                 }),
                             }),
                             split_brain: p.split_brain,
+                            verify: v.as_ref().map(VerifyJson::from),
                         })
                         .collect(),
                     quorum: Some(rs.quorum),

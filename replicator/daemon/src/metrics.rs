@@ -175,6 +175,7 @@ pub struct PeerMetrics {
     resync_bytes: Counter,
     resyncs: Counter,
     split_brain: Counter,
+    verify_differing_bytes: Counter,
     attaches: AtomicU64,
     link: Mutex<LinkState>,
 }
@@ -193,6 +194,7 @@ impl PeerMetrics {
             resync_bytes: Counter::default(),
             resyncs: Counter::default(),
             split_brain: Counter::default(),
+            verify_differing_bytes: Counter::default(),
             attaches: AtomicU64::new(0),
             link: Mutex::new(LinkState::default()),
         }
@@ -285,6 +287,15 @@ impl ReplicationMetrics {
             Event::SplitBrain { peer } => {
                 if let Some(p) = self.peer(*peer) {
                     p.split_brain.inc();
+                }
+            }
+            Event::VerifyFinished {
+                peer,
+                differing_bytes,
+                ..
+            } => {
+                if let Some(p) = self.peer(*peer) {
+                    p.verify_differing_bytes.inc_by(*differing_bytes);
                 }
             }
             _ => {}
@@ -411,6 +422,7 @@ pub struct Metrics {
     resync_bytes: Family<PeerLabels, Counter>,
     resyncs: Family<PeerLabels, Counter>,
     split_brain: Family<PeerLabels, Counter>,
+    verify_differing_bytes: Family<PeerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -443,6 +455,7 @@ impl Metrics {
             resync_bytes: Family::default(),
             resyncs: Family::default(),
             split_brain: Family::default(),
+            verify_differing_bytes: Family::default(),
         };
         let r = &mut m.registry;
         // Counter names get `_total` appended by the encoder.
@@ -513,6 +526,11 @@ impl Metrics {
             "peer_split_brains",
             "Handshakes with the peer that found a split brain (both sides wrote while apart)",
             m.split_brain.clone(),
+        );
+        r.register(
+            "peer_verify_differing_bytes",
+            "Bytes online verify found different on the peer (R22), summed over finished verifies",
+            m.verify_differing_bytes.clone(),
         );
         r.register(
             "peer_outdated",
@@ -601,6 +619,7 @@ impl Metrics {
                     resync_bytes: self.resync_bytes.get_or_create_owned(&l),
                     resyncs: self.resyncs.get_or_create_owned(&l),
                     split_brain: self.split_brain.get_or_create_owned(&l),
+                    verify_differing_bytes: self.verify_differing_bytes.get_or_create_owned(&l),
                     attaches: AtomicU64::new(0),
                     link: Mutex::new(LinkState::default()),
                 })

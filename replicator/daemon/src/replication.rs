@@ -30,6 +30,7 @@ use tandem_core::repl::{DiskState, Event, MetaAt};
 use tandem_core::repl::{
     Frame, Input, IoId, Op, Output, PeerId, PeerStatus, Replica, ReqId, Role, RoleError, Time,
 };
+use tandem_core::repl::{VerifyError, VerifyProgress};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -57,6 +58,8 @@ pub struct ReplicaStatus {
     pub quorum: crate::witness::QuorumStatus,
     /// This node volunteers to discard its data in a split brain (R24).
     pub discard_my_data: bool,
+    /// Per peer (same order): the online verify running or last finished.
+    pub verify: Vec<Option<VerifyProgress>>,
 }
 
 /// Bytes of queued frames coalesced into one stream write.
@@ -108,6 +111,11 @@ enum Msg {
     Witness(crate::witness::ClientEvent),
     Tick,
     Resolve(bool, oneshot::Sender<Result<(), RoleError>>),
+    Verify {
+        peer: PeerId,
+        mark: bool,
+        reply: oneshot::Sender<Result<(), VerifyError>>,
+    },
 }
 
 /// A handle to a running replication driver. Cheap to clone.
@@ -250,6 +258,26 @@ impl Replicator {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Msg::Status(tx)).map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
+    }
+
+    /// Starts an online verify against `peer` (R22); with `mark`, the
+    /// differing blocks are then resynced from this node. Progress and the
+    /// result are in [`Replicator::status`].
+    pub async fn verify(
+        &self,
+        peer: PeerId,
+        mark: bool,
+    ) -> Result<Result<(), VerifyError>, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Verify { peer, mark, reply })
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// The configured peer names, in [`PeerId`] order.
+    pub fn peer_names(&self) -> &[String] {
+        &self.peers
     }
 
     /// The peer id of a configured peer name.
@@ -636,11 +664,24 @@ impl Driver {
             Msg::Demote(reply) => {
                 let _ = reply.send(self.replica.demote(now));
             }
+            Msg::Verify { peer, mark, reply } => {
+                let res = self.replica.start_verify(now, peer, mark);
+                if res.is_ok() {
+                    info!(peer = %self.peer_name(peer), mark, "online verify started");
+                }
+                let _ = reply.send(res);
+            }
             Msg::Status(reply) => {
-                let peers = (0..self.replica.config().peers.len())
+                let ids: Vec<PeerId> = (0..self.replica.config().peers.len())
                     .filter_map(|i| u8::try_from(i).ok())
-                    .filter_map(|i| self.replica.peer_status(PeerId(i)))
+                    .map(PeerId)
+                    .filter(|p| self.replica.peer_status(*p).is_some())
                     .collect();
+                let peers = ids
+                    .iter()
+                    .filter_map(|p| self.replica.peer_status(*p))
+                    .collect();
+                let verify = ids.iter().map(|p| self.replica.verify_status(*p)).collect();
                 let _ = reply.send(ReplicaStatus {
                     role: self.replica.role(),
                     disk: self.replica.disk_state(),
@@ -649,6 +690,7 @@ impl Driver {
                     peers,
                     quorum: self.quorum.status(&self.replica),
                     discard_my_data: self.replica.discard_my_data(),
+                    verify,
                 });
             }
         }
@@ -770,6 +812,40 @@ fn log_event(e: &Event) {
                 generation = format_args!("{current:016x}"),
                 "new data generation"
             );
+        }
+        Event::VerifyFinished {
+            peer,
+            compared_bytes,
+            differing_bytes,
+            ranges,
+            skipped_bytes,
+            marked,
+            aborted,
+        } => {
+            let shown: Vec<String> = ranges
+                .iter()
+                .take(32)
+                .map(|(s, e)| format!("{s}-{e}"))
+                .collect();
+            if let Some(why) = aborted {
+                warn!(peer = peer.0, compared_bytes, differing_bytes, reason = %why, "online verify aborted");
+            } else if *differing_bytes > 0 {
+                warn!(
+                    peer = peer.0,
+                    compared_bytes,
+                    differing_bytes,
+                    skipped_bytes,
+                    ranges = ranges.len(),
+                    first_ranges = %shown.join(","),
+                    marked,
+                    "online verify found differing blocks"
+                );
+            } else {
+                info!(
+                    peer = peer.0,
+                    compared_bytes, skipped_bytes, "online verify found the replicas identical"
+                );
+            }
         }
         Event::HandshakeRefused { .. }
         | Event::PeerOutdated { .. }

@@ -82,6 +82,8 @@ pub struct Stats {
     pub resyncs: u64,
     /// Bytes moved by resyncs.
     pub resync_bytes: u64,
+    /// Online verifies that compared the whole volume (R22).
+    pub verifies: u64,
     /// Secondaries still replicated (UpToDate) at the last check.
     pub up_to_date_at_end: u64,
     /// Virtual time at the end.
@@ -768,6 +770,27 @@ impl World {
                     self.stats.resyncs += 1;
                     self.stats.resync_bytes += bytes;
                 }
+                // R22: replicas in sync never differ, so any difference an
+                // online verify reports is a false positive (writes in
+                // flight mistaken for differences) — unless a disk is
+                // deliberately lossy.
+                Event::VerifyFinished {
+                    peer,
+                    differing_bytes,
+                    ranges,
+                    aborted,
+                    ..
+                } => {
+                    if aborted.is_none() {
+                        self.stats.verifies += 1;
+                    }
+                    if differing_bytes > 0 && self.opts.bug != Bug::LossySecondaryDisk {
+                        return Err(format!(
+                            "n{i}: online verify with n{} reported differing ranges {ranges:?}",
+                            node_of(i, peer)
+                        ));
+                    }
+                }
                 _ => {}
             },
         }
@@ -813,6 +836,16 @@ impl World {
             return;
         }
         let i = issuers[self.rng.range(0, issuers.len() as u64) as usize];
+        // Now and then an online verify from the issuer (R22); refused
+        // unless the peer is in sync.
+        if !self.dual && self.rng.chance(1, 20) {
+            let j = (i + 1 + self.rng.range(0, self.nodes.len() as u64 - 1) as usize)
+                % self.nodes.len();
+            let now = self.now;
+            if let Some(r) = &mut self.nodes[i].r {
+                let _ = r.start_verify(now, pid(i, j), false);
+            }
+        }
         let req = self.next_req;
         self.next_req += 1;
         let n = self.rng.range(1, 5) as usize;

@@ -57,6 +57,13 @@ pub mod flags {
 
 /// Most ranges one [`Frame::SyncBits`] carries.
 pub const MAX_SYNC_RANGES: usize = 65536;
+/// Bytes one digest of a [`Frame::VerifyReply`] covers (the last block of a
+/// request may be shorter).
+pub const VERIFY_BLOCK: u64 = 4096;
+/// Most bytes one [`Frame::VerifyRequest`] covers.
+pub const MAX_VERIFY_LEN: u64 = 1 << 20;
+/// Most digests one [`Frame::VerifyReply`] carries.
+pub const MAX_VERIFY_DIGESTS: usize = (MAX_VERIFY_LEN / VERIFY_BLOCK) as usize;
 
 /// Frame kinds (the header's `kind` byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -94,6 +101,10 @@ pub enum Kind {
     SyncDone = 15,
     /// [`Frame::Generation`].
     Generation = 16,
+    /// [`Frame::VerifyRequest`].
+    VerifyRequest = 17,
+    /// [`Frame::VerifyReply`].
+    VerifyReply = 18,
 }
 
 impl Kind {
@@ -117,6 +128,8 @@ impl Kind {
             14 => ResyncAck,
             15 => SyncDone,
             16 => Generation,
+            17 => VerifyRequest,
+            18 => VerifyReply,
             _ => return None,
         })
     }
@@ -361,6 +374,27 @@ pub enum Frame {
         /// History after the change.
         history: History,
     },
+    /// Online verify: asks the receiver for the digests of its data in
+    /// `[offset, offset + len)` (`len` at most [`MAX_VERIFY_LEN`]).
+    VerifyRequest {
+        /// Echoed in the [`Frame::VerifyReply`].
+        id: u64,
+        /// Byte offset in the volume.
+        offset: u64,
+        /// Length in bytes (not zero).
+        len: u64,
+    },
+    /// Online verify: the digests of one [`VERIFY_BLOCK`] each, in order
+    /// (`crate::repl::verify::block_digest`), or the errno of a failed read.
+    VerifyReply {
+        /// The request's id.
+        id: u64,
+        /// 0 for success (then one digest per block), otherwise an errno
+        /// (then no digests).
+        status: u32,
+        /// The digests (at most [`MAX_VERIFY_DIGESTS`]).
+        digests: Vec<u64>,
+    },
 }
 
 /// Why bytes are not a valid frame. Any of these ends the connection.
@@ -427,6 +461,8 @@ impl Frame {
             Frame::ResyncAck { .. } => Kind::ResyncAck,
             Frame::SyncDone { .. } => Kind::SyncDone,
             Frame::Generation { .. } => Kind::Generation,
+            Frame::VerifyRequest { .. } => Kind::VerifyRequest,
+            Frame::VerifyReply { .. } => Kind::VerifyReply,
         }
     }
 
@@ -540,6 +576,26 @@ impl Frame {
                     p.put_u64(*h);
                 }
                 (0, 0, p, &[])
+            }
+            Frame::VerifyRequest { id, offset, len } => {
+                let mut p = Vec::with_capacity(16);
+                p.put_u64(*offset);
+                p.put_u64(*len);
+                (*id, 0, p, &[])
+            }
+            Frame::VerifyReply {
+                id,
+                status,
+                digests,
+            } => {
+                let n = digests.len().min(MAX_VERIFY_DIGESTS);
+                let mut p = Vec::with_capacity(8 + 8 * n);
+                p.put_u32(*status);
+                p.put_u32(n as u32);
+                for d in &digests[..n] {
+                    p.put_u64(*d);
+                }
+                (*id, 0, p, &[])
             }
         }
     }
@@ -701,6 +757,8 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
             | Kind::ResyncData
             | Kind::ResyncZeroes
             | Kind::ResyncAck
+            | Kind::VerifyRequest
+            | Kind::VerifyReply
     );
     if !uses_id && id != 0 {
         return Err(bad("non-zero id on a frame without one"));
@@ -898,6 +956,41 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
                 Frame::Generation { current, history }
             }
         }
+        Kind::VerifyRequest => {
+            exact(p, 16)?;
+            let offset = p.get_u64();
+            let len = p.get_u64();
+            if len == 0 {
+                return Err(bad("empty range"));
+            }
+            if len > MAX_VERIFY_LEN {
+                return Err(bad("range too long"));
+            }
+            if offset.checked_add(len).is_none() {
+                return Err(bad("range overflows"));
+            }
+            Frame::VerifyRequest { id, offset, len }
+        }
+        Kind::VerifyReply => {
+            if p.len() < 8 {
+                return Err(bad("payload too short"));
+            }
+            let status = p.get_u32();
+            let n = p.get_u32() as usize;
+            if n > MAX_VERIFY_DIGESTS {
+                return Err(bad("too many digests"));
+            }
+            if status != 0 && n != 0 {
+                return Err(bad("digests with an error status"));
+            }
+            exact(p, n * 8)?;
+            let digests = (0..n).map(|_| p.get_u64()).collect();
+            Frame::VerifyReply {
+                id,
+                status,
+                digests,
+            }
+        }
     };
     Ok(Parsed::Done(f))
 }
@@ -1026,6 +1119,22 @@ mod tests {
                 .prop_map(|(current, history)| Frame::SyncDone { current, history }),
             (any::<u64>(), any::<[u64; HISTORY]>())
                 .prop_map(|(current, history)| Frame::Generation { current, history }),
+            (any::<u64>(), 0u64..u64::MAX / 2, 1..=MAX_VERIFY_LEN)
+                .prop_map(|(id, offset, len)| Frame::VerifyRequest { id, offset, len }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u64>(), 0..=MAX_VERIFY_DIGESTS)
+            )
+                .prop_map(|(id, digests)| Frame::VerifyReply {
+                    id,
+                    status: 0,
+                    digests
+                }),
+            (any::<u64>(), 1u32..200).prop_map(|(id, status)| Frame::VerifyReply {
+                id,
+                status,
+                digests: Vec::new()
+            }),
         ]
     }
 
@@ -1126,6 +1235,78 @@ mod tests {
             panic!("not a write");
         };
         assert_eq!(data.as_ptr() as usize, base + HEADER_LEN + 8);
+    }
+
+    /// A frame of `kind` with `id` and `payload`, checksummed correctly.
+    fn raw(kind: Kind, id: u64, payload: &[u8]) -> BytesMut {
+        let mut raw = BytesMut::new();
+        raw.put_u32(MAGIC);
+        raw.put_u8(FRAMING_VERSION);
+        raw.put_u8(kind as u8);
+        raw.put_u16(0);
+        raw.put_u64(id);
+        raw.put_u32(payload.len() as u32);
+        let mut h = crc32fast::Hasher::new();
+        h.update(&raw[..20]);
+        h.update(payload);
+        raw.put_u32(h.finalize());
+        raw.put_slice(payload);
+        raw
+    }
+
+    #[test]
+    fn verify_frames_reject_malformed_payloads() {
+        let req = |offset: u64, len: u64| {
+            let mut p = Vec::new();
+            p.put_u64(offset);
+            p.put_u64(len);
+            raw(Kind::VerifyRequest, 1, &p)
+        };
+        let malformed = |mut b: BytesMut, why: &str| match Frame::decode(&mut b) {
+            Err(FrameError::Malformed { why: w, .. }) => assert_eq!(w, why),
+            other => panic!("expected {why:?}, got {other:?}"),
+        };
+        assert_eq!(
+            Frame::decode(&mut req(4096, 4096)),
+            Ok(Some(Frame::VerifyRequest {
+                id: 1,
+                offset: 4096,
+                len: 4096
+            }))
+        );
+        malformed(req(0, 0), "empty range");
+        malformed(req(0, MAX_VERIFY_LEN + 1), "range too long");
+        malformed(req(u64::MAX - 10, 4096), "range overflows");
+        malformed(
+            raw(Kind::VerifyRequest, 1, &[0; 15]),
+            "wrong payload length",
+        );
+        let reply = |status: u32, n: u32, digests: usize| {
+            let mut p = Vec::new();
+            p.put_u32(status);
+            p.put_u32(n);
+            for d in 0..digests {
+                p.put_u64(d as u64);
+            }
+            raw(Kind::VerifyReply, 2, &p)
+        };
+        assert_eq!(
+            Frame::decode(&mut reply(0, 2, 2)),
+            Ok(Some(Frame::VerifyReply {
+                id: 2,
+                status: 0,
+                digests: vec![0, 1]
+            }))
+        );
+        malformed(reply(0, 3, 2), "wrong payload length");
+        malformed(reply(0, 1, 2), "wrong payload length");
+        malformed(
+            reply(0, MAX_VERIFY_DIGESTS as u32 + 1, MAX_VERIFY_DIGESTS + 1),
+            "too many digests",
+        );
+        malformed(reply(0, u32::MAX, 0), "too many digests");
+        malformed(reply(5, 1, 1), "digests with an error status");
+        malformed(raw(Kind::VerifyReply, 2, &[0; 7]), "payload too short");
     }
 
     #[test]

@@ -85,6 +85,14 @@ impl Replica {
             | Frame::SyncDone { .. }) => self.on_resync_frame(peer, data),
             Frame::ResyncAck { id, status } => self.on_resync_ack(peer, id, status),
             Frame::Generation { current, history } => self.on_generation(peer, current, history),
+            Frame::VerifyRequest { id, offset, len } => {
+                self.on_verify_request(peer, id, offset, len)
+            }
+            Frame::VerifyReply {
+                id,
+                status,
+                digests,
+            } => self.on_verify_reply(peer, id, status, digests),
         }
     }
 

@@ -30,6 +30,7 @@ mod peer;
 mod replica;
 mod state;
 mod sync;
+mod verify;
 mod write_path;
 
 #[cfg(test)]
@@ -44,6 +45,7 @@ pub use peer::{PeerStatus, SyncProgress};
 pub use replica::{Quorum, Replica, RoleError};
 pub use state::{ConnState, DiskState, Protocol, ReplState, Role};
 pub use sync::{decide, Decision, LoadedMeta, MetaAt, SyncRole};
+pub use verify::{block_digest, VerifyError, VerifyProgress, MAX_ATTEMPTS, VERIFY_WINDOW};
 
 use bytes::Bytes;
 use std::time::Duration;
@@ -281,6 +283,9 @@ pub enum OutdatedReason {
     ConnectionLost,
     /// It acknowledged a write with an error.
     PeerIoError,
+    /// Online verify found its data different (R22) and was asked to mark
+    /// the blocks for resync.
+    VerifyMismatch,
 }
 
 /// A notable state change, for logs and metrics.
@@ -390,6 +395,23 @@ pub enum Event {
     NewGeneration {
         /// The new current generation.
         current: u64,
+    },
+    /// An online verify with a peer finished or was aborted (R22).
+    VerifyFinished {
+        /// Which peer.
+        peer: PeerId,
+        /// Bytes compared.
+        compared_bytes: u64,
+        /// Bytes found different.
+        differing_bytes: u64,
+        /// The differing byte ranges `[start, end)`, sorted and merged.
+        ranges: Vec<(u64, u64)>,
+        /// Bytes that kept being written while checked and were given up.
+        skipped_bytes: u64,
+        /// The differing blocks were marked for resync.
+        marked: bool,
+        /// Why it stopped early (`None`: it compared the whole volume).
+        aborted: Option<String>,
     },
     /// The peer broke the protocol (e.g. data frames from a non-Primary).
     ProtocolViolation {

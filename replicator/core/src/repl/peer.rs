@@ -120,6 +120,8 @@ pub(crate) struct Peer {
     /// Extents unflushed on the peer when it was lost: resynced if it turns
     /// out to have restarted since.
     pub(crate) lost_unflushed: Option<Bitmap>,
+    /// Online verify with this peer, running or last finished (R22).
+    pub(crate) verify: Option<super::verify::Verify>,
 }
 
 impl Peer {
@@ -147,6 +149,7 @@ impl Peer {
                 pending: Vec::new(),
             },
             lost_unflushed: None,
+            verify: None,
         }
     }
 

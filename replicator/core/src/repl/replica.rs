@@ -611,6 +611,7 @@ impl Replica {
         self.peers[i].hello_sent = None;
         self.peers[i].sync = PeerSync::None;
         self.peers[i].pending_gen = None;
+        self.verify_peer_lost(peer);
         self.event(Event::PeerConnState {
             peer,
             state: ConnState::StandAlone,

@@ -957,6 +957,12 @@ impl Replica {
     }
 
     pub(crate) fn on_read_done(&mut self, io: IoId, result: Result<Bytes, i32>) {
+        if matches!(
+            self.ios.get(&io),
+            Some(IoOwner::VerifyRead { .. } | IoOwner::VerifyServe { .. })
+        ) {
+            return self.on_verify_read_done(io, result);
+        }
         let Some(IoOwner::ResyncRead { peer, epoch }) = self.ios.remove(&io) else {
             return;
         };

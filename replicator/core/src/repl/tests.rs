@@ -1562,3 +1562,208 @@ fn r21_adaptive_resync_yields_to_frontend_writes() {
     assert_eq!(c.status(0, 1).repl, ReplState::Established);
     assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
 }
+
+// ---- R22: online verify ----
+
+/// Performs every verify/resync read queued on node `i`, leaving its other
+/// (held) I/O alone.
+fn serve_reads(c: &mut Cluster, i: usize) {
+    while let Some(k) = c.nodes[i]
+        .io
+        .iter()
+        .position(|(_, x)| matches!(x, NodeIo::Read(..)))
+    {
+        if let Some(e) = c.nodes[i].io.remove(k) {
+            c.nodes[i].io.push_front(e);
+        }
+        c.do_io(i);
+        c.drain(i);
+    }
+}
+
+fn verify_events(n: &Node) -> Vec<&Event> {
+    n.events
+        .iter()
+        .filter(|e| matches!(e, Event::VerifyFinished { .. }))
+        .collect()
+}
+
+#[test]
+fn r22_online_verify_finds_exactly_the_corrupted_blocks() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    for k in 0..16u64 {
+        c.submit(0, 1 + k, w(k * 4096, k as u8 + 1, 8, false));
+    }
+    c.run();
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    let p = pid(0, 1);
+    // Clean replicas: nothing differs.
+    c.nodes[0].r.start_verify(c.now, p, false).unwrap();
+    c.run();
+    let s = c.nodes[0].r.verify_status(p).unwrap();
+    assert!(s.finished && s.aborted.is_none());
+    assert_eq!((s.done_bytes, s.total_bytes), (SIZE, SIZE));
+    assert_eq!(s.differing_bytes, 0);
+    assert!(s.ranges.is_empty());
+    // Corrupt blocks 2, 3 and 9 and one byte of the last block on b.
+    c.nodes[1].disk[2 * 4096..4 * 4096].fill(0xee);
+    c.nodes[1].disk[9 * 4096 + 17] ^= 0x40;
+    c.nodes[1].disk[15 * 4096 + 4095] ^= 1;
+    c.nodes[0].r.start_verify(c.now, p, false).unwrap();
+    c.run();
+    let s = c.nodes[0].r.verify_status(p).unwrap();
+    assert!(s.finished && s.aborted.is_none() && !s.marked);
+    assert_eq!(
+        s.ranges,
+        vec![(8192, 16384), (36864, 40960), (61440, 65536)],
+        "exactly the corrupted blocks"
+    );
+    assert_eq!(s.differing_bytes, 4 * 4096);
+    assert_eq!(s.skipped_bytes, 0);
+    let ev = verify_events(&c.nodes[0]);
+    assert_eq!(ev.len(), 2);
+    assert!(matches!(
+        ev[1],
+        Event::VerifyFinished { differing_bytes, aborted: None, marked: false, .. }
+            if *differing_bytes == 4 * 4096
+    ));
+    // Nothing was changed: the replicas still differ, still Established.
+    assert_ne!(c.nodes[0].disk, c.nodes[1].disk);
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    // Refusals: against the Primary, and with the peer gone.
+    assert!(matches!(
+        c.nodes[1].r.start_verify(c.now, pid(1, 0), false),
+        Err(VerifyError::PeerIsPrimary(_))
+    ));
+    c.break_link(0, 1);
+    c.run();
+    assert!(matches!(
+        c.nodes[0].r.start_verify(c.now, p, false),
+        Err(VerifyError::NotConnected(_))
+    ));
+}
+
+#[test]
+fn r22_concurrent_writes_do_not_produce_false_positives() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    let p = pid(0, 1);
+    // A write on its disk at a and not yet at b (b's I/O held) during the
+    // whole verify: the block differs in every check, but was disturbed.
+    c.nodes[1].hold_io = true;
+    c.submit(0, 1, w(5 * 4096, 0x77, 8, false));
+    c.run();
+    assert_ne!(c.nodes[0].disk, c.nodes[1].disk);
+    c.nodes[0].r.start_verify(c.now, p, false).unwrap();
+    for _ in 0..100 {
+        c.run();
+        serve_reads(&mut c, 1);
+        if c.nodes[0].r.verify_status(p).unwrap().finished {
+            break;
+        }
+    }
+    let s = c.nodes[0].r.verify_status(p).unwrap();
+    assert!(s.finished && s.aborted.is_none());
+    assert_eq!(s.differing_bytes, 0, "no false positive: {:?}", s.ranges);
+    assert_eq!(
+        s.skipped_bytes, 4096,
+        "given up after {MAX_ATTEMPTS} checks"
+    );
+    // A write that starts while a request is in flight: b has applied
+    // the write before serving the request, a reads its disk before.
+    c.nodes[1].hold_io = false;
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    c.nodes[0].hold_io = true;
+    c.nodes[0].r.start_verify(c.now, p, false).unwrap();
+    c.run();
+    c.submit(0, 2, w(7 * 4096, 0x78, 8, false));
+    c.run();
+    serve_reads(&mut c, 1); // b reads only after applying the write
+    c.nodes[0].hold_io = false;
+    // a's own read goes first: its disk does not have the write yet.
+    serve_reads(&mut c, 0);
+    c.run();
+    let s = c.nodes[0].r.verify_status(p).unwrap();
+    assert!(s.finished && s.aborted.is_none());
+    assert_eq!(s.differing_bytes, 0, "no false positive: {:?}", s.ranges);
+    assert_eq!(s.skipped_bytes, 0);
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+}
+
+#[test]
+fn r22_disconnect_aborts_verify() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    let p = pid(0, 1);
+    c.links[1][0].hold = true;
+    c.nodes[0].r.start_verify(c.now, p, true).unwrap();
+    c.run();
+    let s = c.nodes[0].r.verify_status(p).unwrap();
+    assert!(!s.finished);
+    assert!(matches!(
+        c.nodes[0].r.start_verify(c.now, p, false),
+        Err(VerifyError::AlreadyRunning(_))
+    ));
+    c.break_link(0, 1);
+    c.run();
+    let s = c.nodes[0].r.verify_status(p).unwrap();
+    assert!(s.finished && !s.marked);
+    assert_eq!(s.aborted.as_deref(), Some("peer disconnected"));
+    assert!(matches!(
+        verify_events(&c.nodes[0])[..],
+        [Event::VerifyFinished {
+            aborted: Some(_),
+            ..
+        }]
+    ));
+    // Nothing marked, the reconnect finds the replicas in sync.
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 0);
+    c.nodes[0].r.start_verify(c.now, p, false).unwrap();
+    c.run();
+    assert!(c.nodes[0].r.verify_status(p).unwrap().finished);
+}
+
+#[test]
+fn r22_marked_blocks_are_resynced() {
+    let mut c = Cluster::connected(2, |_, cfg| cfg.bitmap_chunk = 4096);
+    for k in 0..16u64 {
+        c.submit(0, 1 + k, w(k * 4096, k as u8 + 1, 8, false));
+    }
+    c.run();
+    c.nodes[1].disk[3 * 4096..4 * 4096].fill(0);
+    c.nodes[1].disk[12 * 4096 + 100] ^= 0xff;
+    let p = pid(0, 1);
+    c.nodes[0].r.start_verify(c.now, p, true).unwrap();
+    c.run();
+    let s = c.nodes[0].r.verify_status(p).unwrap();
+    assert!(s.finished && s.marked);
+    assert_eq!(s.ranges, vec![(12288, 16384), (49152, 53248)]);
+    // The marks are durable and the connection closed to resync them.
+    assert!(c.nodes[0]
+        .disconnects
+        .iter()
+        .any(|(_, why)| why.contains("verify")));
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 2 * 4096);
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 0);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    // Only the marked chunks moved.
+    let moved: u64 = c.nodes[0]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SyncFinished { bytes, .. } => Some(*bytes),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(moved, 2 * 4096);
+    c.nodes[0].r.start_verify(c.now, p, false).unwrap();
+    c.run();
+    let s = c.nodes[0].r.verify_status(p).unwrap();
+    assert!(s.finished && s.differing_bytes == 0);
+}

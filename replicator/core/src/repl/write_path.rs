@@ -86,7 +86,22 @@ pub(crate) enum IoOwner {
     Request(u64),
     Apply(u64),
     Meta(MetaKey),
-    ResyncRead { peer: PeerId, epoch: u64 },
+    ResyncRead {
+        peer: PeerId,
+        epoch: u64,
+    },
+    /// Online verify: this node's own data (R22).
+    VerifyRead {
+        peer: PeerId,
+        epoch: u64,
+    },
+    /// Online verify: data whose digests the peer asked for.
+    VerifyServe {
+        peer: PeerId,
+        epoch: u64,
+        id: u64,
+        len: u64,
+    },
 }
 
 fn overlaps(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> bool {
@@ -175,6 +190,7 @@ impl Replica {
         let seq = self.next_seq;
         self.next_seq += 1;
         let range = op.range();
+        self.verify_disturb(range);
         self.requests.insert(
             seq,
             Request {
@@ -211,7 +227,9 @@ impl Replica {
                 }
             }
             IoOwner::Meta(key) => self.on_meta_done(key, result),
-            IoOwner::ResyncRead { .. } => {
+            IoOwner::ResyncRead { .. }
+            | IoOwner::VerifyRead { .. }
+            | IoOwner::VerifyServe { .. } => {
                 // A read completes with ReadDone; a LocalDone for it is a
                 // driver bug. Put it back so ReadDone still finds it.
                 self.ios.insert(io, owner);
@@ -298,6 +316,7 @@ impl Replica {
         self.next_apply += 1;
         let epoch = self.peers[peer.0 as usize].epoch;
         let range = op.range();
+        self.verify_disturb(range);
         self.applies.insert(
             n,
             Apply {
@@ -355,6 +374,7 @@ impl Replica {
             return self.violation(peer, "data frame outside the volume or misaligned");
         }
         let range = op.range();
+        self.verify_disturb(range);
         // Local writes already submitted that overlap: the peer operation is
         // applied after their local I/O, so the local disk sees one order.
         let wait_for: Vec<u64> = self
@@ -682,6 +702,7 @@ impl Replica {
             }
 
             changed |= self.pump_resync();
+            changed |= self.pump_verify();
             changed |= self.finish_target();
             changed |= self.meta_flush();
 

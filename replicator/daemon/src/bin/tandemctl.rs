@@ -97,6 +97,30 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Compare this node's data with its peers' by checksum while I/O
+    /// continues (online verify, run on the Primary) and report the byte
+    /// ranges that differ; with --mark, resync them from this node.
+    Verify {
+        /// Export name.
+        export: String,
+        /// Only this peer (default: every connected peer).
+        #[arg(long)]
+        peer: Option<String>,
+        /// Mark the differing blocks for resync from this node (the
+        /// connection is re-established and a resync moves them).
+        #[arg(long)]
+        mark: bool,
+        /// Wait until the verify finished and print its result (otherwise
+        /// it runs in the background: see `tandemctl status`).
+        #[arg(long)]
+        wait: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Admin socket of the daemon.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Manage the cluster CA that signs node certificates (peer mutual TLS).
     #[command(subcommand)]
     Ca(tandem_daemon::transport::certs::CaCommand),
@@ -320,6 +344,14 @@ async fn real_main(cli: Cli) -> Result<()> {
             }
             print!("{}", human_status(&st));
         }
+        Cmd::Verify {
+            export,
+            peer,
+            mark,
+            wait,
+            json,
+            admin_socket,
+        } => verify(&admin_socket, &export, peer, mark, wait, json).await?,
         Cmd::Ca(cmd) => println!("{}", cmd.run()?),
         Cmd::Cert(cmd) => println!("{}", cmd.run()?),
     }
@@ -437,8 +469,155 @@ fn human_status(st: &admin::Status) -> String {
                             writeln!(o, "    {}: {} received", s.role, format_size(s.done_bytes));
                     }
                 }
+                if let Some(v) = &p.verify {
+                    let state = match (&v.aborted, v.finished) {
+                        (Some(why), _) => format!("aborted ({why})"),
+                        (None, true) => "finished".to_string(),
+                        (None, false) => "running".to_string(),
+                    };
+                    let _ = writeln!(
+                        o,
+                        "    verify: {state} {} of {} compared, {} in {} range(s) differ{}",
+                        format_size(v.done_bytes),
+                        format_size(v.total_bytes),
+                        format_size(v.differing_bytes),
+                        v.ranges.len(),
+                        if v.marked { ", marked for resync" } else { "" }
+                    );
+                }
             }
         }
     }
     o
+}
+
+/// `tandemctl verify`: starts an online verify and, with `wait`, polls the
+/// status until it finished and prints the differing ranges.
+async fn verify(
+    admin_socket: &std::path::Path,
+    export: &str,
+    peer: Option<String>,
+    mark: bool,
+    wait: bool,
+    json: bool,
+) -> Result<()> {
+    use tandem_daemon::export::VerifyJson;
+    use tandem_daemon::format_size;
+    let resp = admin::call(
+        admin_socket,
+        &AdminRequest::Verify {
+            export: export.to_string(),
+            peer,
+            mark,
+        },
+    )
+    .await?;
+    if !resp.ok {
+        bail!("{}", resp.error.unwrap_or_default());
+    }
+    if let Some(e) = &resp.error {
+        eprintln!("tandemctl: some peers refused: {e}");
+    }
+    let peers = resp.peers.unwrap_or_default();
+    if !wait {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "export": export, "started": peers })
+            );
+        } else {
+            println!(
+                "{export}: online verify started with {} (see `tandemctl status {export}`)",
+                peers.join(", ")
+            );
+        }
+        return Ok(());
+    }
+    let results: Vec<(String, VerifyJson)> = loop {
+        let resp = admin::call(admin_socket, &AdminRequest::Status).await?;
+        if !resp.ok {
+            bail!("tandemd: {}", resp.error.unwrap_or_default());
+        }
+        let st = resp.status.context("tandemd sent no status")?;
+        let e = st
+            .exports
+            .iter()
+            .find(|e| e.name == export)
+            .with_context(|| format!("no export named {export:?}"))?;
+        let r = e
+            .replication
+            .as_ref()
+            .with_context(|| format!("export {export:?} is not replicated"))?;
+        let got: Vec<(String, VerifyJson)> = r
+            .peers
+            .iter()
+            .filter(|p| peers.contains(&p.name))
+            .filter_map(|p| p.verify.clone().map(|v| (p.name.clone(), v)))
+            .collect();
+        if got.len() == peers.len() && got.iter().all(|(_, v)| v.finished) {
+            break got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = results
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), serde_json::to_value(v)?)))
+            .collect::<Result<_>>()?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "export": export, "peers": map }))?
+        );
+    } else {
+        for (name, v) in &results {
+            let secs = v.elapsed_ms as f64 / 1000.0;
+            if let Some(why) = &v.aborted {
+                println!(
+                    "{export} vs {name}: ABORTED after {} of {} ({why})",
+                    format_size(v.done_bytes),
+                    format_size(v.total_bytes)
+                );
+                continue;
+            }
+            if v.ranges.is_empty() {
+                println!(
+                    "{export} vs {name}: identical ({} compared in {secs:.1}s{})",
+                    format_size(v.done_bytes),
+                    skipped_note(v.skipped_bytes)
+                );
+                continue;
+            }
+            println!(
+                "{export} vs {name}: {} in {} range(s) differ ({} compared in {secs:.1}s{})",
+                format_size(v.differing_bytes),
+                v.ranges.len(),
+                format_size(v.done_bytes),
+                skipped_note(v.skipped_bytes)
+            );
+            for (s, e) in &v.ranges {
+                println!("  {s}-{e} ({})", format_size(e - s));
+            }
+            if v.marked {
+                println!("  marked for resync from this node");
+            }
+        }
+    }
+    if let Some((name, v)) = results.iter().find(|(_, v)| v.aborted.is_some()) {
+        bail!(
+            "verify with {name} aborted: {}",
+            v.aborted.as_deref().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn skipped_note(skipped: u64) -> String {
+    if skipped == 0 {
+        String::new()
+    } else {
+        format!(
+            "; {} kept being written and were not compared",
+            tandem_daemon::format_size(skipped)
+        )
+    }
 }
