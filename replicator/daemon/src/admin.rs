@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 
 use crate::export::{ExportStatus, Exports};
 use crate::nbd::server::{bind_unix, Shutdown};
+use crate::storage::faulty::Fault;
 
 /// An admin request.
 #[derive(Debug, Serialize, Deserialize)]
@@ -30,6 +31,31 @@ pub enum AdminRequest {
     },
     /// Make this node Secondary for a replicated export.
     Demote {
+        /// Export name.
+        export: String,
+    },
+    /// Fault injection (tests, drills): from now on the export's local
+    /// reads and/or writes fail with `EIO`, only inside `[offset,
+    /// offset + len)` of the volume's data area when both are given, else
+    /// everywhere (metadata included). Replaces an earlier fault.
+    InjectFault {
+        /// Export name.
+        export: String,
+        /// Fail reads.
+        #[serde(default)]
+        reads: bool,
+        /// Fail writes, trims, write-zeroes (and flushes, without a range).
+        #[serde(default)]
+        writes: bool,
+        /// Start of the range (data-area byte offset).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// Length of the range in bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        len: Option<u64>,
+    },
+    /// Ends fault injection on an export.
+    ClearFault {
         /// Export name.
         export: String,
     },
@@ -118,6 +144,16 @@ async fn handle(stream: UnixStream, exports: &Exports, listeners: &[String]) -> 
             }
             Ok(AdminRequest::Promote { export }) => role_change(exports, &export, true).await,
             Ok(AdminRequest::Demote { export }) => role_change(exports, &export, false).await,
+            Ok(AdminRequest::InjectFault {
+                export,
+                reads,
+                writes,
+                offset,
+                len,
+            }) => inject_fault(exports, &export, reads, writes, offset, len),
+            Ok(AdminRequest::ClearFault { export }) => {
+                inject_fault(exports, &export, false, false, None, None)
+            }
             Err(e) => failure(format!("bad request: {e}")),
         };
         let mut out = serde_json::to_vec(&resp)?;
@@ -165,6 +201,49 @@ async fn role_change(exports: &Exports, name: &str, promote: bool) -> AdminRespo
             }
         )),
         Err(e) => failure(e.to_string()),
+    }
+}
+
+fn inject_fault(
+    exports: &Exports,
+    name: &str,
+    reads: bool,
+    writes: bool,
+    offset: Option<u64>,
+    len: Option<u64>,
+) -> AdminResponse {
+    let Some(export) = exports.get(name).filter(|_| !name.is_empty()) else {
+        return failure(format!("no export named {name:?}"));
+    };
+    let sb = export.volume.superblock();
+    let range = match (offset, len) {
+        (None, None) => None,
+        (Some(o), Some(l)) if l > 0 && o.checked_add(l).is_some_and(|e| e <= sb.size) => {
+            Some((sb.data_offset + o, sb.data_offset + o + l))
+        }
+        (Some(_), Some(_)) => {
+            return failure(format!(
+                "fault range must be non-empty and inside the volume ({} bytes)",
+                sb.size
+            ))
+        }
+        _ => return failure("give both offset and len, or neither".into()),
+    };
+    let fault = Fault {
+        reads,
+        writes,
+        range,
+    };
+    export.faults.set(fault);
+    if reads || writes {
+        warn!(export = %name, reads, writes, ?offset, ?len, "fault injection armed by admin request: local I/O will fail with EIO");
+    } else {
+        tracing::info!(export = %name, "fault injection cleared by admin request");
+    }
+    AdminResponse {
+        ok: true,
+        error: None,
+        status: None,
     }
 }
 

@@ -16,7 +16,11 @@ use crate::metrics::Metrics;
 use crate::nbd::server::{self, Shutdown};
 use crate::replication::{self, Replicator};
 use crate::storage::{
-    memory::MemoryEngine, sync::SyncEngine, uring::UringEngine, Backing, Engine, IoBuf,
+    faulty::{FaultSwitch, FaultyEngine},
+    memory::MemoryEngine,
+    sync::SyncEngine,
+    uring::UringEngine,
+    Backing, Engine, IoBuf,
 };
 use crate::transport::{PeerEndpoint, TlsIdentity};
 use crate::volume::{Expect, Volume};
@@ -67,7 +71,11 @@ pub async fn open_engine(e: &ExportConfig) -> Result<Arc<dyn Engine>> {
 /// Opens one export's volume, checking its superblock against the config,
 /// and registers its metrics in `metrics`.
 pub async fn open_export(e: &ExportConfig, metrics: &Metrics) -> Result<Arc<Export>> {
-    let engine = open_engine(e).await?;
+    // Every engine is wrapped for fault injection (admin `inject_fault`,
+    // root only); disarmed it costs one atomic load per operation.
+    let faults = FaultSwitch::new();
+    let engine: Arc<dyn Engine> =
+        Arc::new(FaultyEngine::new(open_engine(e).await?, faults.clone()));
     let expect = Expect {
         name: e.volume.clone(),
         uuid: e.uuid.as_deref().and_then(superblock::parse_uuid),
@@ -82,6 +90,7 @@ pub async fn open_export(e: &ExportConfig, metrics: &Metrics) -> Result<Arc<Expo
     );
     let volume = Arc::new(volume);
     let mut export = Export::new(e.name.clone(), e.description.clone(), volume.clone());
+    export.faults = faults;
     export.io = metrics.io(&e.name, &volume.superblock().uuid_string());
     if let Some(r) = &e.replication {
         let peers: Vec<String> = r.peers.iter().map(|p| p.name.clone()).collect();

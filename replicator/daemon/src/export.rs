@@ -8,6 +8,7 @@ use tandem_core::nbd::{tflag, BlockSizes, ExportCatalog, ExportInfo, ExportLimit
 
 use crate::metrics::IoMetrics;
 use crate::replication::Replicator;
+use crate::storage::faulty::FaultSwitch;
 use crate::volume::Volume;
 
 /// Largest READ/WRITE payload advertised (NBD_INFO_BLOCK_SIZE maximum).
@@ -154,6 +155,8 @@ pub struct Export {
     /// The replication driver, for a replicated volume: every write, flush,
     /// trim and write-zeroes goes through it (reads stay local).
     pub replicator: Option<Replicator>,
+    /// Fault injection for this export's engine (admin `inject_fault`).
+    pub faults: Arc<FaultSwitch>,
 }
 
 impl Export {
@@ -166,6 +169,7 @@ impl Export {
             stats: ExportStats::default(),
             io: IoMetrics::default(),
             replicator: None,
+            faults: FaultSwitch::new(),
         }
     }
 
