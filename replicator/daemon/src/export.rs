@@ -90,6 +90,10 @@ pub struct ReplicationStatus {
     /// Primaries wrote overlapping blocks; ordered the same on both, R9).
     #[serde(default)]
     pub conflicts: u64,
+    /// The local disk failed and is detached (disk `Diskless`): I/O goes
+    /// through UpToDate peers (docs/replication.md, R23).
+    #[serde(default)]
+    pub detached: bool,
     /// Per peer.
     pub peers: Vec<PeerStatusJson>,
 }
@@ -243,6 +247,7 @@ impl Export {
                     disk: format!("{:?}", rs.disk),
                     in_flight: rs.in_flight,
                     conflicts: rs.conflicts,
+                    detached: rs.disk == tandem_core::repl::DiskState::Diskless,
                     peers: rs
                         .peers
                         .iter()

@@ -85,6 +85,8 @@ impl Replica {
             | Frame::SyncDone { .. }) => self.on_resync_frame(peer, data),
             Frame::ResyncAck { id, status } => self.on_resync_ack(peer, id, status),
             Frame::Generation { current, history } => self.on_generation(peer, current, history),
+            Frame::ReadRequest { id, offset, len } => self.on_read_request(peer, id, offset, len),
+            Frame::ReadReply { id, status, data } => self.on_read_reply(peer, id, status, data),
         }
     }
 
@@ -182,6 +184,10 @@ impl Replica {
                 peer,
                 "state changed during the handshake; reconnecting".into(),
             );
+        }
+        if self.disk == DiskState::Diskless || h.disk == DiskState::Diskless {
+            // R23: a detached side neither gives nor takes a resync.
+            return self.diskless_handshake(peer, &h);
         }
         let me = View {
             gens: mine,

@@ -79,6 +79,8 @@ pub struct Replica {
     pub(crate) next_al_copy: u8,
     /// The log is rewritten only once this metadata version is durable.
     pub(crate) al_guard: u64,
+    /// Detached disk and remote reads (R23).
+    pub(crate) dt: super::detach::Detach,
 }
 
 impl Replica {
@@ -178,6 +180,7 @@ impl Replica {
             al_seq: al_loaded.seq,
             next_al_copy: if al_newest == 0 { 1 } else { 0 },
             al_guard: 0,
+            dt: Default::default(),
             cfg,
             peers,
             out: VecDeque::new(),
@@ -200,7 +203,7 @@ impl Replica {
         self.now = self.now.max(now);
         match input {
             Input::Frontend { req, op } => self.on_frontend(req, op),
-            Input::LocalDone { io, result } => self.on_local_done(io, result),
+            Input::LocalDone { io, result } => self.on_local_done_checked(io, result),
             Input::PeerConnected { peer } => self.on_peer_connected(peer),
             Input::PeerFrame { peer, frame } => self.on_peer_frame(peer, frame),
             Input::PeerDisconnected { peer } => {
@@ -208,7 +211,13 @@ impl Replica {
                     self.peer_lost(peer);
                 }
             }
-            Input::ReadDone { io, result } => self.on_read_done(io, result),
+            Input::ReadDone { io, result } => self.on_read_done_checked(io, result),
+            Input::FrontendRead {
+                req,
+                offset,
+                len,
+                local_error,
+            } => self.on_frontend_read(req, offset, len, local_error),
         }
         self.progress();
     }

@@ -45,6 +45,9 @@ pub(crate) struct Request {
     pub(crate) meta_wait: u64,
     /// Its extents are in the activity log (R20).
     pub(crate) al_admitted: bool,
+    /// A peer acknowledged it without error (R23: the result once the
+    /// local disk is detached).
+    pub(crate) peer_ok: bool,
 }
 
 /// What a peer operation is.
@@ -86,7 +89,22 @@ pub(crate) enum IoOwner {
     Request(u64),
     Apply(u64),
     Meta(MetaKey),
-    ResyncRead { peer: PeerId, epoch: u64 },
+    ResyncRead {
+        peer: PeerId,
+        epoch: u64,
+    },
+    /// A frontend read served locally (R23).
+    FrontendRead {
+        req: ReqId,
+        offset: u64,
+        len: u64,
+    },
+    /// A peer's ReadRequest (R23).
+    PeerRead {
+        peer: PeerId,
+        epoch: u64,
+        id: u64,
+    },
 }
 
 fn overlaps(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> bool {
@@ -154,6 +172,11 @@ impl Replica {
         let io = IoId(self.next_io);
         self.next_io += 1;
         self.ios.insert(io, owner);
+        if self.disk == DiskState::Diskless {
+            // R23: nothing goes to a detached disk; it fails in progress().
+            self.dt.failed_ios.push(io);
+            return;
+        }
         self.out.push_back(Output::LocalIo { io, op });
     }
 
@@ -188,6 +211,7 @@ impl Replica {
                 completed: false,
                 meta_wait: 0,
                 al_admitted: false,
+                peer_ok: false,
             },
         );
     }
@@ -211,7 +235,9 @@ impl Replica {
                 }
             }
             IoOwner::Meta(key) => self.on_meta_done(key, result),
-            IoOwner::ResyncRead { .. } => {
+            IoOwner::ResyncRead { .. }
+            | IoOwner::FrontendRead { .. }
+            | IoOwner::PeerRead { .. } => {
                 // A read completes with ReadDone; a LocalDone for it is a
                 // driver bug. Put it back so ReadDone still finds it.
                 self.ios.insert(io, owner);
@@ -247,6 +273,9 @@ impl Replica {
                 peer,
                 format!("peer failed to apply a write (errno {status})"),
             );
+        }
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.peer_ok = true;
         }
         if let Some(range) = range {
             self.clear_synced_by_write(peer, range);
@@ -650,7 +679,9 @@ impl Replica {
             }
 
             // R1–R3: complete and retire frontend requests.
-            let early = self.cfg.protocol == Protocol::A;
+            // R23: once detached, only a peer's ack makes a request good.
+            let detached = self.disk == DiskState::Diskless;
+            let early = self.cfg.protocol == Protocol::A && !detached;
             let ready: Vec<u64> = self
                 .requests
                 .iter()
@@ -664,9 +695,12 @@ impl Replica {
                 .collect();
             for seq in ready {
                 let r = self.requests.get_mut(&seq).expect("listed above");
-                let LocalState::Done(result) = r.local else {
+                let LocalState::Done(mut result) = r.local else {
                     continue;
                 };
+                if detached {
+                    result = if r.peer_ok { Ok(()) } else { Err(errno::EIO) };
+                }
                 let all_acked = r.peers_pending.is_empty();
                 if !r.completed && (early || all_acked) {
                     r.completed = true;
@@ -682,6 +716,7 @@ impl Replica {
 
             changed |= self.pump_resync();
             changed |= self.finish_target();
+            changed |= self.detached_progress();
             changed |= self.meta_flush();
 
             if !changed {

@@ -380,7 +380,11 @@ fn human_status(st: &admin::Status) -> String {
     );
     for e in &st.exports {
         let (role, disk) = e.replication.as_ref().map_or(("Primary", "UpToDate"), |r| {
-            (r.role.as_str(), r.disk.as_str())
+            if r.detached {
+                (r.role.as_str(), "Diskless(detached: local disk failed)")
+            } else {
+                (r.role.as_str(), r.disk.as_str())
+            }
         });
         let _ = writeln!(
             o,
