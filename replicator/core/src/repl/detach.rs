@@ -324,6 +324,11 @@ impl Replica {
         p.conn = ConnState::Connected;
         p.role = Some(h.role);
         p.disk = Some(h.disk);
+        if h.disk == DiskState::Diskless {
+            // Its disk failed: which generation that disk holds is unknown,
+            // so a later divergence from it never takes a bitmap as enough.
+            p.confirmed_gen = 0;
+        }
         self.event(Event::PeerConnState {
             peer,
             state: ConnState::Connected,

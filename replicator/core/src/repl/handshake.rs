@@ -260,6 +260,10 @@ impl Replica {
             && matches!(p.sync, super::peer::PeerSync::None);
         p.role = Some(role);
         p.disk = Some(disk);
+        if disk == DiskState::Diskless {
+            // R23: its disk failed; which generation it holds is unknown.
+            p.confirmed_gen = 0;
+        }
         if changed {
             self.event(Event::PeerStateChanged { peer, role, disk });
         }

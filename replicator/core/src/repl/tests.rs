@@ -1685,7 +1685,9 @@ fn r23_a_detached_secondary_is_resynced_from_the_primary_bitmap_after_restart() 
 
 #[test]
 fn r23_a_detached_primary_comes_back_as_a_full_sync_target() {
-    let mut c = Cluster::connected(2, |_, _| {});
+    // Small extents: the activity log alone would not cover the writes the
+    // detached Primary issued through its peer.
+    let mut c = Cluster::connected(2, |_, cfg| cfg.extent_size = 4096);
     c.submit(0, 1, w(0, 1, 4, false));
     c.run();
     c.nodes[0].fail_io = Some(errno::EIO);
@@ -1702,7 +1704,12 @@ fn r23_a_detached_primary_comes_back_as_a_full_sync_target() {
     c.run();
     // The old Primary restarts with its disk back (its record still says
     // UpToDate, in the generation before the detach): it is a sync target.
+    // The new Primary writes while it is away (diverging from it): the
+    // writes the old one issued while detached must still be resynced.
     c.restart(0);
+    c.submit(1, 10, w(8192, 0x10, 1, false));
+    c.run();
+    assert_eq!(c.done(1, 10), Some(Ok(())));
     c.connect(0, 1);
     c.run();
     assert!(c.nodes[1].events.contains(&Event::SyncStarted {
