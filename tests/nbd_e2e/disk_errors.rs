@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::repl_common::{
-    cluster_certs, connected_loopback_pair, fio_cmd, loopback_specs, node, peer, status_text,
-    wait_until,
+    assert_same_data, cluster_certs, connected_loopback_pair, ctl, fio_cmd, loopback_specs, node,
+    peer, resynced_bytes, status_text, wait_until, SIZE,
 };
 use tandem_tests::{block_on, heavy_lock, require, run, run_ok, tandemctl, Daemon};
 
@@ -110,7 +110,7 @@ fn a_failing_primary_disk_detaches_and_io_continues_through_the_peer() {
     });
     assert_eq!(a.export_status("vol")["replication"]["disk"], "Diskless");
     // A Diskless node is never promoted: demote it, and promotion fails.
-    crate::repl_common::ctl(&a, "demote");
+    ctl(&a, "demote");
     let out = crate::repl_common::ctl_output(&a, "promote");
     assert!(!out.status.success(), "promoting a Diskless node succeeded");
     assert!(
@@ -183,4 +183,88 @@ fn without_an_up_to_date_peer_an_injected_eio_reaches_the_nbd_client() {
     });
     let s = a.export_status("vol");
     assert!(s["io_errors"].as_u64().unwrap_or(0) >= 4, "{s}");
+}
+
+/// Writes `n` 64 KiB blocks of `byte` from `at` through `d`, then flushes.
+fn write_blocks(d: &Daemon, at: u64, n: u64, byte: u8) {
+    block_on(async {
+        let mut c = d.client("vol").await;
+        for k in 0..n {
+            c.write(at + k * 65536, &[byte; 65536], false)
+                .await
+                .unwrap_or_else(|e| panic!("write {k} at {at}: {e:#}"));
+        }
+        c.flush().await.expect("flush");
+    });
+}
+
+/// Re-attach of a Secondary = restart with the disk healthy: the Primary's
+/// bitmap (the writes it failed, and every write since) drives the resync.
+#[test]
+fn a_failed_secondary_disk_is_resynced_from_the_primary_bitmap_after_a_restart() {
+    let _heavy = heavy_lock();
+    let (_certs, mut a, mut b) = connected_loopback_pair();
+    write_blocks(&a, 0, 16, 1);
+    inject(&b, &["--writes"]);
+    // beta's disk fails: alpha's writes complete (on alpha's disk).
+    write_blocks(&a, 4 << 20, 16, 2);
+    wait_until("beta to detach", Duration::from_secs(10), || {
+        b.export_status("vol")["replication"]["disk"] == "Diskless"
+    });
+    wait_until(
+        "alpha to see beta Diskless",
+        Duration::from_secs(10),
+        || peer(&a)["disk"] == "Diskless",
+    );
+    write_blocks(&a, 8 << 20, 16, 3);
+    let p = peer(&a);
+    assert_eq!(p["outdated"], true, "{p}");
+    assert!(
+        p["out_of_sync_bytes"].as_u64().unwrap_or(0) >= 2 << 20,
+        "{p}"
+    );
+    // Re-attach: restart beta (the injected fault does not survive it).
+    b.restart();
+    wait_until("alpha to resync beta", Duration::from_secs(60), || {
+        let p = peer(&a);
+        p["replication"] == "Established"
+            && p["out_of_sync_bytes"] == 0
+            && b.export_status("vol")["replication"]["disk"] == "UpToDate"
+    });
+    let moved = resynced_bytes(&a);
+    assert!(
+        (2 << 20..SIZE).contains(&moved),
+        "a bitmap-based resync, not a full one: moved {moved} bytes"
+    );
+    a.stop();
+    b.stop();
+    assert_same_data(&a, &b, "alpha and the re-attached beta");
+}
+
+/// A detached Primary is switched over and comes back (restart with the
+/// disk healthy) as a full-sync target: it missed every write issued while
+/// it was detached.
+#[test]
+fn a_detached_primary_comes_back_after_a_switchover_with_a_full_sync() {
+    let _heavy = heavy_lock();
+    let (_certs, mut a, mut b) = connected_loopback_pair();
+    write_blocks(&a, 0, 16, 1);
+    inject(&a, &["--writes"]);
+    write_blocks(&a, 4 << 20, 16, 2);
+    assert_eq!(a.export_status("vol")["replication"]["disk"], "Diskless");
+    ctl(&a, "demote");
+    ctl(&b, "promote");
+    write_blocks(&b, 8 << 20, 16, 3);
+    a.restart();
+    ctl(&a, "demote");
+    wait_until("beta to resync alpha", Duration::from_secs(60), || {
+        let p = peer(&b);
+        p["replication"] == "Established"
+            && p["out_of_sync_bytes"] == 0
+            && a.export_status("vol")["replication"]["disk"] == "UpToDate"
+    });
+    assert_eq!(resynced_bytes(&b), SIZE, "a full sync moves every chunk");
+    a.stop();
+    b.stop();
+    assert_same_data(&a, &b, "the re-attached alpha and beta");
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tandem_core::superblock::{self, SUPERBLOCK_SIZE};
 use tokio::net::TcpListener;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::{
     Config, EngineKind, ExportConfig, ProtocolConfig, ReplicationConfig, StartRole,
@@ -210,6 +210,11 @@ impl Running {
         }
         let mut failed = None;
         for e in self.exports.iter() {
+            if e.replicator.as_ref().is_some_and(|r| r.is_detached()) {
+                // R23: nothing goes to a disk detached after an I/O error.
+                warn!(export = %e.name, "local disk detached after an I/O error: not flushed");
+                continue;
+            }
             if let Err(err) = e.volume.flush().await {
                 error!(export = %e.name, error = %err, "final flush failed");
                 failed = Some(err);
