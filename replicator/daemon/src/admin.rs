@@ -266,3 +266,83 @@ pub async fn call(path: &Path, req: &AdminRequest) -> Result<AdminResponse> {
         .context("tandemd closed the admin connection without answering")?;
     serde_json::from_str(&resp).context("malformed admin response")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::Export;
+    use crate::storage::faulty::{FaultSwitch, FaultyEngine};
+    use crate::storage::memory::MemoryEngine;
+    use crate::storage::{Engine, IoBuf};
+    use crate::volume::Volume;
+    use tandem_core::superblock::Superblock;
+
+    /// One export "v" of 1 MiB on a faulty memory engine.
+    async fn exports() -> (Exports, Arc<Volume>) {
+        let sb = Superblock::new([3; 16], "v", 1 << 20, 512, 0).expect("superblock");
+        let mem = MemoryEngine::new(sb.backing_len());
+        crate::volume::create(&mem, Path::new("mem"), sb, false)
+            .await
+            .expect("create");
+        let switch = FaultSwitch::new();
+        let engine: Arc<dyn Engine> = Arc::new(FaultyEngine::new(Arc::new(mem), switch.clone()));
+        let v = Arc::new(
+            Volume::open(engine, Path::new("mem"), &Default::default(), false)
+                .await
+                .expect("open"),
+        );
+        let mut e = Export::new("v".into(), String::new(), v.clone());
+        e.faults = switch;
+        (Exports::new(vec![Arc::new(e)]), v)
+    }
+
+    async fn write_ok(v: &Volume, at: u64) -> bool {
+        v.write(at, IoBuf::from_slice(&[1; 512]), false)
+            .await
+            .1
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn inject_fault_works_in_volume_offsets_and_checks_its_range() {
+        let (ex, v) = exports().await;
+        // A range is in bytes of the volume's data area.
+        let r = inject_fault(&ex, "v", false, true, Some(4096), Some(512));
+        assert!(r.ok, "{:?}", r.error);
+        assert!(write_ok(&v, 0).await);
+        assert!(!write_ok(&v, 4096).await);
+        assert!(write_ok(&v, 4608).await);
+        // Bad ranges and names are refused, the fault in force stays.
+        for (o, l) in [
+            (Some(0), Some(0)),
+            (Some(1 << 20), Some(512)),
+            (Some(0), None),
+        ] {
+            let r = inject_fault(&ex, "v", true, true, o, l);
+            assert!(!r.ok, "{o:?} {l:?}");
+        }
+        assert!(!inject_fault(&ex, "nope", true, true, None, None).ok);
+        assert!(!write_ok(&v, 4096).await);
+        // Cleared: everything works again.
+        assert!(inject_fault(&ex, "v", false, false, None, None).ok);
+        assert!(write_ok(&v, 4096).await);
+        // The request JSON the CLI sends.
+        let req: AdminRequest = serde_json::from_str(
+            r#"{"cmd":"inject_fault","export":"v","reads":true,"writes":false,"offset":0,"len":4096}"#,
+        )
+        .expect("parse");
+        assert!(matches!(
+            req,
+            AdminRequest::InjectFault {
+                reads: true,
+                writes: false,
+                offset: Some(0),
+                len: Some(4096),
+                ..
+            }
+        ));
+        let req: AdminRequest =
+            serde_json::from_str(r#"{"cmd":"clear_fault","export":"v"}"#).expect("parse");
+        assert!(matches!(req, AdminRequest::ClearFault { .. }));
+    }
+}

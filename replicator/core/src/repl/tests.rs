@@ -1796,3 +1796,27 @@ fn r23_stray_read_replies_are_violations() {
         .iter()
         .any(|e| matches!(e, Event::ProtocolViolation { .. })));
 }
+
+#[test]
+fn r23_protocol_a_waits_for_the_peer_once_detached() {
+    let mut c = Cluster::connected(2, |_, cfg| cfg.protocol = Protocol::A);
+    c.nodes[0].fail_io = Some(errno::EIO);
+    c.links[1][0].hold = true; // no acks come back
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    // Attached, protocol A would complete on the local result; the local
+    // write failed and the disk detached: only the peer's ack completes it.
+    assert!(c.nodes[0].r.is_detached());
+    assert_eq!(c.done(0, 1), None);
+    c.submit(0, 2, w(512, 2, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), None);
+    c.links[1][0].hold = false;
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    assert_eq!(
+        &c.nodes[1].disk[..1024],
+        &[[1u8; 512], [2u8; 512]].concat()[..]
+    );
+}
