@@ -82,6 +82,9 @@ pub struct Stats {
     pub resyncs: u64,
     /// Bytes moved by resyncs.
     pub resync_bytes: u64,
+    /// Disks detached after an I/O error (R23), each re-attached by a
+    /// restart.
+    pub detaches: u64,
     /// Secondaries still replicated (UpToDate) at the last check.
     pub up_to_date_at_end: u64,
     /// Virtual time at the end.
@@ -470,6 +473,7 @@ impl World {
             }
             let down = self.rng.range(10 * MS, 100 * MS);
             self.log(|| format!("n{i} detached its disk: restart in {down} ns"));
+            self.stats.detaches += 1;
             self.nodes[i].r = None;
             self.nodes[i].ios.clear();
             let mut rng = self.rng.clone();
