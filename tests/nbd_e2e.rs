@@ -9,6 +9,8 @@ mod bad_input;
 mod config_refusal;
 #[path = "nbd_e2e/demo.rs"]
 mod demo;
+#[path = "nbd_e2e/disk_errors.rs"]
+mod disk_errors;
 #[path = "nbd_e2e/dual_primary.rs"]
 mod dual_primary;
 #[path = "nbd_e2e/filesystem.rs"]

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 
 use crate::export::{ExportStatus, Exports};
 use crate::nbd::server::{bind_unix, Shutdown};
+use crate::storage::faulty::Fault;
 
 /// An admin request.
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,6 +54,31 @@ pub enum AdminRequest {
         /// Mark the differing blocks for resync from this node.
         #[serde(default)]
         mark: bool,
+    },
+    /// Fault injection (tests, drills): from now on the export's local
+    /// reads and/or writes fail with `EIO`, only inside `[offset,
+    /// offset + len)` of the volume's data area when both are given, else
+    /// everywhere (metadata included). Replaces an earlier fault.
+    InjectFault {
+        /// Export name.
+        export: String,
+        /// Fail reads.
+        #[serde(default)]
+        reads: bool,
+        /// Fail writes, trims, write-zeroes (and flushes, without a range).
+        #[serde(default)]
+        writes: bool,
+        /// Start of the range (data-area byte offset).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// Length of the range in bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        len: Option<u64>,
+    },
+    /// Ends fault injection on an export.
+    ClearFault {
+        /// Export name.
+        export: String,
     },
 }
 
@@ -149,6 +175,16 @@ async fn handle(stream: UnixStream, exports: &Exports, listeners: &[String]) -> 
             }) => resolve(exports, &export, discard_my_data).await,
             Ok(AdminRequest::Verify { export, peer, mark }) => {
                 verify(exports, &export, peer.as_deref(), mark).await
+            }
+            Ok(AdminRequest::InjectFault {
+                export,
+                reads,
+                writes,
+                offset,
+                len,
+            }) => inject_fault(exports, &export, reads, writes, offset, len),
+            Ok(AdminRequest::ClearFault { export }) => {
+                inject_fault(exports, &export, false, false, None, None)
             }
             Err(e) => failure(format!("bad request: {e}")),
         };
@@ -275,6 +311,50 @@ async fn role_change(exports: &Exports, name: &str, promote: bool) -> AdminRespo
     }
 }
 
+fn inject_fault(
+    exports: &Exports,
+    name: &str,
+    reads: bool,
+    writes: bool,
+    offset: Option<u64>,
+    len: Option<u64>,
+) -> AdminResponse {
+    let Some(export) = exports.get(name).filter(|_| !name.is_empty()) else {
+        return failure(format!("no export named {name:?}"));
+    };
+    let sb = export.volume.superblock();
+    let range = match (offset, len) {
+        (None, None) => None,
+        (Some(o), Some(l)) if l > 0 && o.checked_add(l).is_some_and(|e| e <= sb.size) => {
+            Some((sb.data_offset + o, sb.data_offset + o + l))
+        }
+        (Some(_), Some(_)) => {
+            return failure(format!(
+                "fault range must be non-empty and inside the volume ({} bytes)",
+                sb.size
+            ))
+        }
+        _ => return failure("give both offset and len, or neither".into()),
+    };
+    let fault = Fault {
+        reads,
+        writes,
+        range,
+    };
+    export.faults.set(fault);
+    if reads || writes {
+        warn!(export = %name, reads, writes, ?offset, ?len, "fault injection armed by admin request: local I/O will fail with EIO");
+    } else {
+        tracing::info!(export = %name, "fault injection cleared by admin request");
+    }
+    AdminResponse {
+        ok: true,
+        error: None,
+        status: None,
+        peers: None,
+    }
+}
+
 /// Client side: sends one request and returns the response.
 pub async fn call(path: &Path, req: &AdminRequest) -> Result<AdminResponse> {
     let stream = UnixStream::connect(path).await.with_context(|| {
@@ -293,4 +373,84 @@ pub async fn call(path: &Path, req: &AdminRequest) -> Result<AdminResponse> {
         .await?
         .context("tandemd closed the admin connection without answering")?;
     serde_json::from_str(&resp).context("malformed admin response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::Export;
+    use crate::storage::faulty::{FaultSwitch, FaultyEngine};
+    use crate::storage::memory::MemoryEngine;
+    use crate::storage::{Engine, IoBuf};
+    use crate::volume::Volume;
+    use tandem_core::superblock::Superblock;
+
+    /// One export "v" of 1 MiB on a faulty memory engine.
+    async fn exports() -> (Exports, Arc<Volume>) {
+        let sb = Superblock::new([3; 16], "v", 1 << 20, 512, 0).expect("superblock");
+        let mem = MemoryEngine::new(sb.backing_len());
+        crate::volume::create(&mem, Path::new("mem"), sb, false)
+            .await
+            .expect("create");
+        let switch = FaultSwitch::new();
+        let engine: Arc<dyn Engine> = Arc::new(FaultyEngine::new(Arc::new(mem), switch.clone()));
+        let v = Arc::new(
+            Volume::open(engine, Path::new("mem"), &Default::default(), false)
+                .await
+                .expect("open"),
+        );
+        let mut e = Export::new("v".into(), String::new(), v.clone());
+        e.faults = switch;
+        (Exports::new(vec![Arc::new(e)]), v)
+    }
+
+    async fn write_ok(v: &Volume, at: u64) -> bool {
+        v.write(at, IoBuf::from_slice(&[1; 512]), false)
+            .await
+            .1
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn inject_fault_works_in_volume_offsets_and_checks_its_range() {
+        let (ex, v) = exports().await;
+        // A range is in bytes of the volume's data area.
+        let r = inject_fault(&ex, "v", false, true, Some(4096), Some(512));
+        assert!(r.ok, "{:?}", r.error);
+        assert!(write_ok(&v, 0).await);
+        assert!(!write_ok(&v, 4096).await);
+        assert!(write_ok(&v, 4608).await);
+        // Bad ranges and names are refused, the fault in force stays.
+        for (o, l) in [
+            (Some(0), Some(0)),
+            (Some(1 << 20), Some(512)),
+            (Some(0), None),
+        ] {
+            let r = inject_fault(&ex, "v", true, true, o, l);
+            assert!(!r.ok, "{o:?} {l:?}");
+        }
+        assert!(!inject_fault(&ex, "nope", true, true, None, None).ok);
+        assert!(!write_ok(&v, 4096).await);
+        // Cleared: everything works again.
+        assert!(inject_fault(&ex, "v", false, false, None, None).ok);
+        assert!(write_ok(&v, 4096).await);
+        // The request JSON the CLI sends.
+        let req: AdminRequest = serde_json::from_str(
+            r#"{"cmd":"inject_fault","export":"v","reads":true,"writes":false,"offset":0,"len":4096}"#,
+        )
+        .expect("parse");
+        assert!(matches!(
+            req,
+            AdminRequest::InjectFault {
+                reads: true,
+                writes: false,
+                offset: Some(0),
+                len: Some(4096),
+                ..
+            }
+        ));
+        let req: AdminRequest =
+            serde_json::from_str(r#"{"cmd":"clear_fault","export":"v"}"#).expect("parse");
+        assert!(matches!(req, AdminRequest::ClearFault { .. }));
+    }
 }

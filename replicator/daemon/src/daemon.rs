@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tandem_core::superblock::{self, SUPERBLOCK_SIZE};
 use tokio::net::TcpListener;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::{
     Config, EngineKind, ExportConfig, ProtocolConfig, ReplicationConfig, StartRole,
@@ -16,7 +16,11 @@ use crate::metrics::Metrics;
 use crate::nbd::server::{self, Shutdown};
 use crate::replication::{self, Replicator};
 use crate::storage::{
-    memory::MemoryEngine, sync::SyncEngine, uring::UringEngine, Backing, Engine, IoBuf,
+    faulty::{FaultSwitch, FaultyEngine},
+    memory::MemoryEngine,
+    sync::SyncEngine,
+    uring::UringEngine,
+    Backing, Engine, IoBuf,
 };
 use crate::transport::{PeerEndpoint, TlsIdentity};
 use crate::volume::{Expect, Volume};
@@ -67,7 +71,11 @@ pub async fn open_engine(e: &ExportConfig) -> Result<Arc<dyn Engine>> {
 /// Opens one export's volume, checking its superblock against the config,
 /// and registers its metrics in `metrics`.
 pub async fn open_export(e: &ExportConfig, metrics: &Metrics) -> Result<Arc<Export>> {
-    let engine = open_engine(e).await?;
+    // Every engine is wrapped for fault injection (admin `inject_fault`,
+    // root only); disarmed it costs one atomic load per operation.
+    let faults = FaultSwitch::new();
+    let engine: Arc<dyn Engine> =
+        Arc::new(FaultyEngine::new(open_engine(e).await?, faults.clone()));
     let expect = Expect {
         name: e.volume.clone(),
         uuid: e.uuid.as_deref().and_then(superblock::parse_uuid),
@@ -82,6 +90,7 @@ pub async fn open_export(e: &ExportConfig, metrics: &Metrics) -> Result<Arc<Expo
     );
     let volume = Arc::new(volume);
     let mut export = Export::new(e.name.clone(), e.description.clone(), volume.clone());
+    export.faults = faults;
     export.io = metrics.io(&e.name, &volume.superblock().uuid_string());
     if let Some(r) = &e.replication {
         let peers: Vec<String> = r.peers.iter().map(|p| p.name.clone()).collect();
@@ -226,6 +235,11 @@ impl Running {
         }
         let mut failed = None;
         for e in self.exports.iter() {
+            if e.replicator.as_ref().is_some_and(|r| r.is_detached()) {
+                // R23: nothing goes to a disk detached after an I/O error.
+                warn!(export = %e.name, "local disk detached after an I/O error: not flushed");
+                continue;
+            }
             if let Err(err) = e.volume.flush().await {
                 error!(export = %e.name, error = %err, "final flush failed");
                 failed = Some(err);

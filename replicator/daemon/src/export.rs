@@ -8,6 +8,7 @@ use tandem_core::nbd::{tflag, BlockSizes, ExportCatalog, ExportInfo, ExportLimit
 
 use crate::metrics::IoMetrics;
 use crate::replication::Replicator;
+use crate::storage::faulty::FaultSwitch;
 use crate::volume::Volume;
 
 /// Largest READ/WRITE payload advertised (NBD_INFO_BLOCK_SIZE maximum).
@@ -89,6 +90,10 @@ pub struct ReplicationStatus {
     /// Primaries wrote overlapping blocks; ordered the same on both, R9).
     #[serde(default)]
     pub conflicts: u64,
+    /// The local disk failed and is detached (disk `Diskless`): I/O goes
+    /// through UpToDate peers (docs/replication.md, R23).
+    #[serde(default)]
+    pub detached: bool,
     /// Per peer.
     pub peers: Vec<PeerStatusJson>,
     /// Quorum and witness (R25).
@@ -206,6 +211,8 @@ pub struct Export {
     /// The replication driver, for a replicated volume: every write, flush,
     /// trim and write-zeroes goes through it (reads stay local).
     pub replicator: Option<Replicator>,
+    /// Fault injection for this export's engine (admin `inject_fault`).
+    pub faults: Arc<FaultSwitch>,
 }
 
 impl Export {
@@ -218,6 +225,7 @@ impl Export {
             stats: ExportStats::default(),
             io: IoMetrics::default(),
             replicator: None,
+            faults: FaultSwitch::new(),
         }
     }
 
@@ -291,6 +299,7 @@ impl Export {
                     disk: format!("{:?}", rs.disk),
                     in_flight: rs.in_flight,
                     conflicts: rs.conflicts,
+                    detached: rs.disk == tandem_core::repl::DiskState::Diskless,
                     peers: rs
                         .peers
                         .iter()

@@ -267,6 +267,7 @@ pub struct ReplicationMetrics {
     peers: Vec<Arc<PeerMetrics>>,
     in_flight: Gauge,
     primary: Gauge,
+    detached: Gauge,
 }
 
 impl ReplicationMetrics {
@@ -310,6 +311,7 @@ impl ReplicationMetrics {
                 .collect(),
             in_flight: Gauge::default(),
             primary: Gauge::default(),
+            detached: Gauge::default(),
         })
     }
 
@@ -411,6 +413,7 @@ pub struct Metrics {
     volume_info: Family<InfoLabels, Gauge>,
     in_flight: Family<VolumeLabels, Gauge>,
     primary: Family<VolumeLabels, Gauge>,
+    detached: Family<VolumeLabels, Gauge>,
     peer_rtt: Family<PeerLabels, F64Gauge>,
     peer_connected: Family<PeerLabels, Gauge>,
     peer_outdated: Family<PeerLabels, Gauge>,
@@ -444,6 +447,7 @@ impl Metrics {
             volume_info: Family::default(),
             in_flight: Family::default(),
             primary: Family::default(),
+            detached: Family::default(),
             peer_rtt: Family::default(),
             peer_connected: Family::default(),
             peer_outdated: Family::default(),
@@ -500,6 +504,11 @@ impl Metrics {
             "replication_primary",
             "1 if this node is Primary for the replicated volume, 0 if Secondary (sampled at scrape)",
             m.primary.clone(),
+        );
+        r.register(
+            "volume_detached",
+            "1 if this node's local disk failed and is detached (Diskless: I/O goes through peers), 0 otherwise (sampled at scrape)",
+            m.detached.clone(),
         );
         r.register_with_unit(
             "peer_rtt",
@@ -629,6 +638,7 @@ impl Metrics {
             peers,
             in_flight: self.in_flight.get_or_create_owned(&v),
             primary: self.primary.get_or_create_owned(&v),
+            detached: self.detached.get_or_create_owned(&v),
         })
     }
 
@@ -648,6 +658,8 @@ impl Metrics {
             m.in_flight
                 .set(i64::try_from(st.in_flight).unwrap_or(i64::MAX));
             m.primary.set(i64::from(st.role == Role::Primary));
+            m.detached
+                .set(i64::from(st.disk == tandem_core::repl::DiskState::Diskless));
             for (i, p) in st.peers.iter().enumerate() {
                 if let Some(pm) = m.peers.get(i) {
                     pm.connected.set(i64::from(p.conn == ConnState::Connected));
@@ -911,6 +923,7 @@ mod tests {
             r#"tandem_replication_backlog_frames{volume="vol1",peer="beta"} 0"#,
             r#"tandem_replication_requests_in_flight{volume="vol1"} 0"#,
             r#"tandem_replication_primary{volume="vol1"} 0"#,
+            r#"tandem_volume_detached{volume="vol1"} 0"#,
             "# TYPE tandem_io_latency_seconds histogram",
             "# TYPE tandem_peer_rtt_seconds gauge",
             "# EOF",

@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,13 @@ enum Msg {
         peer: PeerId,
         gen: u64,
     },
+    /// A frontend read the caller does not serve locally (R23).
+    Read {
+        offset: u64,
+        len: u64,
+        local_error: Option<i32>,
+        done: oneshot::Sender<Result<bytes::Bytes, i32>>,
+    },
     Promote(oneshot::Sender<Result<(), RoleError>>),
     Demote(oneshot::Sender<Result<(), RoleError>>),
     Status(oneshot::Sender<ReplicaStatus>),
@@ -125,6 +133,8 @@ pub struct Replicator {
     peers: Arc<Vec<String>>,
     gen: Arc<std::sync::atomic::AtomicU64>,
     metrics: Arc<ReplicationMetrics>,
+    /// The local disk is detached (R23): reads go through the driver.
+    detached: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -177,7 +187,10 @@ impl Replicator {
     ) -> Replicator {
         let (tx, rx) = mpsc::unbounded_channel();
         let peers = Arc::new(replica.config().peers.clone());
+        let detached = Arc::new(AtomicBool::new(replica.is_detached()));
         let driver = Driver {
+            detached: detached.clone(),
+            reads: HashMap::new(),
             replica,
             volume,
             layout,
@@ -196,7 +209,36 @@ impl Replicator {
             peers,
             gen: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             metrics,
+            detached,
         }
+    }
+
+    /// Whether the local disk is detached after an I/O error (R23): reads
+    /// must then go through [`Replicator::read`].
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
+
+    /// A frontend read that is not served from the local disk by the
+    /// caller: the disk is detached, or the caller's local read failed with
+    /// `local_error` (which detaches it). The replica reads locally while
+    /// attached, else through an UpToDate peer. `Err(errno)`.
+    pub async fn read(
+        &self,
+        offset: u64,
+        len: u64,
+        local_error: Option<i32>,
+    ) -> Result<bytes::Bytes, i32> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Read {
+                offset,
+                len,
+                local_error,
+                done,
+            })
+            .map_err(|_| tandem_core::repl::errno::EIO)?;
+        rx.await.unwrap_or(Err(tandem_core::repl::errno::EIO))
     }
 
     /// This volume's replication metrics.
@@ -533,6 +575,9 @@ struct Driver {
     /// Scratch for frames released by a link's reorder buffer.
     ready: Vec<Frame>,
     quorum: QuorumCtl,
+    /// Frontend reads in the replica (R23).
+    reads: HashMap<ReqId, oneshot::Sender<Result<bytes::Bytes, i32>>>,
+    detached: Arc<AtomicBool>,
 }
 
 impl Driver {
@@ -638,6 +683,25 @@ impl Driver {
                     self.replica.handle(now, Input::PeerDisconnected { peer });
                 }
             }
+            Msg::Read {
+                offset,
+                len,
+                local_error,
+                done,
+            } => {
+                self.next_req += 1;
+                let req = ReqId(self.next_req);
+                self.reads.insert(req, done);
+                self.replica.handle(
+                    now,
+                    Input::FrontendRead {
+                        req,
+                        offset,
+                        len,
+                        local_error,
+                    },
+                );
+            }
             Msg::Promote(reply) => {
                 if let Err(why) = self.quorum.may_promote() {
                     let _ = reply.send(Err(RoleError::Refused(why)));
@@ -729,6 +793,11 @@ impl Driver {
                         let _ = done.send(result);
                     }
                 }
+                Output::ReadComplete { req, result } => {
+                    if let Some(done) = self.reads.remove(&req) {
+                        let _ = done.send(result);
+                    }
+                }
                 Output::Disconnect { peer, reason } => {
                     info!(peer = %self.peer_name(peer), %reason, "disconnecting peer");
                     if let Some(l) = self.links.remove(&peer) {
@@ -768,6 +837,9 @@ impl Driver {
                     });
                 }
                 Output::Event(e) => {
+                    if let Event::Detached { .. } = e {
+                        self.detached.store(true, Ordering::Release);
+                    }
                     self.metrics.event(&e);
                     log_event(&e);
                 }
@@ -805,6 +877,12 @@ fn log_event(e: &Event) {
                 extents,
                 bytes,
                 "activity log not empty at start (stopped as Primary without demoting, or crashed): its extents will be resynced"
+            );
+        }
+        Event::Detached { errno } => {
+            tracing::error!(
+                errno,
+                "local disk failed: detached (Diskless); I/O continues through UpToDate peers, or fails with EIO without one"
             );
         }
         Event::NewGeneration { current } => {

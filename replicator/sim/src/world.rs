@@ -84,6 +84,9 @@ pub struct Stats {
     pub resync_bytes: u64,
     /// Online verifies that compared the whole volume (R22).
     pub verifies: u64,
+    /// Disks detached after an I/O error (R23), each re-attached by a
+    /// restart.
+    pub detaches: u64,
     /// Secondaries still replicated (UpToDate) at the last check.
     pub up_to_date_at_end: u64,
     /// Virtual time at the end.
@@ -453,6 +456,7 @@ impl World {
     fn step(&mut self) -> Result<(), String> {
         self.stats.steps += 1;
         self.drain_all()?;
+        self.reattach_detached();
         self.schedule_reconnects();
         let t = self
             .next_time()
@@ -460,6 +464,30 @@ impl World {
         self.now = self.now.max(t);
         self.fire_due()?;
         self.drain_all()
+    }
+
+    /// A node whose disk failed detached it (R23); re-attaching is a
+    /// restart with the disk healthy again: crash it now, back in 10–100 ms.
+    fn reattach_detached(&mut self) {
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].r.as_ref().is_some_and(|r| r.is_detached()) {
+                continue;
+            }
+            let down = self.rng.range(10 * MS, 100 * MS);
+            self.log(|| format!("n{i} detached its disk: restart in {down} ns"));
+            self.stats.detaches += 1;
+            self.nodes[i].r = None;
+            self.nodes[i].ios.clear();
+            let mut rng = self.rng.clone();
+            self.nodes[i].disk.crash(&mut rng);
+            self.rng = rng;
+            self.nodes[i].restart_at = Some(self.now + Duration::from_nanos(down));
+            for j in 0..self.nodes.len() {
+                if j != i {
+                    self.break_link(i, j);
+                }
+            }
+        }
     }
 
     fn schedule_reconnects(&mut self) {
@@ -755,6 +783,8 @@ impl World {
                 l.dirs[d].q.push_back((at, buf));
             }
             Output::Complete { req, result } => self.on_complete(i, req, result)?,
+            // The simulator issues no FrontendRead.
+            Output::ReadComplete { .. } => {}
             Output::Disconnect { peer, .. } => {
                 let j = node_of(i, peer);
                 self.break_link(i, j);

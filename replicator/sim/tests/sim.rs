@@ -18,7 +18,7 @@ fn many_seeds() {
     let (mut completed, mut faults, mut checks, mut conflicts, mut up, mut steps) =
         (0, 0, 0, 0, 0, 0);
     let (mut dual, mut proto_a, mut three) = (0, 0, 0);
-    let (mut resyncs, mut resync_bytes, mut verifies) = (0, 0, 0);
+    let (mut resyncs, mut resync_bytes, mut verifies, mut detaches) = (0, 0, 0, 0);
     for seed in base..base + count {
         match run(seed) {
             Ok(s) => {
@@ -34,6 +34,7 @@ fn many_seeds() {
                 resyncs += s.resyncs;
                 resync_bytes += s.resync_bytes;
                 verifies += s.verifies;
+                detaches += s.detaches;
             }
             Err(f) => panic!("{f}"),
         }
@@ -41,13 +42,14 @@ fn many_seeds() {
     println!(
         "{count} seeds in {:?}: {completed} requests, {faults} faults, {checks} durability checks, \
          {conflicts} dual-primary conflicts, {up} secondaries UpToDate at the end, {steps} steps, \
-         {resyncs} resyncs moving {resync_bytes} bytes, {verifies} online verifies; \
+         {resyncs} resyncs moving {resync_bytes} bytes, {verifies} online verifies, {detaches} disks detached and re-attached; \
          runs: {dual} dual-primary, {proto_a} protocol A, {three} with 3 nodes",
         start.elapsed()
     );
     assert!(checks > count, "durability checks barely ran");
     assert!(resyncs > count, "resyncs barely ran");
     assert!(verifies > count, "online verifies barely ran");
+    assert!(count < 100 || detaches > 0, "no disk ever failed");
 }
 
 /// Replays `TANDEM_SIM_SEED` with a full trace.

@@ -105,6 +105,10 @@ pub enum Kind {
     VerifyRequest = 17,
     /// [`Frame::VerifyReply`].
     VerifyReply = 18,
+    /// [`Frame::ReadRequest`].
+    ReadRequest = 19,
+    /// [`Frame::ReadReply`].
+    ReadReply = 20,
 }
 
 impl Kind {
@@ -130,6 +134,8 @@ impl Kind {
             16 => Generation,
             17 => VerifyRequest,
             18 => VerifyReply,
+            19 => ReadRequest,
+            20 => ReadReply,
             _ => return None,
         })
     }
@@ -395,6 +401,25 @@ pub enum Frame {
         /// The digests (at most [`MAX_VERIFY_DIGESTS`]).
         digests: Vec<u64>,
     },
+    /// A node whose disk is detached reads through an UpToDate peer
+    /// (`docs/replication.md`, R23).
+    ReadRequest {
+        /// Echoed in the [`Frame::ReadReply`].
+        id: u64,
+        /// Byte offset in the volume.
+        offset: u64,
+        /// Length in bytes (at most [`MAX_DATA`]).
+        len: u64,
+    },
+    /// The answer to a [`Frame::ReadRequest`].
+    ReadReply {
+        /// The request's id.
+        id: u64,
+        /// 0 for success, otherwise an errno (then `data` is empty).
+        status: u32,
+        /// The data read (exactly the length asked for when `status` is 0).
+        data: Bytes,
+    },
 }
 
 /// Why bytes are not a valid frame. Any of these ends the connection.
@@ -463,6 +488,8 @@ impl Frame {
             Frame::Generation { .. } => Kind::Generation,
             Frame::VerifyRequest { .. } => Kind::VerifyRequest,
             Frame::VerifyReply { .. } => Kind::VerifyReply,
+            Frame::ReadRequest { .. } => Kind::ReadRequest,
+            Frame::ReadReply { .. } => Kind::ReadReply,
         }
     }
 
@@ -577,7 +604,7 @@ impl Frame {
                 }
                 (0, 0, p, &[])
             }
-            Frame::VerifyRequest { id, offset, len } => {
+            Frame::VerifyRequest { id, offset, len } | Frame::ReadRequest { id, offset, len } => {
                 let mut p = Vec::with_capacity(16);
                 p.put_u64(*offset);
                 p.put_u64(*len);
@@ -596,6 +623,9 @@ impl Frame {
                     p.put_u64(*d);
                 }
                 (*id, 0, p, &[])
+            }
+            Frame::ReadReply { id, status, data } => {
+                (*id, 0, status.to_be_bytes().to_vec(), &data[..])
             }
         }
     }
@@ -621,7 +651,9 @@ impl Frame {
     pub fn encode_split(&self, buf: &mut impl BufMut) -> Option<Bytes> {
         let tail = self.encode_head(buf);
         match self {
-            Frame::Write { data, .. } | Frame::ResyncData { data, .. } => Some(data.clone()),
+            Frame::Write { data, .. }
+            | Frame::ResyncData { data, .. }
+            | Frame::ReadReply { data, .. } => Some(data.clone()),
             _ => {
                 buf.put_slice(tail);
                 None
@@ -712,6 +744,10 @@ impl Frame {
                 let data = whole.split_off(HEADER_LEN + 8).freeze();
                 Frame::ResyncData { id, offset, data }
             }
+            Parsed::ReadReply { id, status } => {
+                let data = whole.split_off(HEADER_LEN + 4).freeze();
+                Frame::ReadReply { id, status, data }
+            }
         };
         Ok(Some(frame))
     }
@@ -729,6 +765,11 @@ enum Parsed {
     ResyncData {
         id: u64,
         offset: u64,
+    },
+    /// Likewise for a read reply.
+    ReadReply {
+        id: u64,
+        status: u32,
     },
 }
 
@@ -759,6 +800,8 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
             | Kind::ResyncAck
             | Kind::VerifyRequest
             | Kind::VerifyReply
+            | Kind::ReadRequest
+            | Kind::ReadReply
     );
     if !uses_id && id != 0 {
         return Err(bad("non-zero id on a frame without one"));
@@ -991,6 +1034,28 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
                 digests,
             }
         }
+        Kind::ReadRequest => {
+            exact(p, 16)?;
+            let offset = p.get_u64();
+            let len = p.get_u64();
+            if len > MAX_DATA as u64 {
+                return Err(bad("read too long"));
+            }
+            Frame::ReadRequest { id, offset, len }
+        }
+        Kind::ReadReply => {
+            if p.len() < 4 {
+                return Err(bad("payload too short"));
+            }
+            if p.len() - 4 > MAX_DATA {
+                return Err(bad("data too long"));
+            }
+            let status = p.get_u32();
+            if status != 0 && !p.is_empty() {
+                return Err(bad("data with an error status"));
+            }
+            return Ok(Parsed::ReadReply { id, status });
+        }
     };
     Ok(Parsed::Done(f))
 }
@@ -1135,6 +1200,22 @@ mod tests {
                 status,
                 digests: Vec::new()
             }),
+            (any::<u64>(), any::<u64>(), 0..=MAX_DATA as u64)
+                .prop_map(|(id, offset, len)| Frame::ReadRequest { id, offset, len }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..2048)
+            )
+                .prop_map(|(id, d)| Frame::ReadReply {
+                    id,
+                    status: 0,
+                    data: Bytes::from(d)
+                }),
+            (any::<u64>(), 1..u32::MAX).prop_map(|(id, status)| Frame::ReadReply {
+                id,
+                status,
+                data: Bytes::new()
+            }),
         ]
     }
 
@@ -1205,6 +1286,81 @@ mod tests {
             Frame::decode(&mut raw),
             Err(FrameError::Malformed { .. })
         ));
+    }
+
+    /// Hand-built frame with a valid checksum over `payload`.
+    fn raw_frame(kind: Kind, id: u64, payload: &[u8]) -> BytesMut {
+        let mut raw = BytesMut::new();
+        raw.put_u32(MAGIC);
+        raw.put_u8(1);
+        raw.put_u8(kind as u8);
+        raw.put_u16(0);
+        raw.put_u64(id);
+        raw.put_u32(payload.len() as u32);
+        let mut h = crc32fast::Hasher::new();
+        h.update(&raw[..20]);
+        h.update(payload);
+        raw.put_u32(h.finalize());
+        raw.put_slice(payload);
+        raw
+    }
+
+    #[test]
+    fn read_frames_round_trip_and_reject_malformed_payloads() {
+        // Kind codes are fixed on the wire.
+        assert_eq!(Kind::from_u8(19), Some(Kind::ReadRequest));
+        assert_eq!(Kind::from_u8(20), Some(Kind::ReadReply));
+        let req = Frame::ReadRequest {
+            id: 4,
+            offset: 8192,
+            len: 4096,
+        };
+        let mut b = enc(&req);
+        assert_eq!(b[5], 19);
+        assert_eq!(Frame::decode(&mut b), Ok(Some(req)));
+        let reply = Frame::ReadReply {
+            id: 4,
+            status: 0,
+            data: Bytes::from_static(&[9u8; 4096]),
+        };
+        let mut b = enc(&reply);
+        assert_eq!(b[5], 20);
+        let base = b.as_ptr() as usize;
+        let got = Frame::decode(&mut b).unwrap().unwrap();
+        let Frame::ReadReply { data, .. } = &got else {
+            panic!("not a read reply");
+        };
+        // Zero-copy like write data.
+        assert_eq!(data.as_ptr() as usize, base + HEADER_LEN + 4);
+        assert_eq!(got, reply);
+        let malformed = |kind, payload: &[u8], why: &str| {
+            let mut b = raw_frame(kind, 1, payload);
+            match Frame::decode(&mut b) {
+                Err(FrameError::Malformed { why: w, .. }) => assert_eq!(w, why),
+                other => panic!("{kind:?} {payload:?}: {other:?}"),
+            }
+        };
+        malformed(Kind::ReadRequest, &[0; 15], "wrong payload length");
+        malformed(Kind::ReadRequest, &[0; 17], "wrong payload length");
+        let mut too_long = vec![0u8; 8];
+        too_long.extend_from_slice(&(MAX_DATA as u64 + 1).to_be_bytes());
+        malformed(Kind::ReadRequest, &too_long, "read too long");
+        malformed(Kind::ReadReply, &[0; 3], "payload too short");
+        malformed(
+            Kind::ReadReply,
+            &[0, 0, 0, 5, 1],
+            "data with an error status",
+        );
+        // An error reply carries no data.
+        let mut b = raw_frame(Kind::ReadReply, 1, &[0, 0, 0, 5]);
+        assert_eq!(
+            Frame::decode(&mut b),
+            Ok(Some(Frame::ReadReply {
+                id: 1,
+                status: 5,
+                data: Bytes::new()
+            }))
+        );
     }
 
     #[test]

@@ -93,6 +93,8 @@ impl Replica {
                 status,
                 digests,
             } => self.on_verify_reply(peer, id, status, digests),
+            Frame::ReadRequest { id, offset, len } => self.on_read_request(peer, id, offset, len),
+            Frame::ReadReply { id, status, data } => self.on_read_reply(peer, id, status, data),
         }
     }
 
@@ -191,6 +193,10 @@ impl Replica {
                 "state changed during the handshake; reconnecting".into(),
             );
         }
+        if self.disk == DiskState::Diskless || h.disk == DiskState::Diskless {
+            // R23: a detached side neither gives nor takes a resync.
+            return self.diskless_handshake(peer, &h);
+        }
         let me = View {
             gens: mine,
             role: my_role,
@@ -262,6 +268,10 @@ impl Replica {
             && matches!(p.sync, super::peer::PeerSync::None);
         p.role = Some(role);
         p.disk = Some(disk);
+        if disk == DiskState::Diskless {
+            // R23: its disk failed; which generation it holds is unknown.
+            p.confirmed_gen = 0;
+        }
         if changed {
             self.event(Event::PeerStateChanged { peer, role, disk });
         }

@@ -142,7 +142,9 @@ pub fn choose_lane(
     next_bulk: &mut usize,
 ) -> Option<usize> {
     match frame {
-        Frame::Write { data, .. } | Frame::ResyncData { data, .. }
+        Frame::Write { data, .. }
+        | Frame::ResyncData { data, .. }
+        | Frame::ReadReply { data, .. }
             if !single_lane && bulk_lanes > 0 && data.len() >= BULK_MIN =>
         {
             let lane = *next_bulk % bulk_lanes;
@@ -344,6 +346,14 @@ mod tests {
             choose_lane(&Frame::Flush { id: 1 }, false, 4, &mut rr),
             None
         );
+        // Large read replies (R23) too.
+        let reply = |n: usize| Frame::ReadReply {
+            id: 1,
+            status: 0,
+            data: bytes::Bytes::from(vec![0u8; n]),
+        };
+        assert_eq!(choose_lane(&reply(BULK_MIN), false, 4, &mut rr), Some(2));
+        assert_eq!(choose_lane(&reply(4096), false, 4, &mut rr), None);
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //! states) are numbered in `docs/replication.md`, each with its test.
 
 mod config;
+mod detach;
 pub mod frame;
 mod handshake;
 pub mod lanes;
@@ -112,7 +113,8 @@ pub struct ReqId(pub u64);
 pub struct IoId(pub u64);
 
 /// A block operation, from the frontend or to the local disk. Reads are not
-/// the replica's business: the driver serves them from the local disk.
+/// the replica's business while the local disk is attached: the driver
+/// serves them from the local disk (see [`Input::FrontendRead`] otherwise).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// Write `data` at `offset`.
@@ -214,6 +216,21 @@ pub enum Input {
         /// The data (exactly the length asked for) or `Err(errno)`.
         result: Result<Bytes, i32>,
     },
+    /// A frontend read the driver does not serve from the local disk
+    /// itself: the disk is detached, or the driver's local read failed with
+    /// `local_error` (which detaches it, R23). Served from the local disk
+    /// (while attached) or through an UpToDate peer; answered with
+    /// [`Output::ReadComplete`].
+    FrontendRead {
+        /// Driver's name for it.
+        req: ReqId,
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// errno of the driver's failed local read, if it tried one.
+        local_error: Option<i32>,
+    },
 }
 
 /// Something the driver must do, from [`Replica::poll_output`].
@@ -269,6 +286,13 @@ pub enum Output {
         offset: u64,
         /// Length.
         len: u64,
+    },
+    /// Answer a frontend read ([`Input::FrontendRead`]).
+    ReadComplete {
+        /// Which request.
+        req: ReqId,
+        /// The data (exactly the length asked for) or `Err(errno)`.
+        result: Result<Bytes, i32>,
     },
     /// Something worth logging or counting.
     Event(Event),
@@ -352,6 +376,13 @@ pub enum Event {
         offset: u64,
         /// Its length.
         len: u64,
+    },
+    /// The local disk failed (an I/O error) and is detached: the own disk
+    /// is Diskless from now on, nothing more is written to or read from it,
+    /// and I/O continues through UpToDate peers (R23).
+    Detached {
+        /// errno of the failure that detached it.
+        errno: i32,
     },
     /// A local I/O failed.
     LocalIoError {

@@ -85,6 +85,8 @@ pub struct Replica {
     pub(crate) next_al_copy: u8,
     /// The log is rewritten only once this metadata version is durable.
     pub(crate) al_guard: u64,
+    /// Detached disk and remote reads (R23).
+    pub(crate) dt: super::detach::Detach,
     /// Volunteer as the target of a split-brain resolution (R24).
     pub(crate) discard_my_data: bool,
     /// Wall clock (ms since the Unix epoch) the driver last reported.
@@ -210,6 +212,7 @@ impl Replica {
             wall_ms: 0,
             primary_since: 0,
             solo_granted: !cfg.solo_needs_grant,
+            dt: Default::default(),
             cfg,
             peers,
             out: VecDeque::new(),
@@ -232,7 +235,7 @@ impl Replica {
         self.now = self.now.max(now);
         match input {
             Input::Frontend { req, op } => self.on_frontend(req, op),
-            Input::LocalDone { io, result } => self.on_local_done(io, result),
+            Input::LocalDone { io, result } => self.on_local_done_checked(io, result),
             Input::PeerConnected { peer } => self.on_peer_connected(peer),
             Input::PeerFrame { peer, frame } => self.on_peer_frame(peer, frame),
             Input::PeerDisconnected { peer } => {
@@ -240,7 +243,13 @@ impl Replica {
                     self.peer_lost(peer);
                 }
             }
-            Input::ReadDone { io, result } => self.on_read_done(io, result),
+            Input::ReadDone { io, result } => self.on_read_done_checked(io, result),
+            Input::FrontendRead {
+                req,
+                offset,
+                len,
+                local_error,
+            } => self.on_frontend_read(req, offset, len, local_error),
         }
         self.progress();
     }

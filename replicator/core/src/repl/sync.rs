@@ -439,6 +439,14 @@ impl MetaTracker {
         }
     }
 
+    /// Forgets every change not yet durable (the disk is detached: there
+    /// is nothing to write them to). Returns whether there were any.
+    pub(crate) fn forget(&mut self) -> bool {
+        let any = !self.keys.is_empty();
+        self.keys.clear();
+        any
+    }
+
     /// Nothing waits to be written or is being written.
     pub(crate) fn is_idle(&self) -> bool {
         self.keys.is_empty()

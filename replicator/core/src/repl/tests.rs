@@ -42,6 +42,8 @@ struct Node {
     hold_meta: bool,
     fail_io: Option<i32>,
     done: Vec<(ReqId, Result<(), i32>)>,
+    /// Frontend reads answered.
+    reads: Vec<(ReqId, Result<Bytes, i32>)>,
     events: Vec<Event>,
     disconnects: Vec<(PeerId, String)>,
     /// Every local op performed, in order.
@@ -106,6 +108,7 @@ impl Cluster {
                     hold_meta: false,
                     fail_io: None,
                     done: Vec::new(),
+                    reads: Vec::new(),
                     events: Vec::new(),
                     disconnects: Vec::new(),
                     log: Vec::new(),
@@ -210,6 +213,7 @@ impl Cluster {
                     }
                 }
                 Output::Complete { req, result } => self.nodes[i].done.push((req, result)),
+                Output::ReadComplete { req, result } => self.nodes[i].reads.push((req, result)),
                 Output::Disconnect { peer, reason } => {
                     self.nodes[i].disconnects.push((peer, reason));
                     let j = node_of(i, peer);
@@ -870,12 +874,8 @@ fn r11_simultaneous_promotion_outside_dual_primary_is_refused() {
 #[test]
 fn r12_io_errors() {
     let mut c = Cluster::connected(2, |_, _| {});
-    // Local error on the primary: the frontend sees it.
-    c.nodes[0].fail_io = Some(errno::EIO);
-    c.submit(0, 1, w(0, 1, 1, false));
-    c.run();
-    assert_eq!(c.done(0, 1), Some(Err(errno::EIO)));
-    // Peer error: completes OK (data safe locally), peer outdated.
+    // Peer error: completes OK (data safe locally), peer outdated; the
+    // secondary detached its disk (R23).
     c.nodes[1].fail_io = Some(errno::EIO);
     c.submit(0, 2, w(512, 2, 1, false));
     c.run();
@@ -884,8 +884,13 @@ fn r12_io_errors() {
         peer: pid(0, 1),
         reason: OutdatedReason::PeerIoError
     }));
-    assert_eq!(c.nodes[1].r.disk_state(), DiskState::Outdated);
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::Diskless);
     assert_eq!(c.status(0, 1).repl, ReplState::Off);
+    // Local error on the primary with no UpToDate peer: the frontend sees it.
+    c.nodes[0].fail_io = Some(errno::EIO);
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Err(errno::EIO)));
 }
 
 #[test]
@@ -1601,7 +1606,7 @@ fn r22_online_verify_finds_exactly_the_corrupted_blocks() {
     c.nodes[0].r.start_verify(c.now, p, false).unwrap();
     c.run();
     let s = c.nodes[0].r.verify_status(p).unwrap();
-    assert!(s.finished && s.aborted.is_none());
+    assert!(s.finished && s.aborted.is_none(), "{s:?}");
     assert_eq!((s.done_bytes, s.total_bytes), (SIZE, SIZE));
     assert_eq!(s.differing_bytes, 0);
     assert!(s.ranges.is_empty());
@@ -1766,4 +1771,391 @@ fn r22_marked_blocks_are_resynced() {
     c.run();
     let s = c.nodes[0].r.verify_status(p).unwrap();
     assert!(s.finished && s.differing_bytes == 0);
+}
+
+// ---- R23: local disk errors (detach) ----
+
+impl Cluster {
+    fn read(&mut self, i: usize, req: u64, offset: u64, len: u64, local_error: Option<i32>) {
+        let now = self.now;
+        self.nodes[i].r.handle(
+            now,
+            Input::FrontendRead {
+                req: ReqId(req),
+                offset,
+                len,
+                local_error,
+            },
+        );
+    }
+
+    fn read_result(&self, i: usize, req: u64) -> Option<Result<Bytes, i32>> {
+        self.nodes[i]
+            .reads
+            .iter()
+            .find(|(r, _)| *r == ReqId(req))
+            .map(|(_, res)| res.clone())
+    }
+}
+
+#[test]
+fn r23_a_primary_detaches_on_a_write_error_and_continues_through_its_peer() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.submit(0, 1, w(0, 0x11, 2, false));
+    c.run();
+    // The local write fails; the peer has it: the request completes OK.
+    c.nodes[0].fail_io = Some(errno::EIO);
+    c.submit(0, 2, w(0, 0x22, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    assert_eq!(c.nodes[0].r.disk_state(), DiskState::Diskless);
+    assert!(c.nodes[0].r.is_detached());
+    assert!(c.nodes[0]
+        .events
+        .contains(&Event::Detached { errno: errno::EIO }));
+    assert_eq!(c.status(1, 0).disk, Some(DiskState::Diskless));
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::UpToDate);
+    assert_eq!(&c.nodes[1].disk[..512], &[0x22; 512][..]);
+    // The peer adopted the generation drawn at the detach.
+    assert_eq!(
+        c.nodes[1].r.current_generation(),
+        c.nodes[0].r.current_generation()
+    );
+    // Later writes, trims and flushes go to the peer only; nothing touches
+    // the detached disk, not even metadata.
+    let (log, meta) = (c.nodes[0].log.len(), c.nodes[0].meta.clone());
+    c.submit(0, 3, w(1024, 0x33, 1, true));
+    c.submit(
+        0,
+        4,
+        Op::Trim {
+            offset: 4096,
+            len: 512,
+            fua: false,
+        },
+    );
+    c.submit(0, 5, Op::Flush);
+    c.run();
+    for req in 3..=5 {
+        assert_eq!(c.done(0, req), Some(Ok(())), "request {req}");
+    }
+    assert_eq!(c.nodes[0].log.len(), log);
+    assert_eq!(c.nodes[0].meta, meta);
+    assert!(c.nodes[0].io.is_empty());
+    assert_eq!(&c.nodes[1].disk[1024..1536], &[0x33; 512][..]);
+    // Reads go through the peer.
+    c.read(0, 10, 0, 1024, None);
+    c.read(0, 11, 1024, 512, None);
+    c.run();
+    let mut want = vec![0x22u8; 512];
+    want.extend_from_slice(&[0x11; 512]);
+    assert_eq!(c.read_result(0, 10), Some(Ok(Bytes::from(want))));
+    assert_eq!(
+        c.read_result(0, 11),
+        Some(Ok(Bytes::from(vec![0x33u8; 512])))
+    );
+    // A reconnect while detached: no resync either way, I/O continues.
+    c.break_link(0, 1);
+    c.run();
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    c.submit(0, 6, w(2048, 0x66, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 6), Some(Ok(())));
+    assert_eq!(&c.nodes[1].disk[2048..2560], &[0x66; 512][..]);
+    // A Diskless node is never promoted.
+    c.nodes[0].r.demote(c.now).unwrap();
+    assert_eq!(
+        c.nodes[0].r.promote(c.now),
+        Err(RoleError::DiskNotUpToDate(DiskState::Diskless))
+    );
+}
+
+#[test]
+fn r23_without_an_up_to_date_peer_io_fails_with_eio() {
+    // No peer connected: the failing write and everything after it fail.
+    let mut c = Cluster::new(2, |_, _| {});
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    c.nodes[0].fail_io = Some(errno::EIO);
+    c.submit(0, 2, w(0, 2, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Err(errno::EIO)));
+    assert_eq!(c.nodes[0].r.disk_state(), DiskState::Diskless);
+    c.submit(0, 3, w(512, 3, 1, false));
+    c.submit(0, 4, Op::Flush);
+    c.read(0, 5, 0, 512, None);
+    c.run();
+    assert_eq!(c.done(0, 3), Some(Err(errno::EIO)));
+    assert_eq!(c.done(0, 4), Some(Err(errno::EIO)));
+    assert_eq!(c.read_result(0, 5), Some(Err(errno::EIO)));
+    // The peer lost while a detached write waits for its ack: EIO too
+    // (the data is nowhere safe).
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.nodes[0].fail_io = Some(errno::EIO);
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    c.links[1][0].hold = true;
+    c.submit(0, 2, w(0, 2, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), None);
+    c.break_link(0, 1);
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Err(errno::EIO)));
+}
+
+#[test]
+fn r23_a_local_read_error_detaches_and_retries_through_the_peer() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.submit(0, 1, w(0, 0x5a, 2, false));
+    c.run();
+    // Attached: a FrontendRead is served from the local disk.
+    c.read(0, 2, 0, 512, None);
+    c.run();
+    assert_eq!(
+        c.read_result(0, 2),
+        Some(Ok(Bytes::from(vec![0x5au8; 512])))
+    );
+    assert!(!c.nodes[0].r.is_detached());
+    // The driver's own local read failed: detach, read through the peer.
+    c.read(0, 3, 512, 512, Some(errno::EIO));
+    c.run();
+    assert!(c.nodes[0].r.is_detached());
+    assert_eq!(
+        c.read_result(0, 3),
+        Some(Ok(Bytes::from(vec![0x5au8; 512])))
+    );
+    // Invalid reads are refused without I/O.
+    c.read(0, 4, 1, 512, None);
+    c.read(0, 5, SIZE, 512, None);
+    c.run();
+    assert_eq!(c.read_result(0, 4), Some(Err(errno::EINVAL)));
+    assert_eq!(c.read_result(0, 5), Some(Err(errno::ENOSPC)));
+    // A read in flight when its peer is lost: no other peer, EIO.
+    c.links[1][0].hold = true;
+    c.read(0, 6, 0, 512, None);
+    c.run();
+    assert_eq!(c.read_result(0, 6), None);
+    c.break_link(0, 1);
+    c.run();
+    assert_eq!(c.read_result(0, 6), Some(Err(errno::EIO)));
+}
+
+#[test]
+fn r23_reads_retry_on_another_peer_when_one_fails() {
+    let mut c = Cluster::connected(3, |_, _| {});
+    c.submit(0, 1, w(0, 0x77, 1, false));
+    c.run();
+    c.nodes[0].fail_io = Some(errno::EIO);
+    c.submit(0, 2, w(512, 0x78, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    assert!(c.nodes[0].r.is_detached());
+    // Both peers adopted the generation drawn at the detach.
+    for i in 1..3 {
+        assert_eq!(
+            c.nodes[i].r.current_generation(),
+            c.nodes[0].r.current_generation()
+        );
+    }
+    // The first peer's disk fails the read: it detaches too, answers EIO,
+    // and the read is retried on the other.
+    c.nodes[1].hold_io = true;
+    c.read(0, 3, 0, 1024, None);
+    c.run();
+    let (io, _) = c.nodes[1].io.pop_front().unwrap();
+    let now = c.now;
+    c.nodes[1].r.handle(
+        now,
+        Input::ReadDone {
+            io,
+            result: Err(errno::EIO),
+        },
+    );
+    c.nodes[1].hold_io = false;
+    c.run();
+    assert!(c.nodes[1].r.is_detached());
+    let mut want = vec![0x77u8; 512];
+    want.extend_from_slice(&[0x78; 512]);
+    assert_eq!(c.read_result(0, 3), Some(Ok(Bytes::from(want))));
+    // A write now reaches the remaining UpToDate peer only, and completes.
+    c.submit(0, 4, w(1024, 0x79, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 4), Some(Ok(())));
+    assert_eq!(&c.nodes[2].disk[1024..1536], &[0x79; 512][..]);
+}
+
+#[test]
+fn r23_a_detached_secondary_is_resynced_from_the_primary_bitmap_after_restart() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.submit(0, 1, w(0, 1, 4, false));
+    c.run();
+    c.nodes[1].fail_io = Some(errno::EIO);
+    c.submit(0, 2, w(0, 2, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    assert!(c.nodes[1].r.is_detached());
+    // It reconnects Diskless: connected, no resync, writes are not sent to
+    // it and are marked in the Primary's bitmap.
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).conn, ConnState::Connected);
+    assert_eq!(c.status(0, 1).repl, ReplState::Off);
+    assert_eq!(c.status(0, 1).disk, Some(DiskState::Diskless));
+    let log = c.nodes[1].log.len();
+    c.submit(0, 3, w(8192, 3, 2, false));
+    c.run();
+    assert_eq!(c.done(0, 3), Some(Ok(())));
+    assert_eq!(c.nodes[1].log.len(), log);
+    assert!(c.status(0, 1).out_of_sync_bytes > 0);
+    // Re-attach = restart with a healthy disk: its metadata (written before
+    // the failure) says UpToDate; the Primary's bitmap drives the resync.
+    c.restart(1);
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::UpToDate);
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 0);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+}
+
+#[test]
+fn r23_a_detached_primary_comes_back_as_a_full_sync_target() {
+    // Small extents: the activity log alone would not cover the writes the
+    // detached Primary issued through its peer.
+    let mut c = Cluster::connected(2, |_, cfg| cfg.extent_size = 4096);
+    c.submit(0, 1, w(0, 1, 4, false));
+    c.run();
+    c.nodes[0].fail_io = Some(errno::EIO);
+    c.submit(0, 2, w(0, 2, 1, false));
+    c.submit(0, 3, w(4096, 3, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    assert_eq!(c.done(0, 3), Some(Ok(())));
+    assert_ne!(c.nodes[0].disk, c.nodes[1].disk);
+    // Switch over: the detached node demotes, the peer takes over.
+    c.nodes[0].r.demote(c.now).unwrap();
+    c.run();
+    c.nodes[1].r.promote(c.now).unwrap();
+    c.run();
+    // The old Primary restarts with its disk back (its record still says
+    // UpToDate, in the generation before the detach): it is a sync target.
+    // The new Primary writes while it is away (diverging from it): the
+    // writes the old one issued while detached must still be resynced.
+    c.restart(0);
+    c.submit(1, 10, w(8192, 0x10, 1, false));
+    c.run();
+    assert_eq!(c.done(1, 10), Some(Ok(())));
+    c.connect(0, 1);
+    c.run();
+    assert!(c.nodes[1].events.contains(&Event::SyncStarted {
+        peer: pid(1, 0),
+        role: SyncRole::Source,
+        bytes: SIZE
+    }));
+    assert!(c.nodes[1]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::SyncFinished { .. })));
+    assert_eq!(c.nodes[0].r.disk_state(), DiskState::UpToDate);
+    assert_eq!(c.status(1, 0).repl, ReplState::Established);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+}
+
+#[test]
+fn r23_a_metadata_write_error_detaches_too() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.break_link(0, 1);
+    c.run();
+    // The first write without the peer marks its bitmap: a metadata write.
+    c.nodes[0].hold_meta = true;
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    let k = c.nodes[0]
+        .io
+        .iter()
+        .position(|(_, x)| matches!(x, NodeIo::Meta(..)))
+        .unwrap();
+    let (io, _) = c.nodes[0].io.remove(k).unwrap();
+    let now = c.now;
+    c.nodes[0].r.handle(
+        now,
+        Input::LocalDone {
+            io,
+            result: Err(errno::EIO),
+        },
+    );
+    c.nodes[0].hold_meta = false;
+    c.run();
+    assert!(c.nodes[0].r.is_detached());
+    // No peer to carry it: EIO, never a silent success.
+    assert_eq!(c.done(0, 1), Some(Err(errno::EIO)));
+    assert!(c.nodes[0].r.is_idle());
+}
+
+#[test]
+fn r23_stray_read_replies_are_violations() {
+    let mut c = Cluster::connected(2, |_, _| {});
+    let now = c.now;
+    c.nodes[0].r.handle(
+        now,
+        Input::PeerFrame {
+            peer: pid(0, 1),
+            frame: Frame::ReadReply {
+                id: 9,
+                status: 0,
+                data: Bytes::new(),
+            },
+        },
+    );
+    c.run();
+    assert!(c.nodes[0]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::ProtocolViolation { .. })));
+    // A misaligned read request, too.
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.nodes[1].r.handle(
+        now,
+        Input::PeerFrame {
+            peer: pid(1, 0),
+            frame: Frame::ReadRequest {
+                id: 1,
+                offset: 3,
+                len: 512,
+            },
+        },
+    );
+    c.run();
+    assert!(c.nodes[1]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::ProtocolViolation { .. })));
+}
+
+#[test]
+fn r23_protocol_a_waits_for_the_peer_once_detached() {
+    let mut c = Cluster::connected(2, |_, cfg| cfg.protocol = Protocol::A);
+    c.nodes[0].fail_io = Some(errno::EIO);
+    c.links[1][0].hold = true; // no acks come back
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    // Attached, protocol A would complete on the local result; the local
+    // write failed and the disk detached: only the peer's ack completes it.
+    assert!(c.nodes[0].r.is_detached());
+    assert_eq!(c.done(0, 1), None);
+    c.submit(0, 2, w(512, 2, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), None);
+    c.links[1][0].hold = false;
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    assert_eq!(
+        &c.nodes[1].disk[..1024],
+        &[[1u8; 512], [2u8; 512]].concat()[..]
+    );
 }

@@ -45,6 +45,9 @@ pub(crate) struct Request {
     pub(crate) meta_wait: u64,
     /// Its extents are in the activity log (R20).
     pub(crate) al_admitted: bool,
+    /// A peer acknowledged it without error (R23: the result once the
+    /// local disk is detached).
+    pub(crate) peer_ok: bool,
 }
 
 /// What a peer operation is.
@@ -101,6 +104,18 @@ pub(crate) enum IoOwner {
         epoch: u64,
         id: u64,
         len: u64,
+    },
+    /// A frontend read served locally (R23).
+    FrontendRead {
+        req: ReqId,
+        offset: u64,
+        len: u64,
+    },
+    /// A peer's ReadRequest (R23).
+    PeerRead {
+        peer: PeerId,
+        epoch: u64,
+        id: u64,
     },
 }
 
@@ -169,6 +184,11 @@ impl Replica {
         let io = IoId(self.next_io);
         self.next_io += 1;
         self.ios.insert(io, owner);
+        if self.disk == DiskState::Diskless {
+            // R23: nothing goes to a detached disk; it fails in progress().
+            self.dt.failed_ios.push(io);
+            return;
+        }
         self.out.push_back(Output::LocalIo { io, op });
     }
 
@@ -204,6 +224,7 @@ impl Replica {
                 completed: false,
                 meta_wait: 0,
                 al_admitted: false,
+                peer_ok: false,
             },
         );
     }
@@ -229,7 +250,9 @@ impl Replica {
             IoOwner::Meta(key) => self.on_meta_done(key, result),
             IoOwner::ResyncRead { .. }
             | IoOwner::VerifyRead { .. }
-            | IoOwner::VerifyServe { .. } => {
+            | IoOwner::VerifyServe { .. }
+            | IoOwner::FrontendRead { .. }
+            | IoOwner::PeerRead { .. } => {
                 // A read completes with ReadDone; a LocalDone for it is a
                 // driver bug. Put it back so ReadDone still finds it.
                 self.ios.insert(io, owner);
@@ -265,6 +288,9 @@ impl Replica {
                 peer,
                 format!("peer failed to apply a write (errno {status})"),
             );
+        }
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.peer_ok = true;
         }
         if let Some(range) = range {
             self.clear_synced_by_write(peer, range);
@@ -670,7 +696,9 @@ impl Replica {
             }
 
             // R1–R3: complete and retire frontend requests.
-            let early = self.cfg.protocol == Protocol::A;
+            // R23: once detached, only a peer's ack makes a request good.
+            let detached = self.disk == DiskState::Diskless;
+            let early = self.cfg.protocol == Protocol::A && !detached;
             let ready: Vec<u64> = self
                 .requests
                 .iter()
@@ -685,11 +713,16 @@ impl Replica {
             let may_complete = self.may_complete();
             for seq in ready {
                 let r = self.requests.get_mut(&seq).expect("listed above");
-                let LocalState::Done(result) = r.local else {
+                let LocalState::Done(mut result) = r.local else {
                     continue;
                 };
+                if detached {
+                    result = if r.peer_ok { Ok(()) } else { Err(errno::EIO) };
+                }
                 let all_acked = r.peers_pending.is_empty();
-                if !r.completed && (early || all_acked) && may_complete {
+                // R25: an error may always be reported; a success waits for
+                // quorum.
+                if !r.completed && (early || all_acked) && (may_complete || result.is_err()) {
                     r.completed = true;
                     let req = r.req;
                     self.out.push_back(Output::Complete { req, result });
@@ -704,6 +737,7 @@ impl Replica {
             changed |= self.pump_resync();
             changed |= self.pump_verify();
             changed |= self.finish_target();
+            changed |= self.detached_progress();
             changed |= self.meta_flush();
 
             if !changed {

@@ -84,6 +84,36 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Fault injection (tests, drills): make the export's local disk fail
+    /// reads and/or writes with EIO, optionally only in a byte range of the
+    /// volume. A replicated export then detaches its disk (docs/replication.md, R23).
+    InjectFault {
+        /// Export name.
+        export: String,
+        /// Fail reads.
+        #[arg(long)]
+        reads: bool,
+        /// Fail writes, trims, write-zeroes (and flushes, without a range).
+        #[arg(long)]
+        writes: bool,
+        /// Start of the failing range (bytes into the volume); needs --len.
+        #[arg(long, requires = "len")]
+        offset: Option<u64>,
+        /// Length of the failing range in bytes; needs --offset.
+        #[arg(long, requires = "offset")]
+        len: Option<u64>,
+        /// Admin socket of the daemon.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// End fault injection on an export.
+    ClearFault {
+        /// Export name.
+        export: String,
+        /// Admin socket of the daemon.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Show a running tandemd's exports: role, disk state, counters and,
     /// per peer, connection, replication, peer disk, requests in flight and
     /// bytes out of sync (like `drbdadm status`).
@@ -269,6 +299,49 @@ async fn real_main(cli: Cli) -> Result<()> {
                 println!("other copy:    {}", other.as_deref().unwrap_or("ok"));
             }
         }
+        Cmd::InjectFault {
+            export,
+            reads,
+            writes,
+            offset,
+            len,
+            admin_socket,
+        } => {
+            if !reads && !writes {
+                bail!("give --reads, --writes or both");
+            }
+            let resp = admin::call(
+                &admin_socket,
+                &AdminRequest::InjectFault {
+                    export: export.clone(),
+                    reads,
+                    writes,
+                    offset,
+                    len,
+                },
+            )
+            .await?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            println!("{export}: fault injected (reads {reads}, writes {writes})");
+        }
+        Cmd::ClearFault {
+            export,
+            admin_socket,
+        } => {
+            let resp = admin::call(
+                &admin_socket,
+                &AdminRequest::ClearFault {
+                    export: export.clone(),
+                },
+            )
+            .await?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            println!("{export}: fault cleared");
+        }
         Cmd::Promote {
             export,
             admin_socket,
@@ -374,7 +447,11 @@ fn human_status(st: &admin::Status) -> String {
     );
     for e in &st.exports {
         let (role, disk) = e.replication.as_ref().map_or(("Primary", "UpToDate"), |r| {
-            (r.role.as_str(), r.disk.as_str())
+            if r.detached {
+                (r.role.as_str(), "Diskless(detached: local disk failed)")
+            } else {
+                (r.role.as_str(), r.disk.as_str())
+            }
         });
         let _ = writeln!(
             o,

@@ -512,10 +512,39 @@ async fn execute_replicated(
     reply_for(export, &req, result.map(|()| None))
 }
 
+/// A read through the replication driver: the local disk is detached, or
+/// the local read failed with `local_error` (which detaches it); the
+/// replica reads through an UpToDate peer (docs/replication.md, R23).
+async fn read_replicated(
+    export: &Export,
+    replicator: &crate::replication::Replicator,
+    req: Request,
+    local_error: Option<i32>,
+) -> Reply {
+    let len = u64::from(req.length);
+    let result = match replicator.read(req.offset, len, local_error).await {
+        Ok(data) => {
+            export.stats.reads.fetch_add(1, Relaxed);
+            export.stats.read_bytes.fetch_add(len, Relaxed);
+            Ok(Some(IoBuf::from_slice(&data)))
+        }
+        Err(errno) => Err(IoError::new(
+            Op::Read,
+            req.offset,
+            len,
+            std::io::Error::from_raw_os_error(errno),
+        )),
+    };
+    reply_for(export, &req, result)
+}
+
 async fn execute(export: &Export, req: Request, payload: Option<IoBuf>) -> Reply {
     if let Some(r) = &export.replicator {
         if req.command != Command::Read {
             return execute_replicated(export, r, req, payload).await;
+        }
+        if r.is_detached() {
+            return read_replicated(export, r, req, None).await;
         }
     }
     let vol = &export.volume;
@@ -526,8 +555,12 @@ async fn execute(export: &Export, req: Request, payload: Option<IoBuf>) -> Reply
             let (buf, res) = vol
                 .read(req.offset, IoBuf::pooled(req.length as usize))
                 .await;
-            if res.is_err() {
+            if let Err(e) = &res {
                 buf.recycle();
+                if let Some(r) = &export.replicator {
+                    let errno = e.source.raw_os_error().unwrap_or(libc::EIO);
+                    return read_replicated(export, r, req, Some(errno)).await;
+                }
                 return reply_for(export, &req, res.map(|()| None));
             }
             res.map(|()| {

@@ -8,6 +8,8 @@
 //! * [`memory::MemoryEngine`] — a heap buffer, for tests and the simulator.
 //!
 //! All three pass the same conformance suite (`conformance.rs`).
+//! [`faulty::FaultyEngine`] wraps any of them for fault injection (reads or
+//! writes fail with `EIO` on an admin request).
 //!
 //! Offsets are absolute offsets in the backing; the volume layer
 //! (`crate::volume`) adds the data-area offset and checks ranges.
@@ -19,6 +21,7 @@ mod backing;
 mod buf;
 #[cfg(test)]
 mod conformance;
+pub mod faulty;
 pub mod memory;
 pub mod sync;
 pub mod uring;
