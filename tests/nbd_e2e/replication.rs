@@ -250,3 +250,95 @@ fn killing_the_primary_mid_write_loses_no_acknowledged_write() {
     a.stop();
     assert_same_data(&a, &b, "alpha and beta after failover and resync");
 }
+
+/// Kill -9 the sync source, then the sync target, each about half-way
+/// through a (rate-limited) resync: the resync resumes each time from the
+/// persisted bitmaps — never a full sync of the volume — and both backings
+/// end byte-identical with every write that was acknowledged.
+#[test]
+fn a_resync_resumes_after_the_source_and_then_the_target_are_killed_half_way() {
+    use crate::repl_common::{cluster_certs, loopback_specs, node_with};
+    let _heavy = heavy_lock();
+    let certs = tempfile::tempdir().expect("tempdir");
+    cluster_certs(certs.path());
+    let (sa, sb) = loopback_specs(certs.path());
+    // 16 MiB of a 64 MiB volume to move at 4 MB/s: about 4 s per pass.
+    let mut a = node_with(sa, "resync_rate = \"4M\"");
+    let mut b = node_with(sb, "resync_rate = \"4M\"");
+    a.start();
+    b.start();
+    wait_until("alpha and beta to connect", Duration::from_secs(20), || {
+        peer(&a)["replication"] == "Established"
+    });
+    const DIRTY: u64 = 16 << 20;
+    b.stop();
+    wait_until(
+        "alpha to notice beta is gone",
+        Duration::from_secs(15),
+        || peer(&a)["connection"] != "Connected",
+    );
+    block_on(async {
+        let mut c = a.client("vol").await;
+        for i in 0..DIRTY >> 20 {
+            let data = vec![(i as u8) | 0x80; 1 << 20];
+            c.write(i << 20, &data, false).await.expect("write");
+        }
+        c.flush().await.expect("flush");
+    });
+    assert_eq!(peer(&a)["out_of_sync_bytes"], DIRTY);
+    let half_way = |a: &tandem_tests::Daemon| {
+        let p = peer(a);
+        p["sync"]["done_bytes"].as_u64().unwrap_or(0) >= DIRTY / 3
+    };
+
+    // 1. The source dies half-way. (Restarted, its activity log marks the
+    // extents it wrote as Primary again, so this pass may start over within
+    // the dirty set — never the volume.)
+    b.start();
+    wait_until(
+        "the first resync to get half-way",
+        Duration::from_secs(30),
+        || half_way(&a),
+    );
+    a.kill9();
+    a.start();
+    // 2. The target dies half-way through the resumed resync.
+    wait_until(
+        "the resumed resync to get half-way",
+        Duration::from_secs(30),
+        || half_way(&a),
+    );
+    let done_before_kill = peer(&a)["sync"]["done_bytes"].as_u64().unwrap_or(0);
+    b.kill9();
+    assert_eq!(
+        resynced_bytes(&a),
+        0,
+        "no resync may have finished before the kills"
+    );
+    b.start();
+    wait_until("the resync to finish", Duration::from_secs(60), || {
+        let p = peer(&a);
+        p["replication"] == "Established" && p["out_of_sync_bytes"] == 0
+    });
+    assert_eq!(b.export_status("vol")["replication"]["disk"], "UpToDate");
+    let last = resynced_bytes(&a);
+    eprintln!(
+        "resync resume: {done_before_kill} bytes done when the target was killed, {last} moved after its restart (dirty set {DIRTY})"
+    );
+    assert!(
+        last + done_before_kill <= DIRTY + (4 << 20) && last < DIRTY,
+        "the last resync moved {last} bytes after {done_before_kill} were done: it must resume, not start over (dirty set {DIRTY})"
+    );
+    a.stop();
+    b.stop();
+    let data = assert_same_data(&a, &b, "after killing the source and the target mid-resync");
+    for i in 0..DIRTY >> 20 {
+        let off = (i << 20) as usize;
+        assert!(
+            data[off..off + (1 << 20)]
+                .iter()
+                .all(|&x| x == (i as u8) | 0x80),
+            "MiB {i} lost"
+        );
+    }
+}
