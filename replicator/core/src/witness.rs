@@ -342,6 +342,8 @@ pub struct QuorumCtl {
     primary_lost_at: Option<Time>,
     had_primary: bool,
     failovers: u64,
+    /// This controller set the replica's `discard_my_data` (standing down).
+    set_discard: bool,
     out: VecDeque<QuorumOutput>,
 }
 
@@ -369,6 +371,7 @@ impl QuorumCtl {
             primary_lost_at: None,
             had_primary: false,
             failovers: 0,
+            set_discard: false,
             out: VecDeque::new(),
         }
     }
@@ -568,6 +571,12 @@ impl QuorumCtl {
                 replica.grant_solo(now);
                 if v.promote && replica.role() == Role::Secondary {
                     replica.set_wall_clock(wall_ms);
+                    // A node that takes over must not volunteer to be
+                    // overwritten in the next split brain (R24).
+                    if self.set_discard {
+                        let _ = replica.set_discard_my_data(false);
+                        self.set_discard = false;
+                    }
                     match replica.promote(now) {
                         Ok(()) => {
                             self.failovers += 1;
@@ -590,12 +599,26 @@ impl QuorumCtl {
                     self.note(Note::DemoteFailed(e.to_string()));
                 }
             }
-            if replica.role() == Role::Secondary && !replica.discard_my_data() {
+            if replica.role() == Role::Secondary
+                && !replica.discard_my_data()
+                && replica.disk_state() != DiskState::Inconsistent
+            {
                 // Its writes since the split were never acknowledged: a
                 // split brain found on reconnect resolves in the peer's
                 // favour (R24).
-                let _ = replica.set_discard_my_data(true);
+                if replica.set_discard_my_data(true).is_ok() {
+                    self.set_discard = true;
+                }
             }
+        } else if self.set_discard {
+            // The witness no longer counts it as outdated (it was resynced
+            // and the holder released): the volunteering it started ends,
+            // or a later split brain would wrongly discard this node's
+            // acknowledged writes.
+            if replica.discard_my_data() {
+                let _ = replica.set_discard_my_data(false);
+            }
+            self.set_discard = false;
         }
     }
 }
@@ -642,6 +665,96 @@ mod tests {
         let (v, _) = a.handle("alpha", 4, ToWitness::Release { volume: "v".into() });
         assert!(v.granted && v.holder.is_none());
         assert!(!a.handle("beta", 3, report(false)).0.outdated);
+    }
+
+    fn replica() -> Replica {
+        let cfg = crate::repl::Config::new(
+            "alpha",
+            *b"tandem-test-vol1",
+            1 << 20,
+            512,
+            vec!["bravo".to_owned()],
+        );
+        Replica::new(cfg, Time::ZERO).expect("valid config")
+    }
+
+    fn verdict(answers: Answers, outdated: bool, granted: bool, promote: bool) -> Verdict {
+        Verdict {
+            volume: "v".into(),
+            answers,
+            promote,
+            granted,
+            holder: Some("bravo".into()),
+            outdated,
+            reason: String::new(),
+        }
+    }
+
+    /// Found by the simulator: a node told it is outdated volunteered to
+    /// discard its data, was resynced (which clears the flag), then got one
+    /// more "outdated" answer still in flight from before the holder's
+    /// release and volunteered again, for good: later, promoted by a
+    /// failover, it was a Primary volunteering to be overwritten, and the
+    /// next split brain (both sides volunteering) could never resolve.
+    #[test]
+    fn the_discard_flag_it_set_ends_once_the_node_is_no_longer_outdated() {
+        let mut r = replica();
+        let mut q = QuorumCtl::new(
+            "v".into(),
+            true,
+            true,
+            Duration::from_secs(1),
+            NoQuorum::Suspend,
+        );
+        q.witness_up();
+        assert_eq!(r.disk_state(), DiskState::UpToDate);
+        q.verdict(
+            &mut r,
+            Time::ZERO,
+            verdict(Answers::Report, true, false, false),
+            0,
+        );
+        assert!(r.discard_my_data(), "standing down volunteers to discard");
+        q.verdict(
+            &mut r,
+            Time::ZERO,
+            verdict(Answers::Report, false, false, false),
+            0,
+        );
+        assert!(
+            !r.discard_my_data(),
+            "no longer outdated: no longer volunteering"
+        );
+        // A failover promotion never keeps the flag.
+        q.verdict(
+            &mut r,
+            Time::ZERO,
+            verdict(Answers::Report, true, false, false),
+            0,
+        );
+        assert!(r.discard_my_data());
+        let mut v = verdict(Answers::Solo, false, true, true);
+        v.holder = Some("alpha".into());
+        q.verdict(&mut r, Time::ZERO, v, 0);
+        assert_eq!(r.role(), Role::Primary);
+        assert!(!r.discard_my_data());
+        // A flag set by the operator is left alone.
+        let mut r = replica();
+        let mut q = QuorumCtl::new(
+            "v".into(),
+            true,
+            true,
+            Duration::from_secs(1),
+            NoQuorum::Suspend,
+        );
+        r.set_discard_my_data(true).expect("secondary");
+        q.verdict(
+            &mut r,
+            Time::ZERO,
+            verdict(Answers::Report, false, false, false),
+            0,
+        );
+        assert!(r.discard_my_data());
     }
 
     #[test]
