@@ -505,6 +505,13 @@ impl QuorumCtl {
                 }
             }
         }
+        // Standing down again: `demote` is refused while requests are in
+        // flight, and those not yet done locally when the verdict came
+        // are held (and failed) only now.
+        if self.outdated && role == Role::Primary {
+            self.stand_down(replica, now);
+        }
+        let role = replica.role();
         let q = replica.quorum();
         let asked_recently = self.asked.is_some_and(|t| now.since(t) < ASK_AGAIN);
         if role == Role::Primary && q.held > 0 && !q.solo_granted {
@@ -556,6 +563,15 @@ impl QuorumCtl {
         }
     }
 
+    /// Fails the held writes and demotes (retried on every tick while
+    /// requests are still in flight).
+    fn stand_down(&mut self, replica: &mut Replica, now: Time) {
+        replica.fail_held(now, errno::EIO);
+        if let Err(e) = replica.demote(now) {
+            self.note(Note::DemoteFailed(e.to_string()));
+        }
+    }
+
     /// Acts on a verdict from the witness. `wall_ms` is the wall clock
     /// (ms since the Unix epoch) a failover promotion records.
     pub fn verdict(&mut self, replica: &mut Replica, now: Time, v: Verdict, wall_ms: u64) {
@@ -594,10 +610,7 @@ impl QuorumCtl {
         }
         if v.outdated {
             if replica.role() == Role::Primary {
-                replica.fail_held(now, errno::EIO);
-                if let Err(e) = replica.demote(now) {
-                    self.note(Note::DemoteFailed(e.to_string()));
-                }
+                self.stand_down(replica, now);
             }
             if replica.role() == Role::Secondary
                 && !replica.discard_my_data()
@@ -755,6 +768,89 @@ mod tests {
             0,
         );
         assert!(r.discard_my_data());
+    }
+
+    /// Found by the simulator: an outdated Primary with a write still in
+    /// flight (not yet done locally, so not yet held) when the verdict
+    /// came could not demote, and nothing retried: it stayed Primary, the
+    /// peer refused it as sync target, and the replicas never converged.
+    #[test]
+    fn an_outdated_primary_stands_down_once_its_requests_are_done() {
+        use crate::repl::{Input, Op, Output, ReqId};
+        let mut cfg = crate::repl::Config::new(
+            "alpha",
+            *b"tandem-test-vol1",
+            1 << 20,
+            512,
+            vec!["bravo".to_owned()],
+        );
+        cfg.initial_role = Role::Primary;
+        cfg.solo_needs_grant = true;
+        let mut r = Replica::new(cfg, Time::ZERO).expect("valid config");
+        let mut q = QuorumCtl::new(
+            "v".into(),
+            true,
+            true,
+            Duration::from_secs(1),
+            NoQuorum::Suspend,
+        );
+        q.witness_up();
+        r.handle(
+            Time::ZERO,
+            Input::Frontend {
+                req: ReqId(1),
+                op: Op::Write {
+                    offset: 0,
+                    data: bytes::Bytes::from(vec![7u8; 512]),
+                    fua: false,
+                },
+            },
+        );
+        // Metadata writes complete at once; the data write stays in flight.
+        let mut data_io = None;
+        for _ in 0..10 {
+            let mut metas = Vec::new();
+            while let Some(o) = r.poll_output() {
+                match o {
+                    Output::MetaWrite { io, .. } => metas.push(io),
+                    Output::LocalIo { io, .. } => data_io = Some(io),
+                    _ => {}
+                }
+            }
+            if metas.is_empty() {
+                break;
+            }
+            for io in metas {
+                r.handle(Time::ZERO, Input::LocalDone { io, result: Ok(()) });
+            }
+        }
+        let data_io = data_io.expect("the write was submitted");
+        q.verdict(
+            &mut r,
+            Time::ZERO,
+            verdict(Answers::Report, true, false, false),
+            0,
+        );
+        assert_eq!(r.role(), Role::Primary, "demote is refused while in flight");
+        r.handle(
+            Time::ZERO,
+            Input::LocalDone {
+                io: data_io,
+                result: Ok(()),
+            },
+        );
+        q.tick(&mut r, Time::ZERO);
+        assert_eq!(r.role(), Role::Secondary, "the tick stands down");
+        let failed = std::iter::from_fn(|| r.poll_output()).any(|o| {
+            matches!(
+                o,
+                Output::Complete {
+                    req: ReqId(1),
+                    result: Err(errno::EIO)
+                }
+            )
+        });
+        assert!(failed, "the held write failed");
     }
 
     #[test]

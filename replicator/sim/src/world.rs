@@ -682,25 +682,49 @@ impl World {
         {
             return;
         }
-        let i = self.primary;
-        let witness_ok = match &self.witness {
+        // The last Primary, once it is back; if it cannot be (a handshake
+        // between two Secondaries held it Outdated, waiting for the
+        // other's promotion, R16), another UpToDate node. Never while the
+        // last Primary is down: without a witness, taking over is an
+        // operator's decision, and with one it is the failover's.
+        if self.nodes[self.primary].r.is_none() {
+            return;
+        }
+        let witness_ok = |w: &Self, i: usize| match &w.witness {
             None => true,
-            Some(w) => {
-                w.links[i].up
-                    && self.nodes[i].verdict_seen
-                    && self.nodes[i]
+            Some(ws) => {
+                ws.links[i].up
+                    && w.nodes[i].verdict_seen
+                    && w.nodes[i]
                         .qc
                         .as_ref()
                         .is_some_and(|q| q.may_promote().is_ok())
             }
         };
-        if !witness_ok {
+        let i = self.primary;
+        if !witness_ok(self, i) {
             return;
         }
         let now = self.now;
-        if let Some(r) = &mut self.nodes[i].r {
-            if r.promote(now).is_ok() {
-                self.log(|| format!("operator: n{i} promoted again"));
+        let Some(r) = &mut self.nodes[i].r else {
+            return;
+        };
+        if r.promote(now).is_ok() {
+            self.log(|| format!("operator: n{i} promoted again"));
+            return;
+        }
+        if r.disk_state() == DiskState::UpToDate {
+            return;
+        }
+        for j in (0..self.nodes.len()).filter(|j| *j != i) {
+            if !witness_ok(self, j) {
+                continue;
+            }
+            if let Some(r) = &mut self.nodes[j].r {
+                if r.promote(now).is_ok() {
+                    self.log(|| format!("operator: n{j} promoted (n{i} is not UpToDate)"));
+                    return;
+                }
             }
         }
     }
@@ -1637,6 +1661,10 @@ impl World {
                 l.cut_until = l.cut_until.max(until);
             }
         } else if roll < 90 {
+            // Long enough, mostly, for the peer timeout plus the failover
+            // timeout: the other side takes over.
+            let d = self.rng.range(600 * MS, 2000 * MS);
+            let until = Some(now + Duration::from_nanos(d));
             let i = self.primary;
             self.stats.witness_cuts += 1;
             self.log(|| {
