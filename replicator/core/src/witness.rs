@@ -339,6 +339,7 @@ pub struct QuorumCtl {
     outdated: bool,
     holder: Option<String>,
     last_report: Option<(Role, DiskState, Vec<String>)>,
+    reported_at: Option<Time>,
     primary_lost_at: Option<Time>,
     had_primary: bool,
     failovers: u64,
@@ -368,6 +369,7 @@ impl QuorumCtl {
             outdated: false,
             holder: None,
             last_report: None,
+            reported_at: None,
             primary_lost_at: None,
             had_primary: false,
             failovers: 0,
@@ -493,7 +495,13 @@ impl QuorumCtl {
         }
         if self.connected {
             let report = (role, disk, lagging.clone());
-            if self.last_report.as_ref() != Some(&report) {
+            // While a peer lags, the report is repeated: the witness
+            // answers only messages, and a node it marked outdated after
+            // the last answer (the other side was granted meanwhile) must
+            // learn it to stand down and to volunteer to discard.
+            let stale =
+                !lagging.is_empty() && self.reported_at.is_none_or(|t| now.since(t) >= ASK_AGAIN);
+            if self.last_report.as_ref() != Some(&report) || stale {
                 let m = ToWitness::Report {
                     volume: self.volume.clone(),
                     primary: role == Role::Primary,
@@ -502,6 +510,7 @@ impl QuorumCtl {
                 };
                 if self.send(m) {
                     self.last_report = Some(report);
+                    self.reported_at = Some(now);
                 }
             }
         }
@@ -851,6 +860,46 @@ mod tests {
             )
         });
         assert!(failed, "the held write failed");
+    }
+
+    /// Found by the simulator: a Secondary whose peer was granted writing
+    /// alone after the Secondary's last report never learnt it was
+    /// outdated (the witness only answers), kept `discard_my_data` off,
+    /// and the split brain found on reconnect never resolved. While a
+    /// peer lags, the report is repeated.
+    #[test]
+    fn the_report_is_repeated_while_a_peer_lags() {
+        let mut r = replica();
+        let mut q = QuorumCtl::new(
+            "v".into(),
+            true,
+            true,
+            Duration::from_secs(1),
+            NoQuorum::Suspend,
+        );
+        q.witness_up();
+        let reports = |q: &mut QuorumCtl| {
+            std::iter::from_fn(|| q.poll())
+                .filter(|o| matches!(o, QuorumOutput::Send(ToWitness::Report { .. })))
+                .count()
+        };
+        q.tick(&mut r, Time::ZERO);
+        assert_eq!(reports(&mut q), 1);
+        q.tick(&mut r, Time::ZERO + Duration::from_millis(500));
+        assert_eq!(reports(&mut q), 0);
+        q.tick(&mut r, Time::ZERO + Duration::from_millis(1100));
+        assert_eq!(
+            reports(&mut q),
+            1,
+            "the peer is not connected: report again"
+        );
+        q.verdict(
+            &mut r,
+            Time::ZERO + Duration::from_millis(1200),
+            verdict(Answers::Report, true, false, false),
+            0,
+        );
+        assert!(r.discard_my_data(), "it learnt it is outdated");
     }
 
     #[test]
