@@ -1188,14 +1188,13 @@ impl World {
                 self.take_over(k)?;
             }
             // A node that wrote alone is reconciled once all its peers are
-            // in sync again.
+            // Established again (what its release waits for).
             for i in 0..self.nodes.len() {
                 if self.solo[i] {
                     let back = self.nodes[i].r.as_ref().is_some_and(|r| {
                         (0..self.nodes[i].cfg.peers.len()).all(|p| {
-                            r.peer_status(PeerId(p as u8)).is_some_and(|s| {
-                                s.repl == ReplState::Established && s.out_of_sync_bytes == 0
-                            })
+                            r.peer_status(PeerId(p as u8))
+                                .is_some_and(|s| s.repl == ReplState::Established)
                         })
                     });
                     if back {
