@@ -590,11 +590,21 @@ impl QuorumCtl {
         self.holder = v.holder.clone();
         let was_outdated = self.outdated;
         self.outdated = v.outdated;
-        if v.answers == Answers::Solo {
+        // The witness names this Secondary holder without a takeover under
+        // way (it crashed before the grant arrived, or restarted after
+        // writing alone): it finishes the takeover, since nobody else may
+        // be promoted.
+        let finish_takeover = self.auto_failover
+            && !v.outdated
+            && v.answers != Answers::Solo
+            && v.holder.as_deref() == Some(replica.config().node_name.as_str())
+            && replica.role() == Role::Secondary
+            && replica.disk_state() == DiskState::UpToDate;
+        if v.answers == Answers::Solo || finish_takeover {
             self.asked = None;
-            if v.granted {
+            if v.granted || finish_takeover {
                 replica.grant_solo(now);
-                if v.promote && replica.role() == Role::Secondary {
+                if (v.promote || finish_takeover) && replica.role() == Role::Secondary {
                     replica.set_wall_clock(wall_ms);
                     // A node that takes over must not volunteer to be
                     // overwritten in the next split brain (R24).
@@ -900,6 +910,46 @@ mod tests {
             0,
         );
         assert!(r.discard_my_data(), "it learnt it is outdated");
+    }
+
+    /// Found by the simulator: a Secondary granted a takeover crashed
+    /// before the verdict arrived; restarted, it never asked again (it had
+    /// seen no Primary since), while the witness kept it holder and the
+    /// other side outdated, so nobody could be promoted. A verdict naming
+    /// it holder now makes it finish the takeover.
+    #[test]
+    fn a_secondary_the_witness_names_holder_finishes_the_takeover() {
+        let mut r = replica();
+        let mut q = QuorumCtl::new(
+            "v".into(),
+            true,
+            true,
+            Duration::from_secs(1),
+            NoQuorum::Suspend,
+        );
+        q.witness_up();
+        let mut v = verdict(Answers::Report, false, false, false);
+        v.holder = Some("alpha".into());
+        q.verdict(&mut r, Time::ZERO, v, 0);
+        assert_eq!(r.role(), Role::Primary);
+        assert!(r.quorum().solo_granted);
+        assert_eq!(q.failovers(), 1);
+        // Another holder: nothing happens.
+        let mut r = replica();
+        let mut q = QuorumCtl::new(
+            "v".into(),
+            true,
+            true,
+            Duration::from_secs(1),
+            NoQuorum::Suspend,
+        );
+        q.verdict(
+            &mut r,
+            Time::ZERO,
+            verdict(Answers::Report, false, false, false),
+            0,
+        );
+        assert_eq!(r.role(), Role::Secondary);
     }
 
     #[test]
