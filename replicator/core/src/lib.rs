@@ -12,8 +12,11 @@
 //! * [`superblock`] — the on-disk volume superblock and metadata layout.
 //! * [`repl`] — replication: wire frames and the per-volume replica state
 //!   machine (roles, disk and peer states, write ordering, completion).
+//! * [`witness`] — quorum with a witness: the witness's arbitration and the
+//!   replica driver's quorum policy (grants, failover, standing down).
 
 pub mod meta;
 pub mod nbd;
 pub mod repl;
 pub mod superblock;
+pub mod witness;

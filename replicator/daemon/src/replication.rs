@@ -714,7 +714,7 @@ impl Driver {
                 let _ = reply.send(self.replica.set_discard_my_data(discard));
             }
             // Quorum work runs on its own tick (200 ms), not per I/O.
-            Msg::Tick => self.quorum.tick(&mut self.replica, now, Instant::now()),
+            Msg::Tick => self.quorum.tick(&mut self.replica, now),
             Msg::Witness(e) => {
                 match e {
                     crate::witness::ClientEvent::Up(tx) => self.quorum.witness_up(tx),
@@ -723,7 +723,7 @@ impl Driver {
                         self.quorum.verdict(&mut self.replica, now, v, wall_ms())
                     }
                 }
-                self.quorum.tick(&mut self.replica, now, Instant::now());
+                self.quorum.tick(&mut self.replica, now);
             }
             Msg::Demote(reply) => {
                 let _ = reply.send(self.replica.demote(now));

@@ -23,15 +23,16 @@
 //! chose; a node cut off from both its peer and the witness holds its writes
 //! (or fails them) and never acknowledges one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use tandem_core::repl::{errno, DiskState, Replica, Role, Time};
+use tandem_core::repl::{Replica, Time};
+use tandem_core::witness as wcore;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -93,32 +94,118 @@ pub struct Verdict {
     pub reason: String,
 }
 
-/// Durable arbitration state of one volume.
+/// Durable arbitration state of one volume, as stored in the state file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct VolumeState {
     holder: Option<String>,
     outdated: BTreeSet<String>,
 }
 
-/// A node connected to the witness, as it last reported.
-#[derive(Debug, Clone)]
-struct Live {
-    conn: u64,
-    primary: bool,
+impl From<ToWitness> for wcore::ToWitness {
+    fn from(m: ToWitness) -> wcore::ToWitness {
+        match m {
+            ToWitness::Report {
+                volume,
+                role,
+                disk,
+                lagging,
+            } => wcore::ToWitness::Report {
+                volume,
+                primary: role == "primary",
+                disk,
+                lagging,
+            },
+            ToWitness::Solo {
+                volume,
+                promote,
+                lagging,
+            } => wcore::ToWitness::Solo {
+                volume,
+                promote,
+                lagging,
+            },
+            ToWitness::Release { volume } => wcore::ToWitness::Release { volume },
+        }
+    }
 }
 
-/// The witness's decisions, pure apart from the state file.
+impl From<wcore::ToWitness> for ToWitness {
+    fn from(m: wcore::ToWitness) -> ToWitness {
+        match m {
+            wcore::ToWitness::Report {
+                volume,
+                primary,
+                disk,
+                lagging,
+            } => ToWitness::Report {
+                volume,
+                role: if primary { "primary" } else { "secondary" }.into(),
+                disk,
+                lagging,
+            },
+            wcore::ToWitness::Solo {
+                volume,
+                promote,
+                lagging,
+            } => ToWitness::Solo {
+                volume,
+                promote,
+                lagging,
+            },
+            wcore::ToWitness::Release { volume } => ToWitness::Release { volume },
+        }
+    }
+}
+
+impl From<wcore::Verdict> for Verdict {
+    fn from(v: wcore::Verdict) -> Verdict {
+        Verdict {
+            volume: v.volume,
+            answers: match v.answers {
+                wcore::Answers::Report => "report",
+                wcore::Answers::Solo => "solo",
+                wcore::Answers::Release => "release",
+            }
+            .into(),
+            promote: v.promote,
+            granted: v.granted,
+            holder: v.holder,
+            outdated: v.outdated,
+            reason: v.reason,
+        }
+    }
+}
+
+impl From<Verdict> for wcore::Verdict {
+    fn from(v: Verdict) -> wcore::Verdict {
+        wcore::Verdict {
+            volume: v.volume,
+            answers: match v.answers.as_str() {
+                "solo" => wcore::Answers::Solo,
+                "release" => wcore::Answers::Release,
+                _ => wcore::Answers::Report,
+            },
+            promote: v.promote,
+            granted: v.granted,
+            holder: v.holder,
+            outdated: v.outdated,
+            reason: v.reason,
+        }
+    }
+}
+
+/// The witness: the core's decisions ([`wcore::Arbiter`]) plus the state
+/// file.
 #[derive(Debug)]
 pub struct Arbiter {
-    volumes: BTreeMap<String, VolumeState>,
-    live: HashMap<(String, String), Live>,
+    inner: wcore::Arbiter,
     path: Option<PathBuf>,
 }
 
 impl Arbiter {
     /// Loads the state file (a missing file is an empty state).
     pub fn load(path: Option<PathBuf>) -> Result<Arbiter> {
-        let volumes = match &path {
+        let volumes: BTreeMap<String, VolumeState> = match &path {
             Some(p) => match std::fs::read(p) {
                 Ok(b) => serde_json::from_slice(&b)
                     .with_context(|| format!("{}: not a witness state file", p.display()))?,
@@ -127,9 +214,20 @@ impl Arbiter {
             },
             None => BTreeMap::new(),
         };
+        let volumes = volumes
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    wcore::VolumeState {
+                        holder: v.holder,
+                        outdated: v.outdated,
+                    },
+                )
+            })
+            .collect();
         Ok(Arbiter {
-            volumes,
-            live: HashMap::new(),
+            inner: wcore::Arbiter::new(volumes),
             path,
         })
     }
@@ -138,8 +236,22 @@ impl Arbiter {
         let Some(path) = &self.path else {
             return Ok(());
         };
+        let volumes: BTreeMap<&String, VolumeState> = self
+            .inner
+            .volumes()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    VolumeState {
+                        holder: v.holder.clone(),
+                        outdated: v.outdated.clone(),
+                    },
+                )
+            })
+            .collect();
         let tmp = path.with_extension("tmp");
-        let data = serde_json::to_vec_pretty(&self.volumes)?;
+        let data = serde_json::to_vec_pretty(&volumes)?;
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)
@@ -158,120 +270,21 @@ impl Arbiter {
 
     /// Forgets the connection `conn` (it ended).
     pub fn disconnected(&mut self, conn: u64) {
-        self.live.retain(|_, l| l.conn != conn);
+        self.inner.disconnected(conn);
     }
 
     /// Handles one message from `node` on connection `conn`. A change to
     /// the durable state is written before the answer (an error then
     /// denies).
     pub fn handle(&mut self, node: &str, conn: u64, msg: ToWitness) -> Verdict {
-        let volume = match &msg {
-            ToWitness::Report { volume, .. }
-            | ToWitness::Solo { volume, .. }
-            | ToWitness::Release { volume } => volume.clone(),
-        };
-        let before = self.volumes.get(&volume).cloned().unwrap_or_default();
-        let mut st = before.clone();
-        let outdated = st.outdated.contains(node);
-        let mut v = Verdict {
-            volume: volume.clone(),
-            answers: String::new(),
-            promote: false,
-            granted: false,
-            holder: None,
-            outdated,
-            reason: String::new(),
-        };
-        match msg {
-            ToWitness::Report { role, .. } => {
-                v.answers = "report".into();
-                self.live.insert(
-                    (volume.clone(), node.to_owned()),
-                    Live {
-                        conn,
-                        primary: role == "primary",
-                    },
-                );
-                v.reason = if outdated {
-                    format!(
-                        "{node} missed writes {} acknowledged alone; it must be resynced",
-                        st.holder.as_deref().unwrap_or("another node")
-                    )
-                } else {
-                    "ok".into()
-                };
-            }
-            ToWitness::Solo {
-                promote, lagging, ..
-            } => {
-                v.answers = "solo".into();
-                v.promote = promote;
-                let other_primary = self
-                    .live
-                    .iter()
-                    .find(|((vol, n), l)| *vol == volume && n != node && l.primary)
-                    .map(|((_, n), _)| n.clone());
-                let refusal = if outdated {
-                    Some(format!("{node} is outdated: it missed writes"))
-                } else if let Some(h) = st.holder.as_ref().filter(|h| *h != node) {
-                    Some(format!("{h} writes alone already"))
-                } else if let (true, Some(p)) = (promote, other_primary) {
-                    Some(format!("{p} is Primary and still reaches the witness"))
-                } else {
-                    None
-                };
-                match refusal {
-                    Some(r) => v.reason = r,
-                    None => {
-                        st.holder = Some(node.to_owned());
-                        st.outdated
-                            .extend(lagging.into_iter().filter(|n| n != node));
-                        v.granted = true;
-                        v.reason = format!(
-                            "{node} writes alone; outdated: {:?}",
-                            st.outdated.iter().collect::<Vec<_>>()
-                        );
-                        if promote {
-                            self.live.insert(
-                                (volume.clone(), node.to_owned()),
-                                Live {
-                                    conn,
-                                    primary: true,
-                                },
-                            );
-                        }
-                    }
-                }
-            }
-            ToWitness::Release { .. } => {
-                v.answers = "release".into();
-                if st.holder.as_deref() == Some(node) {
-                    st.holder = None;
-                    st.outdated.clear();
-                    v.granted = true;
-                    v.reason = "released: every replica in sync".into();
-                } else {
-                    v.reason = format!("{node} holds nothing");
-                }
-            }
-        }
-        if st != before {
-            let old = self.volumes.insert(volume.clone(), st.clone());
+        let (mut v, undo) = self.inner.handle(node, conn, msg.into());
+        if let Some(undo) = undo {
             if let Err(e) = self.persist() {
                 warn!(error = %format!("{e:#}"), "witness state not saved; denying");
-                match old {
-                    Some(o) => self.volumes.insert(volume.clone(), o),
-                    None => self.volumes.remove(&volume),
-                };
-                v.granted = false;
-                v.reason = format!("witness state not saved: {e:#}");
-                return v;
+                self.inner.revert(undo, node, &mut v, &format!("{e:#}"));
             }
         }
-        let st = self.volumes.get(&volume).cloned().unwrap_or_default();
-        v.holder = st.holder;
-        v.outdated = st.outdated.contains(node);
-        v
+        v.into()
     }
 }
 
@@ -392,32 +405,14 @@ async fn serve_conn(
     }
 }
 
-/// What a Primary does while writes are held and nobody grants (R25).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum NoQuorum {
-    /// Hold them until a peer or the witness answers (default).
-    #[default]
-    Suspend,
-    /// Fail them with EIO.
-    IoError,
-}
+pub use tandem_core::witness::NoQuorum;
 
-/// The driver's side of quorum: witness link, failover timer, freezing.
+/// The driver's side of quorum: the core's policy ([`wcore::QuorumCtl`])
+/// plus the channel to the witness client.
 #[derive(Debug)]
 pub struct QuorumCtl {
-    volume: String,
-    witness: bool,
-    auto_failover: bool,
-    failover_timeout: Duration,
-    on_no_quorum: NoQuorum,
+    inner: wcore::QuorumCtl,
     tx: Option<mpsc::UnboundedSender<ToWitness>>,
-    asked: Option<Instant>,
-    outdated: bool,
-    holder: Option<String>,
-    last_report: Option<(Role, DiskState, Vec<String>)>,
-    primary_lost_at: Option<Instant>,
-    had_primary: bool,
-    failovers: u64,
 }
 
 /// Quorum facts for status.
@@ -449,231 +444,104 @@ impl QuorumCtl {
         on_no_quorum: NoQuorum,
     ) -> QuorumCtl {
         QuorumCtl {
-            volume,
-            witness,
-            auto_failover,
-            failover_timeout,
-            on_no_quorum,
+            inner: wcore::QuorumCtl::new(
+                volume,
+                witness,
+                auto_failover,
+                failover_timeout,
+                on_no_quorum,
+            ),
             tx: None,
-            asked: None,
-            outdated: false,
-            holder: None,
-            last_report: None,
-            primary_lost_at: None,
-            had_primary: false,
-            failovers: 0,
         }
     }
 
     /// Whether the driver should tick periodically.
     pub fn active(&self) -> bool {
-        self.witness || self.on_no_quorum == NoQuorum::IoError
+        self.inner.active()
     }
 
     /// The witness connection is up; messages go to `tx`.
     pub fn witness_up(&mut self, tx: mpsc::UnboundedSender<ToWitness>) {
         self.tx = Some(tx);
-        self.asked = None;
-        self.last_report = None;
+        self.inner.witness_up();
     }
 
     /// The witness connection is gone.
     pub fn witness_down(&mut self) {
         self.tx = None;
-        self.asked = None;
+        self.inner.witness_down();
     }
 
     /// Refuses a manual promotion the witness forbids.
     pub fn may_promote(&self) -> Result<(), String> {
-        if self.outdated {
-            return Err(format!(
-                "the witness says this node missed writes ({} wrote alone); it must be resynced first",
-                self.holder.as_deref().unwrap_or("another node")
-            ));
-        }
-        Ok(())
+        self.inner.may_promote()
     }
 
     /// Status for `tandemctl status`.
     pub fn status(&self, replica: &Replica) -> QuorumStatus {
-        let q = replica.quorum();
+        let f = self.inner.facts(replica);
         QuorumStatus {
-            witness: self.witness,
-            witness_connected: self.tx.is_some(),
-            outdated: self.outdated,
-            holder: self.holder.clone(),
-            held: q.held,
-            solo_granted: q.solo_granted,
-            failovers: self.failovers,
+            witness: f.witness,
+            witness_connected: f.witness_connected && self.tx.is_some(),
+            outdated: f.outdated,
+            holder: f.holder,
+            held: f.held,
+            solo_granted: f.solo_granted,
+            failovers: f.failovers,
         }
     }
 
-    fn send(&mut self, m: ToWitness) -> bool {
-        match &self.tx {
-            Some(tx) => tx.send(m).is_ok(),
-            None => false,
+    /// Sends what the core produced and logs its notes.
+    fn flush(&mut self) {
+        while let Some(o) = self.inner.poll() {
+            match o {
+                wcore::QuorumOutput::Send(m) => {
+                    let sent = self.tx.as_ref().is_some_and(|tx| tx.send(m.into()).is_ok());
+                    if !sent {
+                        // The client task is gone: as if disconnected.
+                        self.witness_down();
+                    }
+                }
+                wcore::QuorumOutput::Note(n) => match n {
+                    wcore::Note::FailedHeld { held } => {
+                        warn!(held, "no quorum: failing held writes with EIO")
+                    }
+                    wcore::Note::AskingTakeover => info!(
+                        "the Primary is gone for the failover timeout; asking the witness to take over"
+                    ),
+                    wcore::Note::FailedOver => {
+                        warn!("failover: promoted to Primary with the witness's grant")
+                    }
+                    wcore::Note::PromotionRefused(e) => {
+                        warn!(error = %e, "failover granted but promotion refused")
+                    }
+                    wcore::Note::Denied(reason) => {
+                        debug!(%reason, "the witness denied writing alone")
+                    }
+                    wcore::Note::StandingDown(reason) => warn!(
+                        %reason,
+                        "the witness says this node missed writes; standing down"
+                    ),
+                    wcore::Note::DemoteFailed(e) => {
+                        warn!(error = %e, "could not demote after losing the arbitration")
+                    }
+                },
+            }
         }
-    }
-
-    fn lagging(replica: &Replica) -> Vec<String> {
-        let peers = replica.config().peers.clone();
-        peers
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| {
-                u8::try_from(*i)
-                    .ok()
-                    .and_then(|i| replica.peer_status(tandem_core::repl::PeerId(i)))
-                    .is_none_or(|s| {
-                        !matches!(
-                            s.repl,
-                            tandem_core::repl::ReplState::Established
-                                | tandem_core::repl::ReplState::SyncSource
-                        )
-                    })
-            })
-            .map(|(_, n)| n)
-            .collect()
     }
 
     /// Acts on the replica's state: reports changes, asks for grants,
     /// releases them, fails held writes without quorum, and starts a
     /// failover once the Primary has been gone for the timeout.
-    pub fn tick(&mut self, replica: &mut Replica, now: Time, at: Instant) {
-        let role = replica.role();
-        let disk = replica.disk_state();
-        let lagging = Self::lagging(replica);
-        // Failover timer: a Primary peer was seen and is gone.
-        let primary_peer = (0..replica.config().peers.len())
-            .filter_map(|i| u8::try_from(i).ok())
-            .filter_map(|i| replica.peer_status(tandem_core::repl::PeerId(i)))
-            .any(|s| {
-                s.conn == tandem_core::repl::ConnState::Connected && s.role == Some(Role::Primary)
-            });
-        if primary_peer || role == Role::Primary {
-            self.had_primary = true;
-            self.primary_lost_at = None;
-        } else if self.had_primary && self.primary_lost_at.is_none() {
-            self.primary_lost_at = Some(at);
-        }
-        if self.tx.is_some() {
-            let report = (role, disk, lagging.clone());
-            if self.last_report.as_ref() != Some(&report) {
-                let m = ToWitness::Report {
-                    volume: self.volume.clone(),
-                    role: if role == Role::Primary {
-                        "primary"
-                    } else {
-                        "secondary"
-                    }
-                    .into(),
-                    disk: format!("{disk:?}"),
-                    lagging: lagging.clone(),
-                };
-                if self.send(m) {
-                    self.last_report = Some(report);
-                }
-            }
-        }
-        let q = replica.quorum();
-        let asked_recently = self
-            .asked
-            .is_some_and(|t| at.duration_since(t) < Duration::from_secs(1));
-        if role == Role::Primary && q.held > 0 && !q.solo_granted {
-            if self.tx.is_some() && !self.outdated {
-                if !asked_recently {
-                    let m = ToWitness::Solo {
-                        volume: self.volume.clone(),
-                        promote: false,
-                        lagging: lagging.clone(),
-                    };
-                    if self.send(m) {
-                        self.asked = Some(at);
-                    }
-                }
-            } else if self.on_no_quorum == NoQuorum::IoError {
-                warn!(held = q.held, "no quorum: failing held writes with EIO");
-                replica.fail_held(now, errno::EIO);
-            }
-        }
-        let all_established = lagging.is_empty()
-            && (0..replica.config().peers.len())
-                .filter_map(|i| u8::try_from(i).ok())
-                .filter_map(|i| replica.peer_status(tandem_core::repl::PeerId(i)))
-                .all(|s| s.repl == tandem_core::repl::ReplState::Established);
-        if self.witness && q.solo_granted && all_established && self.tx.is_some() {
-            let m = ToWitness::Release {
-                volume: self.volume.clone(),
-            };
-            if self.send(m) {
-                replica.revoke_solo();
-            }
-        }
-        if self.auto_failover
-            && self.tx.is_some()
-            && role == Role::Secondary
-            && disk == DiskState::UpToDate
-            && !self.outdated
-            && !asked_recently
-            && self
-                .primary_lost_at
-                .is_some_and(|t| at.duration_since(t) >= self.failover_timeout)
-        {
-            info!("the Primary is gone for the failover timeout; asking the witness to take over");
-            let m = ToWitness::Solo {
-                volume: self.volume.clone(),
-                promote: true,
-                lagging,
-            };
-            if self.send(m) {
-                self.asked = Some(at);
-            }
-        }
+    pub fn tick(&mut self, replica: &mut Replica, now: Time) {
+        self.inner.tick(replica, now);
+        self.flush();
     }
 
     /// Acts on a verdict from the witness.
     pub fn verdict(&mut self, replica: &mut Replica, now: Time, v: Verdict, wall_ms: u64) {
-        if v.volume != self.volume {
-            return;
-        }
-        self.holder = v.holder.clone();
-        let was_outdated = self.outdated;
-        self.outdated = v.outdated;
-        if v.answers == "solo" {
-            self.asked = None;
-            if v.granted {
-                replica.grant_solo(now);
-                if v.promote && replica.role() == Role::Secondary {
-                    replica.set_wall_clock(wall_ms);
-                    match replica.promote(now) {
-                        Ok(()) => {
-                            self.failovers += 1;
-                            warn!("failover: promoted to Primary with the witness's grant");
-                        }
-                        Err(e) => warn!(error = %e, "failover granted but promotion refused"),
-                    }
-                }
-            } else {
-                debug!(reason = %v.reason, "the witness denied writing alone");
-            }
-        }
-        if v.outdated && !was_outdated {
-            warn!(reason = %v.reason, "the witness says this node missed writes; standing down");
-        }
-        if v.outdated {
-            if replica.role() == Role::Primary {
-                replica.fail_held(now, errno::EIO);
-                if let Err(e) = replica.demote(now) {
-                    warn!(error = %e, "could not demote after losing the arbitration");
-                }
-            }
-            if replica.role() == Role::Secondary && !replica.discard_my_data() {
-                // Its writes since the split were never acknowledged: a
-                // split brain found on reconnect resolves in the peer's
-                // favour (R24).
-                let _ = replica.set_discard_my_data(true);
-            }
-        }
+        self.inner.verdict(replica, now, v.into(), wall_ms);
+        self.flush();
     }
 }
 

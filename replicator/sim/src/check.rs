@@ -51,6 +51,9 @@ pub struct Model {
     history: Vec<Vec<u64>>,
     issued: std::collections::BTreeMap<u64, Issued>,
     completed: Vec<usize>,
+    /// Per block, the oldest position that an acknowledged FLUSH or FUA
+    /// promised durable: every later Primary must hold it or newer.
+    acked: Vec<usize>,
 }
 
 impl Model {
@@ -60,7 +63,69 @@ impl Model {
             history: vec![vec![0]; blocks],
             issued: Default::default(),
             completed: vec![0; blocks],
+            acked: vec![0; blocks],
         }
+    }
+
+    /// A new Primary took over (failover, or the old one restarted after a
+    /// crash): the frontend's view starts again from what it holds, per
+    /// block its durable and its current tag (requests in flight at the
+    /// crash may or may not have reached it).
+    pub fn rebase(&mut self, durable: &[u64], current: &[u64]) {
+        for (b, h) in self.history.iter_mut().enumerate() {
+            h.clear();
+            h.push(durable[b]);
+            if current[b] != durable[b] {
+                h.push(current[b]);
+            }
+            self.completed[b] = h.len() - 1;
+            self.acked[b] = 0;
+        }
+        self.issued.clear();
+    }
+
+    /// The request `req` is known (issued since the last rebase).
+    pub fn knows(&self, req: u64) -> bool {
+        self.issued.contains_key(&req)
+    }
+
+    /// Flush or FUA request `req` completed OK: what it covers is promised
+    /// durable.
+    pub fn acked_durable(&mut self, req: u64) {
+        let Some(i) = self.issued.get(&req) else {
+            return;
+        };
+        match &i.flush_floor {
+            Some(f) => {
+                for (b, p) in f.iter().enumerate() {
+                    self.acked[b] = self.acked[b].max(*p);
+                }
+            }
+            None => {
+                for (b, p) in &i.blocks {
+                    self.acked[*b] = self.acked[*b].max(*p);
+                }
+            }
+        }
+    }
+
+    /// No acknowledged write is lost: `current(b)` of the node that becomes
+    /// Primary holds every write a FLUSH or FUA acknowledged, or newer.
+    pub fn check_holds_acked(
+        &self,
+        who: &str,
+        current: impl Fn(usize) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        for (b, floor) in self.acked.iter().enumerate() {
+            let tag = current(b).map_err(|e| format!("{who}: {e}"))?;
+            if !self.at_least(b, tag, *floor) {
+                return Err(format!(
+                    "{who} became Primary holding {tag} in block {b}, but {} was acknowledged durable (history {:?}): an acknowledged write was lost",
+                    self.history[b][*floor], self.history[b]
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Request `req` writes `n` blocks from `first`, with `tag` (its id, or 0
@@ -240,6 +305,21 @@ mod tests {
         m.complete(2);
         assert!(m.check_latest("a", |_| Ok(2)).is_ok());
         assert!(m.check_latest("a", |_| Ok(1)).is_err());
+    }
+
+    #[test]
+    fn a_new_primary_must_hold_acknowledged_writes() {
+        let mut m = Model::new(2);
+        m.issue_write(1, 0, 1, 1);
+        m.complete(1);
+        m.issue_flush(2);
+        m.complete(2);
+        m.acked_durable(2);
+        assert!(m.check_holds_acked("b", |b| Ok([1, 0][b])).is_ok());
+        assert!(m.check_holds_acked("b", |_| Ok(0)).is_err());
+        m.rebase(&[1, 0], &[1, 0]);
+        assert!(!m.knows(1));
+        assert!(m.check_latest("b", |b| Ok([1, 0][b])).is_ok());
     }
 
     #[test]

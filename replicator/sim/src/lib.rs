@@ -6,8 +6,11 @@
 //! partitioned and broken, a virtual clock and one seeded xorshift RNG
 //! ([`rng`]). A random workload of overlapping writes, TRIM, WRITE_ZEROES,
 //! FUA and flushes runs on the primary while faults hit the links and the
-//! secondaries; the invariants of [`check`] are checked on every completion,
-//! after every step and at quiescence points (see `docs/replication.md`).
+//! nodes (Primaries too, also mid-resync); a third of the two-node runs
+//! have a witness (the core's `witness::Arbiter`, with a `QuorumCtl` per
+//! replica and its own cuttable links) and fail over. The invariants of
+//! [`check`] are checked on every completion, after every step and at
+//! quiescence points (see `docs/replication.md`).
 //!
 //! Everything follows from the seed, so a failing seed replays exactly:
 //! [`replay_command`].

@@ -9,6 +9,10 @@ use tandem_core::repl::{
     PeerId, Protocol, ReplState, Replica, ReqId, Role, Time,
 };
 
+use tandem_core::witness::{
+    Arbiter, NoQuorum, Note, QuorumCtl, QuorumOutput, ToWitness, Verdict, VolumeState,
+};
+
 use crate::check::{self, block_content, tag_of, Model};
 use crate::disk::SimDisk;
 use crate::rng::Rng;
@@ -33,6 +37,15 @@ const MS: u64 = 1_000_000;
 const CHUNK: u32 = 1024;
 /// Extent of unflushed-write tracking.
 const EXTENT: u64 = 4096;
+/// How long a Secondary waits for a lost Primary before asking the
+/// witness to take over.
+const FAILOVER_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often a replica's quorum driver ticks.
+const QUORUM_TICK: Duration = Duration::from_millis(10);
+/// Longest chaos phase of a witness run (its writes may be suspended).
+const WITNESS_CHAOS: Duration = Duration::from_secs(5);
+/// The volume's key at the witness.
+const VOLUME_KEY: &str = "tandem-sim-vol-1";
 
 /// A deliberate defect, to prove the checks can fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -57,6 +70,11 @@ pub struct Options {
     pub trace: bool,
     /// Deliberate defect (tests of the checker).
     pub bug: Bug,
+    /// Crash Primaries also in runs whose activity log is smaller than the
+    /// volume. Off by default: it finds a known bug (an extent evicted from
+    /// the activity log while its completed writes are not flushed
+    /// locally; docs/replication.md, known gaps).
+    pub crash_primary_with_al_eviction: bool,
 }
 
 /// What a run did.
@@ -87,6 +105,25 @@ pub struct Stats {
     /// Disks detached after an I/O error (R23), each re-attached by a
     /// restart.
     pub detaches: u64,
+    /// The run had a witness (R25).
+    pub witness: bool,
+    /// Automatic failovers (a Secondary promoted with the witness's grant).
+    pub failovers: u64,
+    /// Crashes of the Primary.
+    pub primary_crashes: u64,
+    /// Crashes of a node while it resynced a peer or was resynced.
+    pub resync_crashes: u64,
+    /// Faults cutting a replica from the witness (including isolating the
+    /// Primary from peers and witness at once).
+    pub witness_cuts: u64,
+    /// Witness crashes (its state survives).
+    pub witness_crashes: u64,
+    /// Held writes failed when their node lost the arbitration.
+    pub held_failed: u64,
+    /// Chaos phases of witness runs ended by time, writes suspended.
+    pub stalled_phases: u64,
+    /// Writes completed while a peer did not get them (with the grant).
+    pub solo_writes: u64,
     /// Secondaries still replicated (UpToDate) at the last check.
     pub up_to_date_at_end: u64,
     /// Virtual time at the end.
@@ -144,6 +181,30 @@ struct Node {
     restart_at: Option<Time>,
     in_flight: usize,
     issuer: bool,
+    /// The driver's quorum logic (witness runs only).
+    qc: Option<QuorumCtl>,
+    qtick_at: Option<Time>,
+    /// A verdict arrived on the current witness connection.
+    verdict_seen: bool,
+}
+
+/// The connection between replica `node` and the witness.
+struct WLink {
+    up: bool,
+    gen: u64,
+    cut_until: Option<Time>,
+    reconnect_at: Option<Time>,
+    to_w: VecDeque<(Time, ToWitness)>,
+    to_r: VecDeque<(Time, Verdict)>,
+}
+
+/// The witness: its decisions, its durable state, its links.
+struct WitnessSim {
+    arbiter: Option<Arbiter>,
+    /// What its state file holds (survives its crashes).
+    durable: BTreeMap<String, VolumeState>,
+    restart_at: Option<Time>,
+    links: Vec<WLink>,
 }
 
 #[derive(Default)]
@@ -169,6 +230,9 @@ struct Pending {
     durable: bool,
     /// Peers replicated to when issued, with the link generation then.
     qualifying: Vec<(usize, u64)>,
+    /// Peers it was sent to (replicating or being resynced) when issued.
+    sent_to: Vec<usize>,
+    write: bool,
 }
 
 fn pid(from: usize, to: usize) -> PeerId {
@@ -229,6 +293,17 @@ struct World {
     protocol: Protocol,
     stats: Stats,
     trace: Vec<String>,
+    witness: Option<WitnessSim>,
+    /// Primaries may crash in this run.
+    crash_primary: bool,
+    /// The node the workload writes to (non-dual runs).
+    primary: usize,
+    /// The primary crashed: the next node to become Primary takes over.
+    primary_lost: bool,
+    /// Per node: completed writes a peer did not get, not yet resynced.
+    solo: Vec<bool>,
+    /// Per node: Primary at the last check.
+    was_primary: Vec<bool>,
 }
 
 impl World {
@@ -250,6 +325,18 @@ impl World {
         // not implemented yet) to resolve.
         let faults = !dual && rng.chance(4, 5);
         let fixed_rate = rng.chance(1, 4);
+        // A witness on 1 in 3 two-node runs with faults, protocol C.
+        let with_witness = !dual && faults && n == 2 && protocol == Protocol::C && rng.chance(1, 3);
+        // Primaries crash on half the runs; those keep the whole volume in
+        // the activity log (no eviction: see
+        // Options::crash_primary_with_al_eviction), the others a log of
+        // half the volume.
+        let crash_primary = rng.chance(1, 2);
+        let al_extents = if crash_primary && !opts.crash_primary_with_al_eviction {
+            BLOCKS * BS / EXTENT as usize
+        } else {
+            4
+        };
         let names = ["alpha", "bravo", "charlie"];
         let nodes = (0..n)
             .map(|i| {
@@ -270,11 +357,12 @@ impl World {
                 cfg.allow_two_primaries = dual;
                 cfg.bitmap_chunk = CHUNK;
                 cfg.extent_size = EXTENT;
-                cfg.al_extents = 4;
+                cfg.al_extents = al_extents;
                 // A fixed resync rate on 1 seed in 4 (32 KiB/s: a full
                 // resync of the 32 KiB volume takes a second).
                 cfg.resync_rate = if fixed_rate { 32 << 10 } else { 0 };
                 cfg.gen_seed = rng.next_u64();
+                cfg.solo_needs_grant = with_witness;
                 let issuer = i == 0 || (dual && i == 1);
                 if issuer {
                     cfg.initial_role = Role::Primary;
@@ -291,6 +379,9 @@ impl World {
                     restart_at: None,
                     in_flight: 0,
                     issuer,
+                    qc: with_witness.then(new_qc),
+                    qtick_at: with_witness.then_some(Time::ZERO),
+                    verdict_seen: false,
                 }
             })
             .collect();
@@ -315,8 +406,29 @@ impl World {
                 nodes: n,
                 protocol_c: protocol == Protocol::C,
                 dual,
+                witness: with_witness,
                 ..Stats::default()
             },
+            witness: with_witness.then(|| WitnessSim {
+                arbiter: Some(Arbiter::default()),
+                durable: BTreeMap::new(),
+                restart_at: None,
+                links: (0..n)
+                    .map(|_| WLink {
+                        up: false,
+                        gen: 0,
+                        cut_until: None,
+                        reconnect_at: Some(Time::ZERO),
+                        to_w: VecDeque::new(),
+                        to_r: VecDeque::new(),
+                    })
+                    .collect(),
+            }),
+            crash_primary,
+            primary: 0,
+            primary_lost: false,
+            solo: vec![false; n],
+            was_primary: (0..n).map(|i| i == 0 || (dual && i == 1)).collect(),
             opts,
             rng,
             now: Time::ZERO,
@@ -363,7 +475,15 @@ impl World {
                 .faults
                 .then(|| self.now + Duration::from_nanos(self.rng.range(MS, 20 * MS)));
             let deadline = self.now + CHAOS_DEADLINE;
+            // With a witness, a Primary cut off from peer and witness
+            // suspends its writes (R25): the phase may stall, and ends
+            // after WITNESS_CHAOS of virtual time.
+            let stall_end = self.now + WITNESS_CHAOS;
             while self.issued < OPS_PER_PHASE {
+                if self.witness.is_some() && self.now > stall_end {
+                    self.stats.stalled_phases += 1;
+                    break;
+                }
                 self.step()?;
                 if self.now > deadline {
                     return Err(format!(
@@ -379,6 +499,11 @@ impl World {
                 l.partitioned_until = None;
                 l.extra_latency = 0;
                 l.delay_until = None;
+            }
+            if let Some(w) = &mut self.witness {
+                for l in &mut w.links {
+                    l.cut_until = None;
+                }
             }
             self.log(|| format!("=== phase {phase}: heal and quiesce"));
             self.quiesce()?;
@@ -406,7 +531,18 @@ impl World {
     }
 
     fn describe(&self) -> String {
-        let mut s = String::new();
+        let mut s = format!("primary=n{} ", self.primary);
+        if let Some(w) = &self.witness {
+            s += &format!(
+                "[witness up={} state={:?} links={:?}] ",
+                w.arbiter.is_some(),
+                w.durable,
+                w.links
+                    .iter()
+                    .map(|l| (l.up, l.cut_until.is_some()))
+                    .collect::<Vec<_>>()
+            );
+        }
         for n in &self.nodes {
             match &n.r {
                 None => s += &format!("[{} down] ", n.name),
@@ -436,7 +572,25 @@ impl World {
     }
 
     fn quiescent(&self) -> bool {
-        self.pending.is_empty()
+        let primaries = self
+            .nodes
+            .iter()
+            .filter(|n| n.r.as_ref().is_some_and(|r| r.role() == Role::Primary))
+            .count();
+        let witness_ok = self.witness.as_ref().is_none_or(|w| {
+            w.arbiter.is_some()
+                && w.links
+                    .iter()
+                    .all(|l| l.up && l.to_w.is_empty() && l.to_r.is_empty())
+        });
+        witness_ok
+            && (self.dual
+                || (primaries == 1
+                    && self.nodes[self.primary]
+                        .r
+                        .as_ref()
+                        .is_some_and(|r| r.role() == Role::Primary)))
+            && self.pending.is_empty()
             && self.links.iter().all(|l| {
                 l.up && l.partitioned_until.is_none() && l.dirs.iter().all(|d| d.q.is_empty())
             })
@@ -457,6 +611,7 @@ impl World {
         self.stats.steps += 1;
         self.drain_all()?;
         self.reattach_detached();
+        self.operator();
         self.schedule_reconnects();
         let t = self
             .next_time()
@@ -476,18 +631,272 @@ impl World {
             let down = self.rng.range(10 * MS, 100 * MS);
             self.log(|| format!("n{i} detached its disk: restart in {down} ns"));
             self.stats.detaches += 1;
-            self.nodes[i].r = None;
-            self.nodes[i].ios.clear();
-            let mut rng = self.rng.clone();
-            self.nodes[i].disk.crash(&mut rng);
-            self.rng = rng;
-            self.nodes[i].restart_at = Some(self.now + Duration::from_nanos(down));
-            for j in 0..self.nodes.len() {
-                if j != i {
-                    self.break_link(i, j);
+            self.crash_node(i, down);
+        }
+    }
+
+    /// Crashes node `i` (its volatile disk cache is partly lost); it
+    /// restarts `down` ns later as a Secondary.
+    fn crash_node(&mut self, i: usize, down: u64) {
+        if let Some(r) = &self.nodes[i].r {
+            if r.role() == Role::Primary && !self.dual {
+                self.stats.primary_crashes += 1;
+                if i == self.primary {
+                    self.primary_lost = true;
+                }
+            }
+            if (0..self.nodes[i].cfg.peers.len()).any(|p| {
+                r.peer_status(PeerId(p as u8))
+                    .is_some_and(|s| s.sync.is_some())
+            }) {
+                self.stats.resync_crashes += 1;
+            }
+        }
+        self.nodes[i].r = None;
+        self.nodes[i].qc = None;
+        self.nodes[i].ios.clear();
+        let mut rng = self.rng.clone();
+        self.nodes[i].disk.crash(&mut rng);
+        self.rng = rng;
+        self.nodes[i].restart_at = Some(self.now + Duration::from_nanos(down));
+        // Its requests in flight die with it: never completed.
+        self.pending.retain(|_, p| p.node != i);
+        self.nodes[i].in_flight = 0;
+        for j in 0..self.nodes.len() {
+            if j != i {
+                self.break_link(i, j);
+            }
+        }
+        self.wlink_break(i);
+    }
+
+    /// The operator: when no node is Primary (the Primary crashed), the
+    /// last Primary is promoted again once it is back — with a witness,
+    /// only once the witness told it its standing and it is not outdated.
+    fn operator(&mut self) {
+        if self.dual
+            || self
+                .nodes
+                .iter()
+                .any(|n| n.r.as_ref().is_some_and(|r| r.role() == Role::Primary))
+        {
+            return;
+        }
+        // The last Primary, once it is back; if it cannot be (a handshake
+        // between two Secondaries held it Outdated, waiting for the
+        // other's promotion, R16), another UpToDate node. Never while the
+        // last Primary is down: without a witness, taking over is an
+        // operator's decision, and with one it is the failover's.
+        if self.nodes[self.primary].r.is_none() {
+            return;
+        }
+        let witness_ok = |w: &Self, i: usize| match &w.witness {
+            None => true,
+            Some(ws) => {
+                ws.links[i].up
+                    && w.nodes[i].verdict_seen
+                    && w.nodes[i]
+                        .qc
+                        .as_ref()
+                        .is_some_and(|q| q.may_promote().is_ok())
+            }
+        };
+        let i = self.primary;
+        if !witness_ok(self, i) {
+            return;
+        }
+        let now = self.now;
+        let Some(r) = &mut self.nodes[i].r else {
+            return;
+        };
+        if r.promote(now).is_ok() {
+            self.log(|| format!("operator: n{i} promoted again"));
+            return;
+        }
+        if r.disk_state() == DiskState::UpToDate {
+            return;
+        }
+        for j in (0..self.nodes.len()).filter(|j| *j != i) {
+            if !witness_ok(self, j) {
+                continue;
+            }
+            if let Some(r) = &mut self.nodes[j].r {
+                if r.promote(now).is_ok() {
+                    self.log(|| format!("operator: n{j} promoted (n{i} is not UpToDate)"));
+                    return;
                 }
             }
         }
+    }
+
+    fn conn_id(i: usize, gen: u64) -> u64 {
+        ((i as u64) << 32) | gen
+    }
+
+    fn wlink_break(&mut self, i: usize) {
+        let Some(w) = &mut self.witness else {
+            return;
+        };
+        let l = &mut w.links[i];
+        if !l.up {
+            return;
+        }
+        l.up = false;
+        l.to_w.clear();
+        l.to_r.clear();
+        let conn = Self::conn_id(i, l.gen);
+        if let Some(a) = &mut w.arbiter {
+            a.disconnected(conn);
+        }
+        self.nodes[i].verdict_seen = false;
+        if let Some(q) = &mut self.nodes[i].qc {
+            q.witness_down();
+        }
+        self.log(|| format!("witness link n{i} broken"));
+    }
+
+    fn wlink_up(&mut self, i: usize) {
+        let Some(w) = &mut self.witness else {
+            return;
+        };
+        let l = &mut w.links[i];
+        l.up = true;
+        l.gen += 1;
+        l.to_w.clear();
+        l.to_r.clear();
+        self.nodes[i].verdict_seen = false;
+        if let Some(q) = &mut self.nodes[i].qc {
+            q.witness_up();
+        }
+        self.log(|| format!("witness link n{i} up"));
+        self.qc_tick(i);
+    }
+
+    fn qc_tick(&mut self, i: usize) {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        if let (Some(q), Some(r)) = (&mut n.qc, &mut n.r) {
+            q.tick(r, now);
+        }
+        self.qc_flush(i);
+    }
+
+    fn qc_flush(&mut self, i: usize) {
+        while let Some(o) = self.nodes[i].qc.as_mut().and_then(|q| q.poll()) {
+            match o {
+                QuorumOutput::Send(m) => {
+                    self.log(|| format!("n{i} -> witness {m:?}"));
+                    let lat = self.rng.range(50_000, 2 * MS);
+                    let now = self.now;
+                    if let Some(w) = &mut self.witness {
+                        let l = &mut w.links[i];
+                        if l.up {
+                            let at = (now + Duration::from_nanos(lat))
+                                .max(l.to_w.back().map_or(Time::ZERO, |(t, _)| *t));
+                            l.to_w.push_back((at, m));
+                        }
+                    }
+                }
+                QuorumOutput::Note(n) => {
+                    if n == Note::FailedOver {
+                        self.stats.failovers += 1;
+                    }
+                    self.log(|| format!("n{i} quorum: {n:?}"));
+                }
+            }
+        }
+    }
+
+    /// Witness restarts, link reconnects, message deliveries, quorum ticks.
+    fn fire_witness(&mut self) -> Result<(), String> {
+        let now = self.now;
+        let Some(w) = &mut self.witness else {
+            return Ok(());
+        };
+        if w.restart_at.is_some_and(|t| t <= now) {
+            w.restart_at = None;
+            w.arbiter = Some(Arbiter::new(w.durable.clone()));
+            self.log(|| "witness restarted".to_string());
+        }
+        for i in 0..self.nodes.len() {
+            let Some(w) = &mut self.witness else {
+                return Ok(());
+            };
+            let l = &mut w.links[i];
+            if l.cut_until.is_some_and(|t| t <= now) {
+                l.cut_until = None;
+            }
+            if l.reconnect_at.is_some_and(|t| t <= now) {
+                l.reconnect_at = None;
+                if !l.up
+                    && l.cut_until.is_none()
+                    && w.arbiter.is_some()
+                    && self.nodes[i].r.is_some()
+                {
+                    self.wlink_up(i);
+                    self.drain_all()?;
+                }
+            }
+            // To the witness.
+            loop {
+                let Some(w) = &mut self.witness else {
+                    return Ok(());
+                };
+                let l = &mut w.links[i];
+                if !l.up || l.to_w.front().is_none_or(|(t, _)| *t > now) {
+                    break;
+                }
+                let Some((_, m)) = l.to_w.pop_front() else {
+                    break;
+                };
+                let conn = Self::conn_id(i, l.gen);
+                let Some(a) = &mut w.arbiter else {
+                    break;
+                };
+                let (v, undo) = a.handle(&self.nodes[i].name, conn, m);
+                if undo.is_some() {
+                    w.durable = a.volumes().clone();
+                }
+                let lat = self.rng.range(50_000, 2 * MS);
+                let l = &mut w.links[i];
+                let at = (now + Duration::from_nanos(lat))
+                    .max(l.to_r.back().map_or(Time::ZERO, |(t, _)| *t));
+                let line = self.opts.trace.then(|| format!("witness -> n{i} {v:?}"));
+                l.to_r.push_back((at, v));
+                if let Some(line) = line {
+                    self.log(|| line);
+                }
+            }
+            // From the witness.
+            loop {
+                let Some(w) = &mut self.witness else {
+                    return Ok(());
+                };
+                let l = &mut w.links[i];
+                if !l.up || l.to_r.front().is_none_or(|(t, _)| *t > now) {
+                    break;
+                }
+                let Some((_, v)) = l.to_r.pop_front() else {
+                    break;
+                };
+                let wall = 1_700_000_000_000 + now.as_nanos() / MS;
+                let n = &mut self.nodes[i];
+                n.verdict_seen = true;
+                if let (Some(q), Some(r)) = (&mut n.qc, &mut n.r) {
+                    q.verdict(r, now, v, wall);
+                }
+                self.qc_flush(i);
+                self.qc_tick(i);
+                self.drain_all()?;
+            }
+            // Periodic tick.
+            if self.nodes[i].r.is_some() && self.nodes[i].qtick_at.is_some_and(|t| t <= now) {
+                self.nodes[i].qtick_at = Some(now + QUORUM_TICK);
+                self.qc_tick(i);
+                self.drain_all()?;
+            }
+        }
+        Ok(())
     }
 
     fn schedule_reconnects(&mut self) {
@@ -497,6 +906,24 @@ impl World {
             if !l.up && l.partitioned_until.is_none() && alive && l.reconnect_at.is_none() {
                 let d = self.rng.range(MS, 20 * MS);
                 self.links[k].reconnect_at = Some(self.now + Duration::from_nanos(d));
+            }
+        }
+        for i in 0..self.nodes.len() {
+            let alive = self.nodes[i].r.is_some();
+            let Some(w) = &self.witness else {
+                return;
+            };
+            let l = &w.links[i];
+            if !l.up
+                && l.cut_until.is_none()
+                && alive
+                && w.arbiter.is_some()
+                && l.reconnect_at.is_none()
+            {
+                let d = self.rng.range(MS, 20 * MS);
+                if let Some(w) = &mut self.witness {
+                    w.links[i].reconnect_at = Some(self.now + Duration::from_nanos(d));
+                }
             }
         }
     }
@@ -525,6 +952,22 @@ impl World {
                 }
             }
         }
+        if let Some(w) = &self.witness {
+            consider(w.restart_at);
+            for l in &w.links {
+                consider(l.cut_until);
+                consider(l.reconnect_at);
+                if l.up {
+                    consider(l.to_w.front().map(|(t, _)| *t));
+                    consider(l.to_r.front().map(|(t, _)| *t));
+                }
+            }
+            for n in &self.nodes {
+                if n.r.is_some() {
+                    consider(n.qtick_at);
+                }
+            }
+        }
         if self.chaos && self.issued < OPS_PER_PHASE {
             consider(Some(self.issue_at));
         }
@@ -541,7 +984,14 @@ impl World {
             if self.nodes[i].restart_at.is_some_and(|t| t <= now) {
                 self.nodes[i].restart_at = None;
                 self.nodes[i].cfg.gen_seed = self.rng.next_u64();
-                let cfg = self.nodes[i].cfg.clone();
+                let mut cfg = self.nodes[i].cfg.clone();
+                // A restarted node comes back Secondary; the operator (or
+                // a failover) decides who is Primary.
+                cfg.initial_role = Role::Secondary;
+                if self.witness.is_some() {
+                    self.nodes[i].qc = Some(new_qc());
+                    self.nodes[i].qtick_at = Some(now);
+                }
                 let loaded = load_meta(&self.nodes[i].meta, &cfg)?;
                 self.nodes[i].r =
                     Some(Replica::with_meta(cfg, loaded, now).map_err(|e| e.to_string())?);
@@ -617,6 +1067,7 @@ impl World {
                 }
             }
         }
+        self.fire_witness()?;
         // Timers.
         for i in 0..self.nodes.len() {
             if let Some(r) = &mut self.nodes[i].r {
@@ -712,12 +1163,75 @@ impl World {
                 break;
             }
         }
-        let primaries = self
-            .nodes
-            .iter()
-            .filter(|n| n.r.as_ref().is_some_and(|r| r.role() == Role::Primary))
-            .count();
-        check::check_primaries(primaries, self.dual)
+        let prims: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| {
+                self.nodes[*i]
+                    .r
+                    .as_ref()
+                    .is_some_and(|r| r.role() == Role::Primary)
+            })
+            .collect();
+        if !self.dual {
+            // A new Primary: a failover, or the old one promoted again
+            // after its crash.
+            let newp = prims
+                .iter()
+                .copied()
+                .find(|k| *k != self.primary && !self.was_primary[*k])
+                .or_else(|| {
+                    (self.primary_lost && prims.contains(&self.primary)).then_some(self.primary)
+                });
+            for (i, w) in self.was_primary.iter_mut().enumerate() {
+                *w = prims.contains(&i);
+            }
+            if let Some(k) = newp {
+                self.take_over(k)?;
+            }
+            // A node that wrote alone is reconciled once all its peers are
+            // Established again (what its release waits for).
+            for i in 0..self.nodes.len() {
+                if self.solo[i] {
+                    let back = self.nodes[i].r.as_ref().is_some_and(|r| {
+                        (0..self.nodes[i].cfg.peers.len()).all(|p| {
+                            r.peer_status(PeerId(p as u8))
+                                .is_some_and(|s| s.repl == ReplState::Established)
+                        })
+                    });
+                    if back {
+                        self.solo[i] = false;
+                    }
+                }
+            }
+        }
+        // (b) With a witness, the Primary of the minority side stays one
+        // until the witness tells it to stand down: two Primaries may
+        // coexist across a partition, but only one completes writes its
+        // peer did not get (checked on every completion).
+        if self.witness.is_some() {
+            return Ok(());
+        }
+        check::check_primaries(prims.len(), self.dual)
+    }
+
+    /// Node `k` became the Primary the workload writes to: it must hold
+    /// every write a FLUSH or FUA acknowledged; the model starts again
+    /// from its content.
+    fn take_over(&mut self, k: usize) -> Result<(), String> {
+        let disk = &self.nodes[k].disk;
+        self.model
+            .check_holds_acked(&self.nodes[k].name, |b| tag_of(disk.current(b), b))?;
+        let durable = (0..BLOCKS)
+            .map(|b| tag_of(disk.durable(b), b))
+            .collect::<Result<Vec<_>, _>>()?;
+        let current = (0..BLOCKS)
+            .map(|b| tag_of(disk.current(b), b))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.model.rebase(&durable, &current);
+        let old = self.primary;
+        self.log(|| format!("n{k} is the Primary now (was n{old})"));
+        self.primary = k;
+        self.primary_lost = false;
+        Ok(())
     }
 
     fn route(&mut self, i: usize, o: Output) -> Result<(), String> {
@@ -736,6 +1250,8 @@ impl World {
                 let fail = self.chaos
                     && self.faults
                     && !self.nodes[i].issuer
+                    && i != self.primary
+                    && self.nodes.iter().all(|n| n.r.is_some())
                     && op != Op::Flush
                     && self.rng.chance(1, 400);
                 self.nodes[i].ios.push(PendingIo {
@@ -857,9 +1373,26 @@ impl World {
             .is_some_and(|s| s.repl == ReplState::Established)
     }
 
+    /// Node `i` sends its writes to `j` (in sync, or being resynced).
+    fn receiving(&self, i: usize, j: usize) -> bool {
+        self.nodes[i]
+            .r
+            .as_ref()
+            .and_then(|r| r.peer_status(pid(i, j)))
+            .is_some_and(|s| matches!(s.repl, ReplState::Established | ReplState::SyncSource))
+    }
+
     fn issue(&mut self) {
         let issuers: Vec<usize> = (0..self.nodes.len())
-            .filter(|i| self.nodes[*i].issuer && self.nodes[*i].in_flight < MAX_IN_FLIGHT)
+            .filter(|i| {
+                let n = &self.nodes[*i];
+                let writer = if self.dual {
+                    n.issuer
+                } else {
+                    *i == self.primary && n.r.as_ref().is_some_and(|r| r.role() == Role::Primary)
+                };
+                writer && n.in_flight < MAX_IN_FLIGHT
+            })
             .collect();
         self.issue_at = self.now + Duration::from_nanos(self.rng.range(10_000, 300_000));
         if issuers.is_empty() {
@@ -917,12 +1450,17 @@ impl World {
             .filter(|j| *j != i && self.replicating(i, *j))
             .filter_map(|j| self.link_gen(i, j).map(|g| (j, g)))
             .collect();
+        let sent_to = (0..self.nodes.len())
+            .filter(|j| *j != i && self.receiving(i, *j))
+            .collect();
         self.pending.insert(
             req,
             Pending {
                 node: i,
                 durable: op.is_durable(),
                 qualifying,
+                sent_to,
+                write: op != Op::Flush,
             },
         );
         self.nodes[i].in_flight += 1;
@@ -948,6 +1486,11 @@ impl World {
         }
         self.nodes[i].in_flight -= 1;
         if let Err(e) = result {
+            if self.witness.is_some() && e == tandem_core::repl::errno::EIO {
+                // Held writes of a node that lost the arbitration.
+                self.stats.held_failed += 1;
+                return Ok(());
+            }
             return Err(format!(
                 "n{i}: request {} failed with errno {e} (no primary fault is injected)",
                 req.0
@@ -957,10 +1500,43 @@ impl World {
         if self.dual {
             return Ok(());
         }
+        // R25: a write a peer did not get completes only on the node the
+        // witness lets write alone, and on one node at a time.
+        if self.witness.is_some() && p.write {
+            let missing: Vec<usize> = (0..self.nodes.len())
+                .filter(|j| *j != i && !p.sent_to.contains(j) && !self.receiving(i, *j))
+                .collect();
+            if let Some(j) = missing.first() {
+                let holder = self
+                    .witness
+                    .as_ref()
+                    .and_then(|w| w.durable.get(VOLUME_KEY))
+                    .and_then(|v| v.holder.clone());
+                if holder.as_deref() != Some(self.nodes[i].name.as_str()) {
+                    return Err(format!(
+                        "n{i} completed write {} that n{j} did not get, without the witness's grant (holder {holder:?})",
+                        req.0
+                    ));
+                }
+                if let Some(k) = (0..self.nodes.len()).find(|k| *k != i && self.solo[*k]) {
+                    return Err(format!(
+                        "n{i} completed write {} alone while n{k} also wrote alone",
+                        req.0
+                    ));
+                }
+                self.solo[i] = true;
+                self.stats.solo_writes += 1;
+            }
+        }
+        if !self.model.knows(req.0) {
+            // Issued before the current Primary took over.
+            return Ok(());
+        }
         self.model.complete(req.0);
         if !p.durable {
             return Ok(());
         }
+        self.model.acked_durable(req.0);
         // (a) durable on the primary; in protocol C also on every peer it
         // was replicated to throughout (same connection, still UpToDate).
         let mut who = vec![i];
@@ -982,44 +1558,139 @@ impl World {
 
     fn fault(&mut self) {
         self.stats.faults += 1;
+        if self.witness.is_some() && self.rng.chance(1, 4) {
+            self.witness_fault();
+            return;
+        }
         let k = self.rng.range(0, self.links.len() as u64) as usize;
         let roll = self.rng.range(0, 100);
         let now = self.now;
         if roll < 30 {
             let d = self.rng.range(50 * MS, 1500 * MS);
-            self.links[k].partitioned_until = Some(now + Duration::from_nanos(d));
+            // A partition already longer (an isolated Primary) stays so.
+            let until = now + Duration::from_nanos(d);
+            let l = &mut self.links[k];
+            l.partitioned_until = Some(l.partitioned_until.map_or(until, |t| t.max(until)));
             self.log(|| format!("fault: partition link {k} for {d} ns"));
         } else if roll < 55 {
             self.log(|| format!("fault: drop link {k}"));
             let (a, b) = (self.links[k].a, self.links[k].b);
             self.break_link(a, b);
         } else if roll < 75 && !self.dual {
-            let candidates: Vec<usize> = (0..self.nodes.len())
-                .filter(|i| !self.nodes[*i].issuer && self.nodes[*i].r.is_some())
+            // One node down at a time: unflushed-write extents (R17) live
+            // in the Primary's memory, so a Primary that crashes while a
+            // crashed peer is away forgets what that peer lost (a known
+            // gap, docs/replication.md).
+            if self.nodes.iter().any(|n| n.r.is_none()) {
+                return;
+            }
+            let live: Vec<usize> = (0..self.nodes.len())
+                .filter(|i| self.nodes[*i].r.is_some())
                 .collect();
+            let resyncing: Vec<usize> = live
+                .iter()
+                .copied()
+                .filter(|i| {
+                    self.nodes[*i].r.as_ref().is_some_and(|r| {
+                        (0..self.nodes[*i].cfg.peers.len()).any(|p| {
+                            r.peer_status(PeerId(p as u8))
+                                .is_some_and(|s| s.sync.is_some())
+                        })
+                    })
+                })
+                .collect();
+            // With a witness, not the Primary while it holds the grant: if
+            // it crashed before writing alone, both sides come back with
+            // the same generation and the core's tie-break (the lower
+            // name) can pick as source the node the witness holds
+            // outdated — a deadlock only an operator resolves (known gap,
+            // docs/replication.md).
+            let holder = self
+                .witness
+                .as_ref()
+                .and_then(|w| w.durable.get(VOLUME_KEY))
+                .is_some_and(|v| v.holder.is_some());
+            let primary_live = live.contains(&self.primary) && !holder;
+            let resyncing: Vec<usize> = resyncing
+                .into_iter()
+                .filter(|i| (self.crash_primary && !holder) || *i != self.primary)
+                .collect();
+            // Crash a node in a resync (source or target) on half the
+            // chances there is one, the Primary on 1 in 4, else another.
+            let candidates: Vec<usize> = if !resyncing.is_empty() && self.rng.chance(1, 2) {
+                resyncing
+            } else if self.crash_primary && primary_live && self.rng.chance(1, 4) {
+                vec![self.primary]
+            } else {
+                live.iter()
+                    .copied()
+                    .filter(|i| *i != self.primary)
+                    .collect()
+            };
             if candidates.is_empty() {
                 return;
             }
             let i = candidates[self.rng.range(0, candidates.len() as u64) as usize];
             let down = self.rng.range(10 * MS, 500 * MS);
             self.log(|| format!("fault: crash n{i} for {down} ns"));
-            self.nodes[i].r = None;
-            self.nodes[i].ios.clear();
-            let mut rng = self.rng.clone();
-            self.nodes[i].disk.crash(&mut rng);
-            self.rng = rng;
-            self.nodes[i].restart_at = Some(now + Duration::from_nanos(down));
-            for j in 0..self.nodes.len() {
-                if j != i {
-                    self.break_link(i, j);
-                }
-            }
+            self.crash_node(i, down);
         } else {
             let extra = self.rng.range(MS, 800 * MS);
             let d = self.rng.range(50 * MS, 1000 * MS);
             self.log(|| format!("fault: delay link {k} by {extra} ns for {d} ns"));
             self.links[k].extra_latency = extra;
             self.links[k].delay_until = Some(now + Duration::from_nanos(d));
+        }
+    }
+
+    /// Cuts a replica from the witness, isolates the Primary from peers and
+    /// witness at once, or crashes the witness.
+    fn witness_fault(&mut self) {
+        let now = self.now;
+        let roll = self.rng.range(0, 100);
+        let d = self.rng.range(50 * MS, 1500 * MS);
+        let until = Some(now + Duration::from_nanos(d));
+        if roll < 45 {
+            let i = self.rng.range(0, self.nodes.len() as u64) as usize;
+            self.stats.witness_cuts += 1;
+            self.log(|| format!("fault: cut n{i} from the witness for {d} ns"));
+            self.wlink_break(i);
+            if let Some(w) = &mut self.witness {
+                let l = &mut w.links[i];
+                l.cut_until = l.cut_until.max(until);
+            }
+        } else if roll < 90 {
+            // Long enough, mostly, for the peer timeout plus the failover
+            // timeout: the other side takes over.
+            let d = self.rng.range(600 * MS, 2000 * MS);
+            let until = Some(now + Duration::from_nanos(d));
+            let i = self.primary;
+            self.stats.witness_cuts += 1;
+            self.log(|| {
+                format!("fault: isolate the Primary n{i} from peers and witness for {d} ns")
+            });
+            for k in 0..self.links.len() {
+                if self.links[k].a == i || self.links[k].b == i {
+                    let l = &mut self.links[k];
+                    l.partitioned_until = l.partitioned_until.max(until);
+                }
+            }
+            self.wlink_break(i);
+            if let Some(w) = &mut self.witness {
+                let l = &mut w.links[i];
+                l.cut_until = l.cut_until.max(until);
+            }
+        } else {
+            let down = self.rng.range(10 * MS, 500 * MS);
+            self.stats.witness_crashes += 1;
+            self.log(|| format!("fault: crash the witness for {down} ns"));
+            for i in 0..self.nodes.len() {
+                self.wlink_break(i);
+            }
+            if let Some(w) = &mut self.witness {
+                w.arbiter = None;
+                w.restart_at = Some(now + Duration::from_nanos(down));
+            }
         }
     }
 
@@ -1053,14 +1724,15 @@ impl World {
             self.stats.up_to_date_at_end = up;
             return Ok(());
         }
-        let disk = &self.nodes[0].disk;
+        let p = self.primary;
+        let disk = &self.nodes[p].disk;
         self.model
-            .check_latest(&self.nodes[0].name, |b| tag_of(disk.current(b), b))?;
-        for j in 1..self.nodes.len() {
-            let st = self.nodes[0]
+            .check_latest(&self.nodes[p].name, |b| tag_of(disk.current(b), b))?;
+        for j in (0..self.nodes.len()).filter(|j| *j != p) {
+            let st = self.nodes[p]
                 .r
                 .as_ref()
-                .and_then(|r| r.peer_status(pid(0, j)))
+                .and_then(|r| r.peer_status(pid(p, j)))
                 .ok_or("primary down")?;
             let r = self.nodes[j].r.as_ref().ok_or("secondary down")?;
             check::check_secondary(
@@ -1068,15 +1740,15 @@ impl World {
                 st.repl == ReplState::Established,
                 st.outdated,
                 r.disk_state() == DiskState::UpToDate,
-                self.content_equal(0, j),
+                self.content_equal(p, j),
             )
             .map_err(|e| {
                 let b = (0..BLOCKS)
-                    .find(|b| self.nodes[0].disk.current(*b) != self.nodes[j].disk.current(*b));
+                    .find(|b| self.nodes[p].disk.current(*b) != self.nodes[j].disk.current(*b));
                 match b {
                     Some(b) => format!(
                         "{e} (first at block {b}: primary holds {:?}, {} holds {:?})",
-                        tag_of(self.nodes[0].disk.current(b), b),
+                        tag_of(self.nodes[p].disk.current(b), b),
                         self.nodes[j].name,
                         tag_of(self.nodes[j].disk.current(b), b)
                     ),
@@ -1100,7 +1772,7 @@ impl World {
         self.stats.up_to_date_at_end = up;
         // (b): a Secondary cannot be promoted while the Primary is connected.
         let now = self.now;
-        for j in 1..self.nodes.len() {
+        for j in (0..self.nodes.len()).filter(|j| *j != p) {
             if let Some(r) = &mut self.nodes[j].r {
                 if r.promote(now).is_ok() {
                     return Err(format!(
@@ -1112,6 +1784,16 @@ impl World {
         }
         Ok(())
     }
+}
+
+fn new_qc() -> QuorumCtl {
+    QuorumCtl::new(
+        VOLUME_KEY.to_owned(),
+        true,
+        true,
+        FAILOVER_TIMEOUT,
+        NoQuorum::Suspend,
+    )
 }
 
 /// The metadata a restarted node reads back.

@@ -19,6 +19,8 @@ fn many_seeds() {
         (0, 0, 0, 0, 0, 0);
     let (mut dual, mut proto_a, mut three) = (0, 0, 0);
     let (mut resyncs, mut resync_bytes, mut verifies, mut detaches) = (0, 0, 0, 0);
+    let (mut witness_runs, mut failovers, mut primary_crashes, mut resync_crashes) = (0, 0, 0, 0);
+    let (mut witness_cuts, mut witness_crashes, mut held_failed, mut solo_writes) = (0, 0, 0, 0);
     for seed in base..base + count {
         match run(seed) {
             Ok(s) => {
@@ -35,6 +37,14 @@ fn many_seeds() {
                 resync_bytes += s.resync_bytes;
                 verifies += s.verifies;
                 detaches += s.detaches;
+                witness_runs += u64::from(s.witness);
+                failovers += s.failovers;
+                primary_crashes += s.primary_crashes;
+                resync_crashes += s.resync_crashes;
+                witness_cuts += s.witness_cuts;
+                witness_crashes += s.witness_crashes;
+                held_failed += s.held_failed;
+                solo_writes += s.solo_writes;
             }
             Err(f) => panic!("{f}"),
         }
@@ -43,13 +53,23 @@ fn many_seeds() {
         "{count} seeds in {:?}: {completed} requests, {faults} faults, {checks} durability checks, \
          {conflicts} dual-primary conflicts, {up} secondaries UpToDate at the end, {steps} steps, \
          {resyncs} resyncs moving {resync_bytes} bytes, {verifies} online verifies, {detaches} disks detached and re-attached; \
-         runs: {dual} dual-primary, {proto_a} protocol A, {three} with 3 nodes",
+         runs: {dual} dual-primary, {proto_a} protocol A, {three} with 3 nodes, {witness_runs} with a witness; \
+         {primary_crashes} Primary crashes, {resync_crashes} crashes during a resync, {failovers} failovers, \
+         {witness_cuts} witness partitions, {witness_crashes} witness crashes, {solo_writes} writes completed alone with a grant, \
+         {held_failed} held writes failed by the loser",
         start.elapsed()
     );
     assert!(checks > count, "durability checks barely ran");
     assert!(resyncs > count, "resyncs barely ran");
     assert!(verifies > count, "online verifies barely ran");
     assert!(count < 100 || detaches > 0, "no disk ever failed");
+    if count >= 100 {
+        assert!(witness_runs > 0, "no run had a witness");
+        assert!(primary_crashes > 0, "no Primary ever crashed");
+        assert!(resync_crashes > 0, "no node crashed during a resync");
+        assert!(failovers > 0, "no failover happened");
+        assert!(witness_cuts > 0, "no witness partition happened");
+    }
 }
 
 /// Replays `TANDEM_SIM_SEED` with a full trace.
@@ -63,6 +83,7 @@ fn replay() {
         seed,
         trace: true,
         bug: Bug::None,
+        crash_primary_with_al_eviction: std::env::var("TANDEM_SIM_AL_EVICTION").is_ok(),
     }) {
         Ok(s) => println!("seed={seed} passes: {s:?}"),
         Err(f) => {
@@ -80,6 +101,7 @@ fn first_failure(bug: Bug) -> Option<String> {
             seed,
             trace: false,
             bug,
+            ..Options::default()
         })
         .err()
         .map(|f| f.to_string())
