@@ -5,7 +5,6 @@
 //! witness at once), and a split brain resolved with
 //! `tandemctl resolve --discard-my-data` (docs/replication.md, R24 and R25).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -161,39 +160,8 @@ fn with_a_witness_the_other_site_takes_over_after_kill_9_and_keeps_every_acknowl
     let w = Witness::start(certs.path(), &certs.path().join("witness.json"));
     let (mut a, b, _) = pair_with_witness(certs.path(), &w, "");
 
-    const REGION: u64 = 2 << 20;
-    let sock = a.socket().to_path_buf();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..4u64)
-        .map(|t| {
-            let sock = sock.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                block_on(async move {
-                    let mut acked: HashMap<u64, Vec<u8>> = HashMap::new();
-                    let mut c = tandem_daemon::nbd::client::Client::connect_unix(&sock, "vol")
-                        .await
-                        .expect("connect");
-                    for i in 0u64.. {
-                        let off = t * REGION + (i * 4096) % REGION;
-                        let mut data = vec![0u8; 4096];
-                        data[..16].copy_from_slice(&[t.to_le_bytes(), i.to_le_bytes()].concat());
-                        data[16..].fill((t * 29 + i) as u8 | 1);
-                        match c.write(off, &data, false).await {
-                            Ok(()) => {
-                                acked.insert(off, data);
-                            }
-                            Err(_) => return (acked, Some((off, data))),
-                        }
-                        if stop.load(std::sync::atomic::Ordering::Relaxed) && i > 2048 {
-                            return (acked, None);
-                        }
-                    }
-                    unreachable!()
-                })
-            })
-        })
-        .collect();
+    let writers = crate::repl_common::spawn_writers(a.socket(), 4, 2 << 20, 2048, &stop);
     std::thread::sleep(Duration::from_millis(1500));
     a.kill9();
     let killed = Instant::now();

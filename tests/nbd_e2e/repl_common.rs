@@ -236,17 +236,7 @@ pub fn data_area(d: &Daemon, size: u64) -> Vec<u8> {
 /// Bytes `d` sent as sync source in finished resyncs, from its log
 /// (`SyncFinished { .., role: Source, bytes: N }` events).
 pub fn resynced_bytes(d: &Daemon) -> u64 {
-    d.log()
-        .lines()
-        .filter(|l| l.contains("SyncFinished") && l.contains("role: Source"))
-        .filter_map(|l| {
-            let rest = &l[l.find("bytes: ")? + 7..];
-            let end = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            rest[..end].parse::<u64>().ok()
-        })
-        .sum()
+    tandem_daemon::demo_sites::resynced_bytes_in_log(&d.log())
 }
 
 /// A started loopback pair (alpha primary, beta secondary) with a fresh
@@ -264,4 +254,56 @@ pub fn connected_loopback_pair() -> (tempfile::TempDir, Daemon, Daemon) {
         peer_connected(&a) && peer_connected(&b)
     });
     (certs, a, b)
+}
+
+/// What one writer of [`spawn_writers`] saw: the blocks acknowledged to
+/// it (offset → data) and the write that failed, if one did (it may or may
+/// not have landed anywhere).
+pub type WriterResult = (
+    std::collections::HashMap<u64, Vec<u8>>,
+    Option<(u64, Vec<u8>)>,
+);
+
+/// Starts `n` NBD writers on `socket` (export `vol`), writer `t` writing
+/// 4 KiB blocks round-robin over its own `region` bytes at `t * region`,
+/// each block naming writer and sequence number. A writer stops at its
+/// first failed write, or once `stop` is set and it wrote more than
+/// `min_writes` blocks.
+pub fn spawn_writers(
+    socket: &Path,
+    n: u64,
+    region: u64,
+    min_writes: u64,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<WriterResult>> {
+    (0..n)
+        .map(|t| {
+            let sock = socket.to_path_buf();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                tandem_tests::block_on(async move {
+                    let mut acked = std::collections::HashMap::new();
+                    let mut c = tandem_daemon::nbd::client::Client::connect_unix(&sock, "vol")
+                        .await
+                        .expect("connect");
+                    for i in 0u64.. {
+                        let off = t * region + (i * 4096) % region;
+                        let mut data = vec![0u8; 4096];
+                        data[..16].copy_from_slice(&[t.to_le_bytes(), i.to_le_bytes()].concat());
+                        data[16..].fill((t * 31 + i) as u8 | 1);
+                        match c.write(off, &data, false).await {
+                            Ok(()) => {
+                                acked.insert(off, data);
+                            }
+                            Err(_) => return (acked, Some((off, data))),
+                        }
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) && i > min_writes {
+                            return (acked, None);
+                        }
+                    }
+                    unreachable!()
+                })
+            })
+        })
+        .collect()
 }

@@ -150,47 +150,12 @@ fn a_rebuilt_replica_takes_a_full_sync() {
 /// primary resyncs those (and its own new writes) — not the whole volume.
 #[test]
 fn killing_the_primary_mid_write_loses_no_acknowledged_write() {
-    use std::collections::HashMap;
     let _heavy = heavy_lock();
     let (_certs, mut a, mut b) = connected_loopback_pair();
 
-    // Four writers, each on its own 2 MiB region (the first 8 MiB), 4 KiB
-    // writes with a pattern naming writer and sequence number.
-    const REGION: u64 = 2 << 20;
-    let uri_socket = a.socket().to_path_buf();
+    // Four writers, each on its own 2 MiB region (the first 8 MiB).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..4u64)
-        .map(|t| {
-            let sock = uri_socket.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                block_on(async move {
-                    let mut acked: HashMap<u64, Vec<u8>> = HashMap::new();
-                    let mut c = tandem_daemon::nbd::client::Client::connect_unix(&sock, "vol")
-                        .await
-                        .expect("connect");
-                    for i in 0u64.. {
-                        let off = t * REGION + (i * 4096) % REGION;
-                        let mut data = vec![0u8; 4096];
-                        data[..16].copy_from_slice(&[t.to_le_bytes(), i.to_le_bytes()].concat());
-                        data[16..].fill((t * 31 + i) as u8 | 1);
-                        match c.write(off, &data, false).await {
-                            Ok(()) => {
-                                acked.insert(off, data);
-                            }
-                            // The primary died: this write may or may not
-                            // have landed anywhere.
-                            Err(_) => return (acked, Some((off, data))),
-                        }
-                        if stop.load(std::sync::atomic::Ordering::Relaxed) && i > 4096 {
-                            return (acked, None);
-                        }
-                    }
-                    unreachable!()
-                })
-            })
-        })
-        .collect();
+    let writers = crate::repl_common::spawn_writers(a.socket(), 4, 2 << 20, 4096, &stop);
     std::thread::sleep(Duration::from_millis(1500));
     a.kill9();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

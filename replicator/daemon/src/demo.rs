@@ -32,10 +32,11 @@ pub struct DemoArgs {
     pub engine: EngineKind,
 }
 
-struct Timeline(Instant);
+/// Prints messages with the seconds elapsed since the demo started.
+pub(crate) struct Timeline(pub(crate) Instant);
 
 impl Timeline {
-    fn say(&self, msg: impl AsRef<str>) {
+    pub(crate) fn say(&self, msg: impl AsRef<str>) {
         println!("[{:7.2}s] {}", self.0.elapsed().as_secs_f64(), msg.as_ref());
     }
 }
@@ -60,26 +61,29 @@ impl XorShift {
     }
 }
 
+/// The demo's working directory: `dir` (created if needed), or a new
+/// temporary directory under /var/tmp (or /tmp) removed when the returned
+/// guard drops.
+pub(crate) fn work_dir(dir: Option<&PathBuf>) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d)?;
+        return Ok((d.clone(), None));
+    }
+    let base = if std::path::Path::new("/var/tmp").is_dir() {
+        "/var/tmp"
+    } else {
+        "/tmp"
+    };
+    let g = tempfile::Builder::new()
+        .prefix("tandem-demo-")
+        .tempdir_in(base)?;
+    Ok((g.path().to_path_buf(), Some(g)))
+}
+
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> Result<()> {
     let t = Timeline(Instant::now());
-    let (dir, _guard) = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            (d.clone(), None)
-        }
-        None => {
-            let base = if std::path::Path::new("/var/tmp").is_dir() {
-                "/var/tmp"
-            } else {
-                "/tmp"
-            };
-            let g = tempfile::Builder::new()
-                .prefix("tandem-demo-")
-                .tempdir_in(base)?;
-            (g.path().to_path_buf(), Some(g))
-        }
-    };
+    let (dir, _guard) = work_dir(args.dir.as_ref())?;
     let size = args.size.div_ceil(4096) * 4096;
     println!("Tandem demo: one volume on a backing file, served over NBD by tandemd");
     let backing = dir.join("demo.img");

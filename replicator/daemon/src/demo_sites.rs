@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use tandem_core::superblock::Superblock;
 
 use crate::admin::{self, AdminRequest};
+use crate::demo::Timeline;
 use crate::export::ReplicationStatus;
 use crate::nbd::client::Client;
 use crate::storage::{sync::SyncEngine, Backing, DirectIo};
@@ -42,14 +43,6 @@ pub struct SitesArgs {
     /// Single-node demo: keep serving after the checks until Ctrl-C.
     #[arg(long)]
     pub serve: bool,
-}
-
-struct Timeline(Instant);
-
-impl Timeline {
-    fn say(&self, msg: impl AsRef<str>) {
-        println!("[{:7.2}s] {}", self.0.elapsed().as_secs_f64(), msg.as_ref());
-    }
 }
 
 /// One site (or the witness): a child `tandemd`, killed on drop.
@@ -168,11 +161,15 @@ where
     }
 }
 
-/// Bytes a node sent as sync source, from its log.
+/// Bytes a node sent as sync source, from its log file.
 fn resynced_bytes(log: &Path) -> u64 {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
+    resynced_bytes_in_log(&std::fs::read_to_string(log).unwrap_or_default())
+}
+
+/// Bytes a node sent as sync source in finished resyncs, from its log text
+/// (`SyncFinished { .., role: Source, bytes: N }` events).
+pub fn resynced_bytes_in_log(log: &str) -> u64 {
+    log.lines()
         .filter(|l| l.contains("SyncFinished") && l.contains("role: Source"))
         .filter_map(|l| {
             let rest = &l[l.find("bytes: ")? + 7..];
@@ -207,23 +204,7 @@ fn data_crc(backing: &Path, size: u64) -> Result<u32> {
 /// Runs the two-site demo.
 pub async fn run(args: SitesArgs) -> Result<()> {
     let t = Timeline(Instant::now());
-    let (dir, _guard) = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            (d.clone(), None)
-        }
-        None => {
-            let base = if Path::new("/var/tmp").is_dir() {
-                "/var/tmp"
-            } else {
-                "/tmp"
-            };
-            let g = tempfile::Builder::new()
-                .prefix("tandem-demo-")
-                .tempdir_in(base)?;
-            (g.path().to_path_buf(), Some(g))
-        }
-    };
+    let (dir, _guard) = crate::demo::work_dir(args.dir.as_ref())?;
     let size = args.size.div_ceil(1 << 20) * (1 << 20);
     println!("Tandem demo: one volume on two sites (alpha, beta) and a witness, on loopback.");
     println!(
