@@ -64,6 +64,8 @@ pub struct ReplicaStatus {
 }
 
 /// Bytes of queued frames coalesced into one stream write.
+/// How long a demotion waits for peers to flush (R20).
+const DEMOTE_WAIT: Duration = Duration::from_secs(10);
 const WRITE_BATCH: usize = 4 << 20;
 /// Receive buffer growth step for a peer stream.
 const READ_BUF: usize = 4 << 20;
@@ -264,11 +266,21 @@ impl Replicator {
         rx.await.map_err(|_| Stopped)
     }
 
-    /// Demotes this node to Secondary.
+    /// Demotes this node to Secondary. While peers flush the writes they
+    /// acknowledged (R20) the core refuses and has sent them a flush: the
+    /// demotion is retried for up to [`DEMOTE_WAIT`].
     pub async fn demote(&self) -> Result<Result<(), RoleError>, Stopped> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Msg::Demote(tx)).map_err(|_| Stopped)?;
-        rx.await.map_err(|_| Stopped)
+        let deadline = tokio::time::Instant::now() + DEMOTE_WAIT;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.tx.send(Msg::Demote(tx)).map_err(|_| Stopped)?;
+            match rx.await.map_err(|_| Stopped)? {
+                Err(RoleError::PeersFlushing) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                r => return Ok(r),
+            }
+        }
     }
 
     /// Volunteers to discard this node's data in a split brain (R24): the

@@ -83,7 +83,6 @@ fn replay() {
         seed,
         trace: true,
         bug: Bug::None,
-        crash_primary_with_al_eviction: std::env::var("TANDEM_SIM_AL_EVICTION").is_ok(),
     }) {
         Ok(s) => println!("seed={seed} passes: {s:?}"),
         Err(f) => {
@@ -101,7 +100,6 @@ fn first_failure(bug: Bug) -> Option<String> {
             seed,
             trace: false,
             bug,
-            ..Options::default()
         })
         .err()
         .map(|f| f.to_string())

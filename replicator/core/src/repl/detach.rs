@@ -377,6 +377,7 @@ impl Replica {
                         a.local = LocalState::Done(Err(errno::EIO));
                     }
                 }
+                Some(IoOwner::AlFlush) => self.al_flush_in_flight = false,
                 _ => {}
             }
         }

@@ -32,6 +32,10 @@ pub enum RoleError {
     /// Demotion waits until no frontend request is in flight.
     #[error("{0} frontend requests still in flight; retry when they completed")]
     RequestsInFlight(usize),
+    /// Demotion waits until peers flushed the writes they acknowledged
+    /// (R20: the activity log of a Secondary is empty); a flush is sent.
+    #[error("peers are flushing writes they acknowledged; retry shortly")]
+    PeersFlushing,
 }
 
 /// One node's replication state machine for one volume.
@@ -85,6 +89,11 @@ pub struct Replica {
     pub(crate) next_al_copy: u8,
     /// The log is rewritten only once this metadata version is durable.
     pub(crate) al_guard: u64,
+    /// An extent left the log: the next log write waits for a local flush
+    /// submitted after that (R20).
+    pub(crate) al_flush_needed: bool,
+    /// That local flush is in flight.
+    pub(crate) al_flush_in_flight: bool,
     /// Detached disk and remote reads (R23).
     pub(crate) dt: super::detach::Detach,
     /// Volunteer as the target of a split-brain resolution (R24).
@@ -208,6 +217,8 @@ impl Replica {
             al_seq: al_loaded.seq,
             next_al_copy: if al_newest == 0 { 1 } else { 0 },
             al_guard: 0,
+            al_flush_needed: false,
+            al_flush_in_flight: false,
             discard_my_data: false,
             wall_ms: 0,
             primary_since: 0,
@@ -332,6 +343,19 @@ impl Replica {
         if !self.requests.is_empty() {
             return Err(RoleError::RequestsInFlight(self.requests.len()));
         }
+        // R20: a Secondary has no activity log, so every write a peer
+        // acknowledged must be durable there first (flushed, or marked in
+        // that peer's bitmap when it is gone).
+        let unflushed = self.peers.iter().any(|p| {
+            p.conn == ConnState::Connected
+                && (p.unflushed.cur.count() > 0 || !p.unflushed.pending.is_empty())
+        });
+        if unflushed {
+            self.internal_flush();
+            self.progress();
+            return Err(RoleError::PeersFlushing);
+        }
+        self.mark_lost_unflushed();
         self.set_role(Role::Secondary);
         self.clear_activity_log();
         self.progress();
@@ -418,10 +442,12 @@ impl Replica {
             };
             r.completed = true;
             let req = r.req;
-            self.out.push_back(Output::Complete {
-                req,
-                result: Err(errno),
-            });
+            if !r.internal {
+                self.out.push_back(Output::Complete {
+                    req,
+                    result: Err(errno),
+                });
+            }
             if r.peers_pending.is_empty() {
                 self.requests.remove(&seq);
             }

@@ -20,7 +20,7 @@ use super::peer::{PeerSet, PeerSync, Source};
 use super::replica::Replica;
 use super::state::{ConnState, DiskState, Role};
 use super::write_path::IoOwner;
-use super::{errno, Event, IoId, OutdatedReason, Output, PeerId, Time};
+use super::{errno, Event, IoId, Op, OutdatedReason, Output, PeerId, Time};
 use crate::meta::{Bitmap, History, MetaRecord, SLOTS};
 
 /// A metadata block to write, from [`Output::MetaWrite`].
@@ -215,10 +215,17 @@ pub struct View<'a> {
 pub fn decide(me: &View, peer: &View) -> Decision {
     let (m, p) = (&me.gens, &peer.gens);
     let up = DiskState::UpToDate;
+    // R16's tie-break between equals: the Primary; else the side that did
+    // not volunteer to discard its data (a node the witness holds
+    // outdated does, R25); else the lower name.
     let i_win = || match (me.role, peer.role) {
         (Role::Primary, Role::Secondary) => true,
         (Role::Secondary, Role::Primary) => false,
-        _ => me.name < peer.name,
+        _ => match (m.discard_my_data, p.discard_my_data) {
+            (false, true) => true,
+            (true, false) => false,
+            _ => me.name < peer.name,
+        },
     };
     // Generation 0: a replica created Inconsistent, holding no data yet.
     let d = if m.current == 0 || p.current == 0 {
@@ -471,6 +478,21 @@ pub(crate) fn seed_for(seed: u64, name: &str) -> u64 {
     seed ^ h
 }
 
+/// Why an activity-log extent may not be evicted yet (R20): a Primary
+/// that crashes must find in its log every extent where a replica may lack
+/// a write another has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AlHold {
+    /// Nothing: it may go (after a local flush).
+    Free,
+    /// A request there is in flight.
+    Request,
+    /// A connected peer acknowledged a write there but has not flushed it.
+    PeerUnflushed,
+    /// A peer lost while holding unflushed writes there.
+    LostPeer,
+}
+
 /// Most bytes one resync read covers.
 const RESYNC_RUN: u64 = 1 << 20;
 /// Most resync reads plus frames in flight per peer.
@@ -532,6 +554,18 @@ impl Replica {
             // Crash recovery marked the old log's extents in the bitmaps:
             // the log is rewritten only once those bits are durable.
             keys.retain(|k| *k != MetaKey::Al);
+        }
+        if (self.al_flush_needed || self.al_flush_in_flight) && keys.contains(&MetaKey::Al) {
+            // R20: a log that no longer names an extent is written only
+            // after a local flush has made the writes completed in that
+            // extent durable; otherwise a crash could lose them from this
+            // disk while the log no longer says the extent needs a resync.
+            keys.retain(|k| *k != MetaKey::Al);
+            if !self.al_flush_in_flight {
+                self.al_flush_needed = false;
+                self.al_flush_in_flight = true;
+                self.new_io(IoOwner::AlFlush, Op::Flush);
+            }
         }
         let any = !keys.is_empty();
         for key in keys {
@@ -1202,28 +1236,120 @@ impl Replica {
         if missing.is_empty() {
             return Some(wait);
         }
-        while self.al.len() + missing.len() > self.cfg.al_extents {
-            let busy = |e: u64| {
-                let (s, t) = (e * ext, (e + 1) * ext);
-                self.requests.iter().any(|(k, r)| {
-                    *k != seq
-                        && (r.al_admitted || r.local != super::write_path::LocalState::NotSubmitted)
-                        && r.range.is_some_and(|(a, b)| a < t && s < b)
-                })
-            };
+        // A request wider than the log gets the log to itself.
+        let room = self
+            .cfg
+            .al_extents
+            .max(usize::try_from(last - first + 1).unwrap_or(usize::MAX));
+        while self.al.len() + missing.len() > room {
+            // Never one of the extents this request needs (it may hold
+            // some of them already).
+            let own = |e: u64| (first..=last).contains(&e);
             let victim = self
                 .al
                 .iter()
-                .filter(|(e, _)| !busy(**e))
+                .filter(|(e, _)| !own(**e) && self.al_hold(**e, seq) == AlHold::Free)
                 .min_by_key(|(_, (t, _))| *t)
-                .map(|(e, _)| *e)?;
-            self.al.remove(&victim);
+                .map(|(e, _)| *e);
+            if let Some(victim) = victim {
+                self.al.remove(&victim);
+                self.al_flush_needed = true;
+                continue;
+            }
+            // Every extent is held. An extent whose only hold is writes a
+            // lost peer had not flushed goes to that peer's bitmap instead
+            // (durable before the log that drops it: al_guard).
+            let lost = self
+                .al
+                .iter()
+                .filter(|(e, _)| !own(**e) && self.al_hold(**e, seq) == AlHold::LostPeer)
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(e, _)| *e);
+            if let Some(e) = lost {
+                for i in 0..self.peers.len() {
+                    let Some(l) = self.peers[i].lost_unflushed.as_mut() else {
+                        continue;
+                    };
+                    if e < l.len() && l.get(e) {
+                        l.clear_bits(e, e + 1);
+                        let mut only = PeerSet::default();
+                        only.insert(PeerId(i as u8));
+                        let v = self.mark_missed(
+                            only,
+                            (e * ext, ((e + 1) * ext).min(self.cfg.size)),
+                            OutdatedReason::ConnectionLost,
+                        );
+                        self.al_guard = self.al_guard.max(v);
+                    }
+                }
+                continue;
+            }
+            // Writes peers acknowledged but have not flushed: ask them to.
+            if self
+                .al
+                .keys()
+                .any(|e| !own(*e) && self.al_hold(*e, seq) == AlHold::PeerUnflushed)
+            {
+                self.internal_flush();
+            }
+            return None;
         }
         let v = self.mt.touch(MetaKey::Al);
         for e in missing {
             self.al.insert(e, (clock, v));
         }
         Some(v.max(wait))
+    }
+
+    /// Moves the extents lost peers had not flushed to their bitmaps
+    /// (R20: before the activity log that covered them is emptied).
+    pub(crate) fn mark_lost_unflushed(&mut self) {
+        let ext = self.cfg.extent_size;
+        for i in 0..self.peers.len() {
+            let Some(l) = self.peers[i].lost_unflushed.take() else {
+                continue;
+            };
+            let mut only = PeerSet::default();
+            only.insert(PeerId(i as u8));
+            for (a, b) in l.runs() {
+                let v = self.mark_missed(
+                    only,
+                    (a * ext, (b * ext).min(self.cfg.size)),
+                    OutdatedReason::ConnectionLost,
+                );
+                self.al_guard = self.al_guard.max(v);
+            }
+        }
+    }
+
+    /// What keeps activity-log extent `e` from being evicted (R20).
+    /// `seq` is the request being admitted.
+    fn al_hold(&self, e: u64, seq: u64) -> AlHold {
+        let ext = self.cfg.extent_size;
+        let (s, t) = (e * ext, (e + 1) * ext);
+        let busy = self.requests.iter().any(|(k, r)| {
+            *k != seq
+                && (r.al_admitted || r.local != super::write_path::LocalState::NotSubmitted)
+                && r.range.is_some_and(|(a, b)| a < t && s < b)
+        });
+        if busy {
+            return AlHold::Request;
+        }
+        // The peer's unflushed-write tracking uses extent-sized bits.
+        let has = |b: &Bitmap| e < b.len() && b.get(e);
+        for p in &self.peers {
+            if has(&p.unflushed.cur) || p.unflushed.pending.iter().any(|(_, b)| has(b)) {
+                return AlHold::PeerUnflushed;
+            }
+        }
+        if self
+            .peers
+            .iter()
+            .any(|p| p.lost_unflushed.as_ref().is_some_and(has))
+        {
+            return AlHold::LostPeer;
+        }
+        AlHold::Free
     }
 
     /// Crash recovery (R20): the extents of the activity log found at
@@ -1258,6 +1384,7 @@ impl Replica {
     pub(crate) fn clear_activity_log(&mut self) {
         if !self.al.is_empty() {
             self.al.clear();
+            self.al_flush_needed = true;
             self.mt.touch(MetaKey::Al);
         }
     }

@@ -48,6 +48,8 @@ struct Node {
     disconnects: Vec<(PeerId, String)>,
     /// Every local op performed, in order.
     log: Vec<Op>,
+    /// Activity-log writes performed: (length of `log` then, extents).
+    al_log: Vec<(usize, Vec<u64>)>,
 }
 
 struct Link {
@@ -112,6 +114,7 @@ impl Cluster {
                     events: Vec::new(),
                     disconnects: Vec::new(),
                     log: Vec::new(),
+                    al_log: Vec::new(),
                 }
             })
             .collect();
@@ -251,6 +254,11 @@ impl Cluster {
         let op = match nio {
             NodeIo::Op(op) => op,
             NodeIo::Meta(at, data) => {
+                if let MetaAt::ActivityLog(_) = at {
+                    if let Ok(Some(al)) = crate::meta::ActivityLog::decode(&data) {
+                        n.al_log.push((n.log.len(), al.extents));
+                    }
+                }
                 n.meta.insert(at, data);
                 n.r.handle(now, Input::LocalDone { io, result: Ok(()) });
                 return true;
@@ -309,6 +317,19 @@ impl Cluster {
     }
 
     /// Runs until nothing moves (held I/O and links stay held).
+    /// Demotes node `i`, letting peers flush first (R20) as a driver
+    /// retrying `PeersFlushing` would.
+    fn demote(&mut self, i: usize) {
+        for _ in 0..10 {
+            match self.nodes[i].r.demote(self.now) {
+                Ok(()) => return,
+                Err(RoleError::PeersFlushing | RoleError::RequestsInFlight(_)) => self.run(),
+                Err(e) => panic!("demote: {e}"),
+            }
+        }
+        panic!("demote still refused after the peers flushed");
+    }
+
     fn run(&mut self) {
         loop {
             let mut any = false;
@@ -528,12 +549,13 @@ fn r6_peer_loss_completes_writes_and_resyncs_only_what_changed() {
     assert_eq!(c.status(0, 1).repl, ReplState::SyncSource);
     assert_eq!(c.status(1, 0).repl, ReplState::SyncTarget);
     assert_eq!(c.nodes[1].r.disk_state(), DiskState::Inconsistent);
-    c.nodes[0].r.demote(c.now).unwrap();
     assert_eq!(
         c.nodes[1].r.promote(c.now),
         Err(RoleError::DiskNotUpToDate(DiskState::Inconsistent))
     );
-    c.nodes[0].r.promote(c.now).unwrap();
+    // R20: the Primary stays one until the peer flushed what it
+    // acknowledged (its I/O is held here).
+    assert_eq!(c.nodes[0].r.demote(c.now), Err(RoleError::PeersFlushing));
     c.nodes[1].hold_io = false;
     c.run();
     // Only the two dirty chunks moved; the replicas are identical and in
@@ -823,7 +845,7 @@ fn r11_role_changes() {
     );
     c.nodes[0].hold_io = false;
     c.run();
-    c.nodes[0].r.demote(c.now).unwrap();
+    c.demote(0);
     c.run();
     c.nodes[1].r.promote(c.now).unwrap();
     c.run();
@@ -851,7 +873,7 @@ fn r11_role_changes() {
 #[test]
 fn r11_simultaneous_promotion_outside_dual_primary_is_refused() {
     let mut c = Cluster::connected(2, |_, _| {});
-    c.nodes[0].r.demote(c.now).unwrap();
+    c.demote(0);
     c.run();
     // Both promote before seeing the other's state update.
     c.links[0][1].hold = true;
@@ -1159,6 +1181,25 @@ fn generations_decide_the_same_direction_on_both_sides() {
             "{a:?} {b:?}"
         );
     }
+    // Two Secondaries, same generation, bits: the lower name is source,
+    // unless exactly one side volunteers to discard its data (a node the
+    // witness holds outdated), which then waits to be the target.
+    let (a, mut b) = (v(5, 0, [0; 2], 3), v(5, 0, [0; 2], 1));
+    assert_eq!(
+        decide(&view(a, s, "a"), &view(b, s, "b")),
+        Decision::SourceWaits
+    );
+    let mut a2 = a;
+    a2.discard_my_data = true;
+    assert_eq!(
+        decide(&view(a2, s, "a"), &view(b, s, "b")),
+        Decision::TargetWaits
+    );
+    b.discard_my_data = true;
+    assert_eq!(
+        decide(&view(a2, s, "a"), &view(b, s, "b")),
+        Decision::SourceWaits
+    );
     // R24: resolving a split brain (a Primary with 3 changed chunks, a
     // Secondary with 1, both diverged from generation 5).
     let sb = |discard, policy, since: u64| {
@@ -1212,7 +1253,7 @@ fn split_brain_is_detected_on_both_sides_and_nothing_is_overwritten() {
     c.nodes[1].r.promote(c.now).unwrap();
     c.submit(1, 1, w(4096, 0xB, 1, false));
     c.run();
-    c.nodes[1].r.demote(c.now).unwrap();
+    c.demote(1);
     let before = (c.nodes[0].disk.clone(), c.nodes[1].disk.clone());
     c.connect(0, 1);
     c.run();
@@ -1245,7 +1286,7 @@ fn r24_discard_my_data_resolves_a_split_brain_with_a_bitmap_resync() {
     c.submit(1, 1, w(4096, 0xB, 1, false));
     c.submit(1, 2, w(8192, 0xB, 1, false));
     c.run();
-    c.nodes[1].r.demote(c.now).unwrap();
+    c.demote(1);
     c.connect(0, 1);
     c.run();
     assert!(c.status(0, 1).split_brain);
@@ -1311,7 +1352,7 @@ fn r25_with_solo_needs_grant_a_primary_holds_writes_a_peer_missed_until_granted(
     c.run();
     assert_eq!(c.done(0, 3), Some(Err(errno::EIO)));
     assert_eq!(c.nodes[0].r.requests_in_flight(), 0);
-    c.nodes[0].r.demote(c.now).unwrap();
+    c.demote(0);
 }
 
 #[test]
@@ -1492,7 +1533,7 @@ fn r20_after_a_primary_crash_only_activity_log_extents_are_resynced() {
         bytes: 3 * 4096
     }));
     // Demoting empties the log: a later restart resyncs nothing.
-    c.nodes[0].r.demote(c.now).unwrap();
+    c.demote(0);
     c.run();
     c.restart(0);
     c.run();
@@ -1504,6 +1545,118 @@ fn r20_after_a_primary_crash_only_activity_log_extents_are_resynced() {
             .count(),
         1
     );
+}
+
+/// An extent leaves the activity log only once its writes are durable on
+/// every replica: the peer flushed them (the Primary asks it to) and the
+/// local disk did (a flush performed after the last write there and before
+/// the log that drops it). Otherwise a Primary crash could lose a
+/// completed write from one disk while no log or bitmap says the extent
+/// differs (found by the simulator).
+#[test]
+fn r20_an_extent_leaves_the_log_only_after_both_replicas_flushed_it() {
+    let mut c = Cluster::connected(2, |_, cfg| {
+        cfg.bitmap_chunk = 512;
+        cfg.extent_size = 4096;
+        cfg.al_extents = 1;
+    });
+    c.submit(0, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 1), Some(Ok(())));
+    let flushes = |n: &Node| n.log.iter().filter(|o| **o == Op::Flush).count();
+    assert_eq!(flushes(&c.nodes[1]), 0, "nobody flushed yet");
+    // A write to another extent evicts extent 0.
+    c.submit(0, 2, w(3 * 4096, 2, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 2), Some(Ok(())));
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    assert!(flushes(&c.nodes[1]) >= 1, "the peer was asked to flush");
+    let n = &c.nodes[0];
+    let (at, extents) = n
+        .al_log
+        .iter()
+        .find(|(_, e)| !e.contains(&0))
+        .expect("a log without extent 0 was written");
+    assert_eq!(extents, &vec![3]);
+    let last_write = n
+        .log
+        .iter()
+        .rposition(|o| matches!(o, Op::Write { offset: 0, .. }))
+        .expect("the first write");
+    assert!(
+        n.log[last_write..*at].contains(&Op::Flush),
+        "a local flush between the write in extent 0 and the log dropping it: {:?}",
+        n.log
+    );
+    // No frontend request saw the internal flush.
+    assert_eq!(c.nodes[0].done.len(), 2);
+    // Demoting waits for the same: the peer flushes the write in extent 3.
+    c.submit(0, 3, w(3 * 4096 + 512, 3, 1, false));
+    c.run();
+    let before = flushes(&c.nodes[1]);
+    c.demote(0);
+    assert!(flushes(&c.nodes[1]) > before);
+    // With the peer gone, the local flush is what the log waits for.
+    c.nodes[0].r.promote(c.now).unwrap();
+    c.break_link(0, 1);
+    c.submit(0, 4, w(3 * 4096, 4, 1, false));
+    c.run();
+    let flushes_before = flushes(&c.nodes[0]);
+    c.submit(0, 5, w(5 * 4096, 5, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 5), Some(Ok(())));
+    let n = &c.nodes[0];
+    let (at, _) = n
+        .al_log
+        .iter()
+        .rev()
+        .find(|(_, e)| e == &vec![5])
+        .expect("the log moved to extent 5");
+    assert!(
+        n.log[..*at].iter().filter(|o| **o == Op::Flush).count() > flushes_before,
+        "a local flush before the log dropped extent 3: {:?}",
+        n.log
+    );
+}
+
+/// Admitting a request never evicts an extent the request itself needs
+/// (found by the simulator, seed 1182: a write spanning a hot and a cold
+/// extent evicted the hot one and was written outside the log).
+#[test]
+fn r20_a_request_never_evicts_its_own_extents() {
+    let mut c = Cluster::connected(2, |_, cfg| {
+        cfg.bitmap_chunk = 512;
+        cfg.extent_size = 4096;
+        cfg.al_extents = 2;
+    });
+    // Extent 1 hot and flushed everywhere (free to go); extent 5 hot with
+    // a write the peer has not acknowledged (held).
+    c.submit(0, 1, w(4096, 1, 1, false));
+    c.run();
+    c.submit(0, 2, Op::Flush);
+    c.run();
+    c.links[0][1].hold = true;
+    c.submit(0, 3, w(5 * 4096, 3, 1, false));
+    c.run();
+    // This write needs extents 1 and 2: the only free extent is its own.
+    c.submit(0, 4, w(2 * 4096 - 512, 4, 2, false));
+    c.run();
+    for (_, extents) in &c.nodes[0].al_log {
+        assert!(
+            !extents.contains(&2) || extents.contains(&1),
+            "extent 1 left the log while a write there was admitted: {extents:?}"
+        );
+    }
+    c.links[0][1].hold = false;
+    c.run();
+    assert_eq!(c.done(0, 4), Some(Ok(())));
+    let (_, last) = c.nodes[0].al_log.last().expect("log writes");
+    assert_eq!(last, &vec![1, 2]);
+    // A request wider than the whole log still goes through.
+    c.submit(0, 5, w(0, 5, 8 * 3, false));
+    c.run();
+    assert_eq!(c.done(0, 5), Some(Ok(())));
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
 }
 
 #[test]
@@ -1865,7 +2018,7 @@ fn r23_a_primary_detaches_on_a_write_error_and_continues_through_its_peer() {
     assert_eq!(c.done(0, 6), Some(Ok(())));
     assert_eq!(&c.nodes[1].disk[2048..2560], &[0x66; 512][..]);
     // A Diskless node is never promoted.
-    c.nodes[0].r.demote(c.now).unwrap();
+    c.demote(0);
     assert_eq!(
         c.nodes[0].r.promote(c.now),
         Err(RoleError::DiskNotUpToDate(DiskState::Diskless))
@@ -2037,7 +2190,7 @@ fn r23_a_detached_primary_comes_back_as_a_full_sync_target() {
     assert_eq!(c.done(0, 3), Some(Ok(())));
     assert_ne!(c.nodes[0].disk, c.nodes[1].disk);
     // Switch over: the detached node demotes, the peer takes over.
-    c.nodes[0].r.demote(c.now).unwrap();
+    c.demote(0);
     c.run();
     c.nodes[1].r.promote(c.now).unwrap();
     c.run();

@@ -48,6 +48,9 @@ pub(crate) struct Request {
     /// A peer acknowledged it without error (R23: the result once the
     /// local disk is detached).
     pub(crate) peer_ok: bool,
+    /// Issued by the replica itself (a flush the activity log waits for,
+    /// R20): completes without a `Complete` output.
+    pub(crate) internal: bool,
 }
 
 /// What a peer operation is.
@@ -89,6 +92,8 @@ pub(crate) enum IoOwner {
     Request(u64),
     Apply(u64),
     Meta(MetaKey),
+    /// The local flush an activity-log write that drops extents waits for.
+    AlFlush,
     ResyncRead {
         peer: PeerId,
         epoch: u64,
@@ -180,7 +185,7 @@ impl Replica {
         }
     }
 
-    fn new_io(&mut self, owner: IoOwner, op: Op) {
+    pub(crate) fn new_io(&mut self, owner: IoOwner, op: Op) {
         let io = IoId(self.next_io);
         self.next_io += 1;
         self.ios.insert(io, owner);
@@ -225,6 +230,35 @@ impl Replica {
                 meta_wait: 0,
                 al_admitted: false,
                 peer_ok: false,
+                internal: false,
+            },
+        );
+    }
+
+    /// Starts a flush nobody waits for, so peers make the writes they
+    /// acknowledged durable and the activity log can let their extents go
+    /// (R20). At most one at a time.
+    pub(crate) fn internal_flush(&mut self) {
+        if self.role != Role::Primary || self.requests.values().any(|r| r.internal) {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.requests.insert(
+            seq,
+            Request {
+                req: ReqId(u64::MAX),
+                op: Op::Flush,
+                range: None,
+                local: LocalState::NotSubmitted,
+                reapply: false,
+                pins: 0,
+                peers_pending: PeerSet::default(),
+                completed: false,
+                meta_wait: 0,
+                al_admitted: false,
+                peer_ok: false,
+                internal: true,
             },
         );
     }
@@ -248,6 +282,9 @@ impl Replica {
                 }
             }
             IoOwner::Meta(key) => self.on_meta_done(key, result),
+            // An error detached the disk (on_local_done_checked): the log
+            // no longer matters. Either way this flush is over.
+            IoOwner::AlFlush => self.al_flush_in_flight = false,
             IoOwner::ResyncRead { .. }
             | IoOwner::VerifyRead { .. }
             | IoOwner::VerifyServe { .. }
@@ -552,13 +589,18 @@ impl Replica {
                 // R20: its extents are in the activity log, durably.
                 let r = &self.requests[&seq];
                 if let (Some(range), false) = (r.range, r.al_admitted) {
+                    let before = self.requests.len();
                     match self.al_admit(seq, range) {
                         Some(v) => {
                             let r = self.requests.get_mut(&seq).expect("listed above");
                             r.al_admitted = true;
                             r.meta_wait = r.meta_wait.max(v);
                         }
-                        None => continue,
+                        None => {
+                            // It may have started a flush (R20): go round.
+                            changed |= self.requests.len() != before;
+                            continue;
+                        }
                     }
                 }
                 // R8: peers that will not get the write have it marked in
@@ -722,7 +764,13 @@ impl Replica {
                 let all_acked = r.peers_pending.is_empty();
                 // R25: an error may always be reported; a success waits for
                 // quorum.
-                if !r.completed && (early || all_acked) && (may_complete || result.is_err()) {
+                if r.internal {
+                    if !r.completed {
+                        r.completed = true;
+                        changed = true;
+                    }
+                } else if !r.completed && (early || all_acked) && (may_complete || result.is_err())
+                {
                     r.completed = true;
                     let req = r.req;
                     self.out.push_back(Output::Complete { req, result });
