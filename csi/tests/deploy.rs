@@ -87,6 +87,8 @@ fn crd_mirrors_the_volume_record_fields() {
         "state:",
         "attachments:",
         "initialized_on:",
+        "address:",
+        "allow_two_primaries:",
         "multi_node:",
         "readonly:",
     ] {

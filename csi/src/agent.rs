@@ -1,0 +1,511 @@
+//! The node replica agent: realises every replica the volume records place
+//! on this node, whether or not the CO ever stages the volume here.
+//!
+//! A reconcile pass (at start, then every [`RECONCILE_EVERY`], and on
+//! demand from NodeStageVolume) reads the records through the
+//! [`VolumeStore`] and, for each replicated record
+//! ([`VolumeRecord::replicated`]) listing this node:
+//!
+//! 1. creates the backing `DATA/<id>.img` with the volume's UUID unless it
+//!    exists (every replica of a new volume is UpToDate: all zeroes);
+//! 2. writes `STATE/rep/<id>/tandemd.toml`: the export with an
+//!    `[export.replication]` table (this node's name and address from the
+//!    record, the node certificate, every other replica as a peer, role
+//!    Secondary, the volume's protocol and `allow_two_primaries`);
+//! 3. keeps a `tandemd` running on it (NBD and admin sockets in the same
+//!    directory, its own process group so it outlives a plugin restart),
+//!    restarting it when it died.
+//!
+//! A replica directory whose record is gone, is `Deleting` or no longer
+//! lists this node is removed: `tandemd` stopped, backing deleted, then the
+//! directory (which marks the replica as the agent's to remove). A replica
+//! still staged on this node is kept until it is unstaged.
+//!
+//! Role changes are NodeStage's and NodeUnstage's (`tandemctl promote` /
+//! `demote` on the admin socket, see [`Agent::promote`]).
+
+use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::store::{valid_id, VolumeRecord, VolumeState, VolumeStore};
+use crate::sys;
+
+/// How often the agent reconciles.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How long a promotion waits for the peers to connect and agree.
+const PEER_WAIT: Duration = Duration::from_secs(20);
+/// How long `tandemd` gets to flush and exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// The node certificate and the cluster CA the replicas authenticate with.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Cluster CA certificate.
+    pub ca: PathBuf,
+    /// This node's certificate (its SAN is the node id).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// What the agent needs to know about its node.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's id: the replica's `node` name, the certificate's SAN.
+    pub node_id: String,
+    /// Staged records (`STATE/staged`) and replica directories (`STATE/rep`).
+    pub state_dir: PathBuf,
+    /// Backing files.
+    pub data_dir: PathBuf,
+    /// The `tandemd` binary.
+    pub tandemd: PathBuf,
+    /// The `tandemctl` binary.
+    pub tandemctl: PathBuf,
+    /// Node certificate; required to run replicated volumes.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A running replica's `tandemd`.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// Its pid.
+    pub pid: u32,
+    /// Its replica directory (`STATE/rep/<id>`).
+    pub dir: PathBuf,
+}
+
+impl Running {
+    /// The NBD unix socket.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
+    }
+    /// The admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+}
+
+/// The replica agent of one node.
+pub struct Agent {
+    cfg: AgentConfig,
+    store: Arc<dyn VolumeStore>,
+    /// Serialises reconcile passes with the stage/unstage calls into them.
+    lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Serialize)]
+struct TandemdToml {
+    export: Vec<ExportToml>,
+}
+
+#[derive(Serialize)]
+struct ExportToml {
+    name: String,
+    backing: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication: Option<ReplicationToml>,
+}
+
+#[derive(Serialize)]
+struct ReplicationToml {
+    node: String,
+    listen: String,
+    cert: String,
+    key: String,
+    ca: String,
+    role: String,
+    protocol: String,
+    allow_two_primaries: bool,
+    peers: Vec<PeerToml>,
+}
+
+#[derive(Serialize)]
+struct PeerToml {
+    name: String,
+    address: String,
+}
+
+impl Agent {
+    /// An agent reading records from `store`.
+    pub fn new(cfg: AgentConfig, store: Arc<dyn VolumeStore>) -> anyhow::Result<Agent> {
+        let rep = cfg.state_dir.join("rep");
+        std::fs::create_dir_all(&rep)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", rep.display()))?;
+        Ok(Agent {
+            cfg,
+            store,
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The record of volume `id` if the agents replicate it (every replica
+    /// has a replication address).
+    pub fn replicated_record(&self, id: &str) -> Result<Option<VolumeRecord>> {
+        Ok(self.store.get(id)?.filter(|r| r.replicated()))
+    }
+
+    /// Reconciles forever, every [`RECONCILE_EVERY`].
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!("replica agent: {e}");
+            }
+            tokio::time::sleep(RECONCILE_EVERY).await;
+        }
+    }
+
+    fn replica_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("rep").join(id)
+    }
+
+    fn backing(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join(format!("{id}.img"))
+    }
+
+    fn staged(&self, id: &str) -> bool {
+        self.cfg
+            .state_dir
+            .join("staged")
+            .join(format!("{id}.json"))
+            .exists()
+    }
+
+    /// One pass: realise every replica the records place here, remove the
+    /// ones no record wants. A store that cannot be read removes nothing.
+    pub async fn reconcile(&self) -> Result<()> {
+        let _l = self.lock.lock().await;
+        let records = self.store.list()?;
+        let mut wanted = BTreeSet::new();
+        for rec in &records {
+            if rec.state == VolumeState::Deleting
+                || !rec.replicated()
+                || !rec.replicas.iter().any(|r| r.node == self.cfg.node_id)
+            {
+                continue;
+            }
+            wanted.insert(rec.id.clone());
+            if let Err(e) = self.ensure_locked(rec).await {
+                tracing::warn!(volume = %rec.id, "replica agent: {e}");
+            }
+        }
+        let dir = self.cfg.state_dir.join("rep");
+        let rd = std::fs::read_dir(&dir).map_err(|e| Error::internal(dir.display(), e))?;
+        for entry in rd.flatten() {
+            let Some(id) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if !valid_id(&id) || wanted.contains(&id) {
+                continue;
+            }
+            if self.staged(&id) {
+                tracing::warn!(volume = %id, "replica no longer wanted here but still staged; removing it after NodeUnstageVolume");
+                continue;
+            }
+            if let Err(e) = self.remove_locked(&id).await {
+                tracing::warn!(volume = %id, "removing replica: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure the replica of `rec` runs here (NodeStage calls this
+    /// rather than wait for the next pass).
+    pub async fn ensure(&self, rec: &VolumeRecord) -> Result<Running> {
+        let _l = self.lock.lock().await;
+        self.ensure_locked(rec).await
+    }
+
+    fn config_text(&self, rec: &VolumeRecord) -> Result<String> {
+        let me = rec
+            .replicas
+            .iter()
+            .find(|r| r.node == self.cfg.node_id)
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "node {} holds no replica of {}",
+                    self.cfg.node_id, rec.id
+                ))
+            })?;
+        let replication = if rec.replicas.len() > 1 {
+            let tls = self.cfg.tls.as_ref().ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "volume {} is replicated but this node plugin has no --tls-ca/--tls-cert/--tls-key",
+                    rec.id
+                ))
+            })?;
+            let listen = me.address.ok_or_else(|| {
+                Error::Internal(format!("volume {}: no replication address", rec.id))
+            })?;
+            Some(ReplicationToml {
+                node: self.cfg.node_id.clone(),
+                listen: listen.to_string(),
+                cert: tls.cert.display().to_string(),
+                key: tls.key.display().to_string(),
+                ca: tls.ca.display().to_string(),
+                role: "secondary".into(),
+                protocol: rec.params.protocol.as_str().to_string(),
+                allow_two_primaries: rec.allow_two_primaries,
+                peers: rec
+                    .replicas
+                    .iter()
+                    .filter(|r| r.node != self.cfg.node_id)
+                    .map(|r| PeerToml {
+                        name: r.node.clone(),
+                        address: r.address.map(|a| a.to_string()).unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+        } else {
+            None
+        };
+        let cfg = TandemdToml {
+            export: vec![ExportToml {
+                name: rec.id.clone(),
+                backing: self.backing(&rec.id).display().to_string(),
+                replication,
+            }],
+        };
+        toml::to_string(&cfg).map_err(|e| Error::internal("encoding tandemd.toml", e))
+    }
+
+    /// The replica's `tandemd`, if it runs.
+    pub fn running(&self, id: &str) -> Option<Running> {
+        let dir = self.replica_dir(id);
+        let pid: u32 = std::fs::read_to_string(dir.join("tandemd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        sys::reap(pid as libc::pid_t);
+        if sys::process_matches(pid, &dir.display().to_string()) {
+            Some(Running { pid, dir })
+        } else {
+            None
+        }
+    }
+
+    async fn ensure_locked(&self, rec: &VolumeRecord) -> Result<Running> {
+        let id = &rec.id;
+        let dir = self.replica_dir(id);
+        let text = self.config_text(rec)?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::internal(format!("creating {}", dir.display()), e))?;
+        let backing = self.backing(id);
+        if !backing.exists() {
+            let tandemctl = self.cfg.tandemctl.display().to_string();
+            let b = backing.display().to_string();
+            let size = rec.size.to_string();
+            let uuid = rec.uuid.to_string();
+            sys::run(
+                &tandemctl,
+                &["create", &b, "--size", &size, "--name", id, "--uuid", &uuid],
+            )
+            .await?;
+            tracing::info!(volume = %id, backing = %b, "replica created");
+        }
+        let conf = dir.join("tandemd.toml");
+        let old = std::fs::read_to_string(&conf).ok();
+        if old.as_deref() != Some(text.as_str()) {
+            std::fs::write(&conf, &text)
+                .map_err(|e| Error::internal(format!("writing {}", conf.display()), e))?;
+        }
+        if let Some(r) = self.running(id) {
+            if old.is_none() || old.as_deref() == Some(text.as_str()) || self.staged(id) {
+                return Ok(r);
+            }
+            tracing::info!(volume = %id, "replica configuration changed: restarting tandemd");
+            sys::stop_process(r.pid, &dir.display().to_string(), STOP_GRACE).await;
+        }
+        self.start(id, &dir).await
+    }
+
+    async fn start(&self, id: &str, dir: &Path) -> Result<Running> {
+        let log_path = dir.join("tandemd.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::internal(log_path.display(), e))?;
+        let err_log = log
+            .try_clone()
+            .map_err(|e| Error::internal(log_path.display(), e))?;
+        let sock = dir.join("nbd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = std::process::Command::new(&self.cfg.tandemd)
+            .arg("run")
+            .arg("--config")
+            .arg(dir.join("tandemd.toml"))
+            .arg("--nbd-unix")
+            .arg(&sock)
+            .arg("--admin-socket")
+            .arg(dir.join("admin.sock"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Error::internal(format!("starting {}", self.cfg.tandemd.display()), e))?;
+        let pid = child.id();
+        let pidfile = dir.join("tandemd.pid");
+        std::fs::write(&pidfile, pid.to_string())
+            .map_err(|e| Error::internal(format!("writing {}", pidfile.display()), e))?;
+        crate::node::wait_ready(pid, &log_path, "tandemd", || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        })
+        .await?;
+        tracing::info!(volume = %id, pid, "replica tandemd running");
+        Ok(Running {
+            pid,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    async fn remove_locked(&self, id: &str) -> Result<()> {
+        let dir = self.replica_dir(id);
+        if let Some(r) = self.running(id) {
+            sys::stop_process(r.pid, &dir.display().to_string(), STOP_GRACE).await;
+        }
+        let backing = self.backing(id);
+        match std::fs::remove_file(&backing) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::internal(
+                    format!("removing {}", backing.display()),
+                    e,
+                ))
+            }
+        }
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| Error::internal(format!("removing {}", dir.display()), e))?;
+        tracing::info!(volume = %id, "replica removed (tandemd stopped, backing deleted)");
+        Ok(())
+    }
+
+    async fn ctl(&self, verb: &str, id: &str, r: &Running) -> Result<std::process::Output> {
+        let admin = r.admin_socket().display().to_string();
+        let mut args = vec![verb, id, "--admin-socket", admin.as_str()];
+        if verb == "status" {
+            args.push("--json");
+        }
+        sys::output(&self.cfg.tandemctl.display().to_string(), &args).await
+    }
+
+    /// The export's `replication` status object (`tandemctl status --json`).
+    pub async fn status(&self, id: &str, r: &Running) -> Result<serde_json::Value> {
+        let out = self.ctl("status", id, r).await?;
+        if !out.status.success() {
+            return Err(Error::Internal(format!(
+                "tandemctl status {id}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| Error::internal(format!("tandemctl status {id}: bad JSON"), e))?;
+        Ok(v["exports"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == id))
+            .map(|e| e["replication"].clone())
+            .unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Makes the replica Primary for NodeStageVolume. With peers, first
+    /// waits (up to [`PEER_WAIT`]) until every peer is connected, so the
+    /// handshake has told this node whether its copy is current (a stale
+    /// copy is not UpToDate and tandemd refuses to promote it); for
+    /// dual-primary (`other_primary`) both disks must also be UpToDate and
+    /// replicating, else the stage fails. tandemd's own refusals (disk not UpToDate, a peer already
+    /// Primary without dual-primary) come back as `FAILED_PRECONDITION`.
+    pub async fn promote(
+        &self,
+        rec: &VolumeRecord,
+        r: &Running,
+        other_primary: Option<&str>,
+    ) -> Result<()> {
+        let id = &rec.id;
+        if rec.replicas.len() > 1 {
+            let deadline = Instant::now() + PEER_WAIT;
+            let mut last = serde_json::Value::Null;
+            loop {
+                last = self.status(id, r).await.unwrap_or(last);
+                let peers = last["peers"].as_array().cloned().unwrap_or_default();
+                let connected =
+                    !peers.is_empty() && peers.iter().all(|p| p["connection"] == "Connected");
+                let in_sync = last["disk"] == "UpToDate"
+                    && peers
+                        .iter()
+                        .all(|p| p["disk"] == "UpToDate" && p["replication"] == "Established");
+                let ok = connected && (other_primary.is_none() || in_sync);
+                if ok {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let describe = peers
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{} {}/{}/{}",
+                                p["name"].as_str().unwrap_or("?"),
+                                p["connection"].as_str().unwrap_or("?"),
+                                p["replication"].as_str().unwrap_or("?"),
+                                p["disk"].as_str().unwrap_or("?")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    if let Some(o) = other_primary {
+                        return Err(Error::FailedPrecondition(format!(
+                            "volume {id}: dual-primary needs the other primary {o} connected and \
+                             in sync; local disk {}, peers: {describe}",
+                            last["disk"].as_str().unwrap_or("?")
+                        )));
+                    }
+                    tracing::warn!(volume = %id, peers = %describe, "peers not all connected and in sync; promoting anyway (tandemd decides)");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let out = self.ctl("promote", id, r).await?;
+        if !out.status.success() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id}: this node's replica cannot become Primary: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        tracing::info!(volume = %id, "replica promoted to Primary");
+        Ok(())
+    }
+
+    /// Makes the replica Secondary again (NodeUnstageVolume), retrying
+    /// while requests are still in flight. A replica whose `tandemd` is not
+    /// running is Secondary when it starts again.
+    pub async fn demote(&self, id: &str) -> Result<()> {
+        let Some(r) = self.running(id) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + STOP_GRACE;
+        loop {
+            let out = self.ctl("demote", id, &r).await?;
+            if out.status.success() {
+                tracing::info!(volume = %id, "replica demoted to Secondary");
+                return Ok(());
+            }
+            let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if Instant::now() >= deadline {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id}: demoting the replica: {err}"
+                )));
+            }
+            tracing::debug!(volume = %id, "demote refused, retrying: {err}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
