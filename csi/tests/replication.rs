@@ -530,6 +530,28 @@ fn replicated_volume_moves_between_nodes_with_its_data_and_delete_removes_both_r
     cl.wait_connected(&id);
     assert_eq!(cl.status("a", &id)["role"], "Secondary");
     assert_eq!(cl.status("b", &id)["role"], "Secondary");
+    // The agent keeps its replica running: kill -9 b's tandemd, it comes back.
+    let pidfile = cl.b.path().join("state/rep").join(&id).join("tandemd.pid");
+    let pid = |f: &Path| -> u32 {
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let old = pid(&pidfile);
+    assert!(old > 0);
+    // SAFETY: kill(2) on the tandemd the agent started for this test.
+    unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
+    cl.wait(
+        &id,
+        "b's agent to restart tandemd",
+        Duration::from_secs(20),
+        || {
+            let p = pid(&pidfile);
+            p != old && p != 0
+        },
+    );
+    cl.wait_connected(&id);
 
     block_on(async {
         let dev = attach(&cl, "a", &v, rwo_block()).await.expect("attach a");
