@@ -295,9 +295,21 @@ impl Agent {
         let id = &rec.id;
         let dir = self.replica_dir(id);
         let text = self.config_text(rec)?;
+        let backing = self.backing(id);
+        // The replica directory is created before the backing: a backing
+        // without it was not made by the agent (e.g. served unreplicated
+        // before the agent was turned on) and may differ from the other
+        // replicas while looking just as current.
+        if !dir.exists() && backing.exists() {
+            return Err(Error::FailedPrecondition(format!(
+                "{} exists but was not created by the replica agent (served unreplicated \
+                 before?); refusing to replicate it, since it may differ from the other \
+                 replicas: move it away to let the agent create this replica",
+                backing.display()
+            )));
+        }
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::internal(format!("creating {}", dir.display()), e))?;
-        let backing = self.backing(id);
         if !backing.exists() {
             let tandemctl = self.cfg.tandemctl.display().to_string();
             let b = backing.display().to_string();
@@ -507,5 +519,133 @@ impl Agent {
             tracing::debug!(volume = %id, "demote refused, retrying: {err}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::VolumeParams;
+    use crate::store::{FileStore, Replica, RECORD_VERSION};
+
+    fn agent(dir: &Path, tls: bool) -> Agent {
+        let store = FileStore::open(&dir.join("volumes")).unwrap();
+        Agent::new(
+            AgentConfig {
+                node_id: "a".into(),
+                state_dir: dir.join("state"),
+                data_dir: dir.join("data"),
+                tandemd: "/nonexistent/tandemd".into(),
+                tandemctl: "/nonexistent/tandemctl".into(),
+                tls: tls.then(|| TlsFiles {
+                    ca: "/tls/ca.crt".into(),
+                    cert: "/tls/a.crt".into(),
+                    key: "/tls/a.key".into(),
+                }),
+            },
+            Arc::new(store),
+        )
+        .unwrap()
+    }
+
+    fn record(nodes: &[&str]) -> VolumeRecord {
+        VolumeRecord {
+            version: RECORD_VERSION,
+            id: "tdm-x".into(),
+            name: "x".into(),
+            uuid: uuid::Uuid::nil(),
+            size: 1 << 20,
+            params: VolumeParams::default(),
+            replicas: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Replica {
+                    node: n.to_string(),
+                    zone: format!("z{i}"),
+                    address: Some(format!("10.0.0.{}:{}", i + 1, 7800 + i).parse().unwrap()),
+                })
+                .collect(),
+            witness: None,
+            state: VolumeState::Ready,
+            attachments: vec![],
+            initialized_on: None,
+            allow_two_primaries: true,
+        }
+    }
+
+    #[test]
+    fn config_names_this_node_its_address_and_every_other_replica_as_peer() {
+        let d = tempfile::tempdir().unwrap();
+        let a = agent(d.path(), true);
+        let text = a.config_text(&record(&["b", "a", "c"])).unwrap();
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        let e = &v["export"][0];
+        assert_eq!(e["name"].as_str(), Some("tdm-x"));
+        let r = &e["replication"];
+        assert_eq!(r["node"].as_str(), Some("a"));
+        assert_eq!(r["listen"].as_str(), Some("10.0.0.2:7801"));
+        assert_eq!(r["role"].as_str(), Some("secondary"));
+        assert_eq!(r["allow_two_primaries"].as_bool(), Some(true));
+        assert_eq!(r["cert"].as_str(), Some("/tls/a.crt"));
+        let peers: Vec<(&str, &str)> = r["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["name"].as_str().unwrap(), p["address"].as_str().unwrap()))
+            .collect();
+        assert_eq!(peers, [("b", "10.0.0.1:7800"), ("c", "10.0.0.3:7802")]);
+        // One replica: no replication table, no certificate needed.
+        let text = agent(d.path(), false).config_text(&record(&["a"])).unwrap();
+        assert!(!text.contains("replication"), "{text}");
+    }
+
+    #[test]
+    fn replicated_volumes_need_a_certificate_and_a_replica_here() {
+        let d = tempfile::tempdir().unwrap();
+        let e = agent(d.path(), false)
+            .config_text(&record(&["a", "b"]))
+            .unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)) && e.to_string().contains("--tls-cert"));
+        let e = agent(d.path(), true)
+            .config_text(&record(&["b", "c"]))
+            .unwrap_err();
+        assert!(e.to_string().contains("holds no replica"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_backing_the_agent_did_not_create_is_not_replicated() {
+        let d = tempfile::tempdir().unwrap();
+        let a = agent(d.path(), true);
+        std::fs::create_dir_all(d.path().join("data")).unwrap();
+        std::fs::write(d.path().join("data/tdm-x.img"), b"old unreplicated data").unwrap();
+        let e = a.ensure(&record(&["a", "b"])).await.unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        assert!(
+            e.to_string().contains("not created by the replica agent"),
+            "{e}"
+        );
+        assert!(!d.path().join("state/rep/tdm-x").exists());
+        assert_eq!(
+            std::fs::read(d.path().join("data/tdm-x.img")).unwrap(),
+            b"old unreplicated data"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_store_removes_nothing_and_an_orphan_replica_is_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let a = agent(d.path(), true);
+        // A replica directory with no record: removed with its backing.
+        std::fs::create_dir_all(d.path().join("state/rep/tdm-gone")).unwrap();
+        std::fs::create_dir_all(d.path().join("data")).unwrap();
+        std::fs::write(d.path().join("data/tdm-gone.img"), b"x").unwrap();
+        // A corrupt record makes the store unreadable: nothing is removed.
+        std::fs::write(d.path().join("volumes/tdm-bad.json"), b"{").unwrap();
+        assert!(a.reconcile().await.is_err());
+        assert!(d.path().join("data/tdm-gone.img").exists());
+        std::fs::remove_file(d.path().join("volumes/tdm-bad.json")).unwrap();
+        a.reconcile().await.unwrap();
+        assert!(!d.path().join("data/tdm-gone.img").exists());
+        assert!(!d.path().join("state/rep/tdm-gone").exists());
     }
 }

@@ -556,6 +556,29 @@ fn replicated_volume_moves_between_nodes_with_its_data_and_delete_removes_both_r
     block_on(async {
         let dev = attach(&cl, "a", &v, rwo_block()).await.expect("attach a");
         assert_eq!(cl.status("a", &id)["role"], "Primary");
+        // b cannot become a second Primary of a single-writer volume, even
+        // when asked directly: tandemd refuses, the stage fails cleanly.
+        let mut nb = cl.b.node_client().await;
+        let msg = expect_code(
+            nb.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                publish_context: map(&[("tandem.io/role", "primary")]),
+                staging_target_path: cl.b.path().join("staging").join(&id).display().to_string(),
+                volume_capability: Some(rwo_block()),
+                volume_context: v.volume_context.clone(),
+                ..Default::default()
+            })
+            .await,
+            Code::FailedPrecondition,
+        );
+        assert!(msg.contains("Primary"), "{msg}");
+        assert!(!cl
+            .b
+            .path()
+            .join("state/staged")
+            .join(format!("{id}.json"))
+            .exists());
+        assert_eq!(cl.status("b", &id)["role"], "Secondary");
         fio(&dev, 7, false);
         detach(&cl, "a", &id).await;
         assert_eq!(cl.status("a", &id)["role"], "Secondary");
