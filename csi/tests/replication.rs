@@ -477,7 +477,22 @@ fn fio(dev: &Path, seed: u32, verify_only: bool) {
     } else {
         cmd.arg("--do_verify=0");
     }
+    let start = Instant::now();
     let out = cmd.output().expect("spawn fio");
+    let summary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with(if verify_only { "READ:" } else { "WRITE:" })
+        })
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    eprintln!(
+        "fio seed {seed} verify_only={verify_only} on {}: {:?}: {summary}",
+        dev.display(),
+        start.elapsed()
+    );
     assert!(
         out.status.success(),
         "fio (seed {seed}, verify_only={verify_only}) on {} failed:\n{}\n{}",
@@ -527,7 +542,9 @@ fn replicated_volume_moves_between_nodes_with_its_data_and_delete_removes_both_r
     assert_eq!(replica_nodes(&v), ["a", "b"]);
     let id = v.volume_id.clone();
     // Both agents realise their replica without any CSI call on the nodes.
+    let t = Instant::now();
     cl.wait_connected(&id);
+    eprintln!("CreateVolume to both replicas connected: {:?}", t.elapsed());
     assert_eq!(cl.status("a", &id)["role"], "Secondary");
     assert_eq!(cl.status("b", &id)["role"], "Secondary");
     // The agent keeps its replica running: kill -9 b's tandemd, it comes back.
@@ -554,7 +571,12 @@ fn replicated_volume_moves_between_nodes_with_its_data_and_delete_removes_both_r
     cl.wait_connected(&id);
 
     block_on(async {
+        let t = Instant::now();
         let dev = attach(&cl, "a", &v, rwo_block()).await.expect("attach a");
+        eprintln!(
+            "publish + stage (promote, nbdfuse, loop) on a: {:?}",
+            t.elapsed()
+        );
         assert_eq!(cl.status("a", &id)["role"], "Primary");
         // b cannot become a second Primary of a single-writer volume, even
         // when asked directly: tandemd refuses, the stage fails cleanly.
@@ -622,7 +644,9 @@ fn live_migration_rehearsal_dual_primary_handoff_and_third_attach_refused() {
         let src = attach(&cl, "a", &v, rwx_block()).await.expect("attach a");
         fio(&src, 11, false);
         // The target attaches while the source still is Primary: dual-primary.
+        let t = Instant::now();
         let dst = attach(&cl, "b", &v, rwx_block()).await.expect("attach b");
+        eprintln!("second attachment (dual-primary) on b: {:?}", t.elapsed());
         assert_eq!(cl.status("a", &id)["role"], "Primary");
         assert_eq!(cl.status("b", &id)["role"], "Primary");
         // A third node is refused.
@@ -644,7 +668,12 @@ fn live_migration_rehearsal_dual_primary_handoff_and_third_attach_refused() {
         fio(&dst, 12, false);
         fio(&dst, 12, true);
         // The source detaches: b is the single Primary again.
+        let t = Instant::now();
         detach(&cl, "a", &id).await;
+        eprintln!(
+            "source detach (unpublish, demote, unpublish): {:?}",
+            t.elapsed()
+        );
         let (sa, sb) = (cl.status("a", &id), cl.status("b", &id));
         assert_eq!(sa["role"], "Secondary", "{sa}");
         assert_eq!(sb["role"], "Primary", "{sb}");
