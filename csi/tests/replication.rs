@@ -536,7 +536,7 @@ fn replicated_volume_moves_between_nodes_with_its_data_and_delete_removes_both_r
         return;
     }
     let _serial = heavy_lock();
-    let cl = Cluster::start(bins);
+    let mut cl = Cluster::start(bins);
     let _cleanup = cl.cleanup();
     let v = create(&cl, "pvc-moving", rwo_block());
     assert_eq!(replica_nodes(&v), ["a", "b"]);
@@ -602,6 +602,21 @@ fn replicated_volume_moves_between_nodes_with_its_data_and_delete_removes_both_r
             .exists());
         assert_eq!(cl.status("b", &id)["role"], "Secondary");
         fio(&dev, 7, false);
+    });
+    // A plugin restart keeps the replica's tandemd (its own process group)
+    // and finds it again: same pid, still Primary, and unstage demotes it.
+    let pidfile_a = cl.a.path().join("state/rep").join(&id).join("tandemd.pid");
+    let before = pid(&pidfile_a);
+    cl.a.stop();
+    cl.a.start();
+    std::thread::sleep(Duration::from_millis(1500)); // a reconcile pass
+    assert_eq!(
+        pid(&pidfile_a),
+        before,
+        "the agent restarted a running tandemd"
+    );
+    assert_eq!(cl.status("a", &id)["role"], "Primary");
+    block_on(async {
         detach(&cl, "a", &id).await;
         assert_eq!(cl.status("a", &id)["role"], "Secondary");
 
