@@ -510,7 +510,10 @@ impl NodeService {
         })
         .await?;
         let file_s = file.display().to_string();
-        let dev = sys::run("losetup", &["--find", "--show", &file_s])
+        // --direct-io: the loop device reads and writes the nbdfuse file
+        // with O_DIRECT, past the page cache, so a block another Primary
+        // wrote (dual-primary) is never served stale from this node's cache.
+        let dev = sys::run("losetup", &["--find", "--show", "--direct-io=on", &file_s])
             .await?
             .trim()
             .to_string();

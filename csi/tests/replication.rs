@@ -458,6 +458,12 @@ async fn detach(cl: &Cluster, n: &str, id: &str) {
 /// fio on a block device: write a verifiable pattern (seed `seed`) over
 /// the whole device, or (`verify_only`) read it back and check every block.
 fn fio(dev: &Path, seed: u32, verify_only: bool) {
+    let start = Instant::now();
+    let out = fio_cmd(dev, seed, verify_only).output().expect("spawn fio");
+    check_fio(dev, seed, verify_only, start, out);
+}
+
+fn fio_cmd(dev: &Path, seed: u32, verify_only: bool) -> Command {
     let mut cmd = Command::new("fio");
     cmd.current_dir(dev.parent().expect("parent")).args([
         "--name=csi",
@@ -477,8 +483,10 @@ fn fio(dev: &Path, seed: u32, verify_only: bool) {
     } else {
         cmd.arg("--do_verify=0");
     }
-    let start = Instant::now();
-    let out = cmd.output().expect("spawn fio");
+    cmd
+}
+
+fn check_fio(dev: &Path, seed: u32, verify_only: bool, start: Instant, out: std::process::Output) {
     let summary = String::from_utf8_lossy(&out.stdout)
         .lines()
         .find(|l| {
@@ -498,6 +506,46 @@ fn fio(dev: &Path, seed: u32, verify_only: bool) {
         "fio (seed {seed}, verify_only={verify_only}) on {} failed:\n{}\n{}",
         dev.display(),
         String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// 4 KiB block `block` of `dev`, read with O_DIRECT.
+fn dd_read(dev: &Path, block: u64) -> Vec<u8> {
+    let out = Command::new("dd")
+        .arg(format!("if={}", dev.display()))
+        .args(["bs=4096", "count=1", "iflag=direct", "status=none"])
+        .arg(format!("skip={block}"))
+        .output()
+        .expect("dd");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Writes 4 KiB block `block` of `dev` with O_DIRECT.
+fn dd_write(dev: &Path, block: u64, data: &[u8]) {
+    let src = dev.with_file_name("block.in");
+    std::fs::write(&src, data).expect("write block.in");
+    let out = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", dev.display()))
+        .args([
+            "bs=4096",
+            "count=1",
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+        ])
+        .arg(format!("seek={block}"))
+        .output()
+        .expect("dd");
+    assert!(
+        out.status.success(),
+        "{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -657,13 +705,29 @@ fn live_migration_rehearsal_dual_primary_handoff_and_third_attach_refused() {
     block_on(async {
         // The source: the VM writes through a.
         let src = attach(&cl, "a", &v, rwx_block()).await.expect("attach a");
-        fio(&src, 11, false);
-        // The target attaches while the source still is Primary: dual-primary.
+        let started = Instant::now();
+        let writer = fio_cmd(&src, 11, false)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn fio");
+        std::thread::sleep(Duration::from_millis(500));
+        // The target attaches while the source is Primary and writing:
+        // dual-primary.
         let t = Instant::now();
         let dst = attach(&cl, "b", &v, rwx_block()).await.expect("attach b");
         eprintln!("second attachment (dual-primary) on b: {:?}", t.elapsed());
         assert_eq!(cl.status("a", &id)["role"], "Primary");
         assert_eq!(cl.status("b", &id)["role"], "Primary");
+        // The source's writer was still writing when the target became
+        // Primary (it runs for seconds; the attach takes ~0.1 s).
+        let mut writer = writer;
+        assert!(
+            writer.try_wait().expect("try_wait").is_none(),
+            "the source's writer finished before the target attached; the hand-off did not overlap"
+        );
+        let out = writer.wait_with_output().expect("fio");
+        check_fio(&src, 11, false, started, out);
         // A third node is refused.
         let mut c = cl.ctrl.controller_client().await;
         let msg = expect_code(
@@ -680,6 +744,22 @@ fn live_migration_rehearsal_dual_primary_handoff_and_third_attach_refused() {
         // Hand-off: the source's writer has stopped; the target reads every
         // block the source wrote, then writes and verifies its own.
         fio(&dst, 11, true);
+        // Both sides read what the other just wrote, even a block they
+        // had read before (no stale cache on either node): what QEMU with
+        // cache=none relies on while both run.
+        for (reader, writer, mark) in [(&dst, &src, b'A'), (&src, &dst, b'B')] {
+            let before = dd_read(reader, 5);
+            let data = vec![mark; 4096];
+            assert_ne!(before, data);
+            dd_write(writer, 5, &data);
+            let after = dd_read(reader, 5);
+            assert!(
+                after == data,
+                "a stale block was read after the other node wrote it: {:?}… instead of {:?}…",
+                &after[..8],
+                &data[..8]
+            );
+        }
         fio(&dst, 12, false);
         fio(&dst, 12, true);
         // The source detaches: b is the single Primary again.
