@@ -433,8 +433,10 @@ impl Agent {
     /// handshake has told this node whether its copy is current (a stale
     /// copy is not UpToDate and tandemd refuses to promote it); for
     /// dual-primary (`other_primary`) both disks must also be UpToDate and
-    /// replicating, else the stage fails. tandemd's own refusals (disk not UpToDate, a peer already
-    /// Primary without dual-primary) come back as `FAILED_PRECONDITION`.
+    /// replicating, else the stage fails. tandemd's refusals (disk not
+    /// UpToDate, a peer already Primary without dual-primary) are retried
+    /// for [`PEER_WAIT`] (a dead peer is still "connected" for its peer
+    /// timeout), then come back as `FAILED_PRECONDITION` with its reason.
     pub async fn promote(
         &self,
         rec: &VolumeRecord,
@@ -485,15 +487,25 @@ impl Agent {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let out = self.ctl("promote", id, r).await?;
-        if !out.status.success() {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id}: this node's replica cannot become Primary: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+        // A refusal may be stale news: a peer whose node just died still
+        // counts as connected (and Primary) until its peer timeout (5 s).
+        // Retry until PEER_WAIT is over, then report tandemd's reason.
+        let deadline = Instant::now() + PEER_WAIT;
+        loop {
+            let out = self.ctl("promote", id, r).await?;
+            if out.status.success() {
+                tracing::info!(volume = %id, "replica promoted to Primary");
+                return Ok(());
+            }
+            let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if Instant::now() >= deadline {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id}: this node's replica cannot become Primary: {err}"
+                )));
+            }
+            tracing::debug!(volume = %id, "promote refused, retrying: {err}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        tracing::info!(volume = %id, "replica promoted to Primary");
-        Ok(())
     }
 
     /// Makes the replica Secondary again (NodeUnstageVolume), retrying

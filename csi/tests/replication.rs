@@ -800,3 +800,87 @@ fn live_migration_rehearsal_dual_primary_handoff_and_third_attach_refused() {
     );
     block_on(cl.delete_and_wait_removed(&id));
 }
+
+#[test]
+fn losing_the_primarys_room_the_other_replica_takes_over_with_every_write_and_the_room_resyncs() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices() {
+        return;
+    }
+    let _serial = heavy_lock();
+    let mut cl = Cluster::start(bins);
+    let _cleanup = cl.cleanup();
+    let v = create(&cl, "pvc-room-loss", rwo_block());
+    let id = v.volume_id.clone();
+    cl.wait_connected(&id);
+    block_on(async {
+        let dev = attach(&cl, "a", &v, rwo_block()).await.expect("attach a");
+        fio(&dev, 21, false);
+    });
+    // Room a goes dark: its plugin, tandemd and nbdfuse are killed (SIGKILL,
+    // nothing flushed), its loop device and mounts vanish as in a reboot.
+    drop(Cleanup(vec![cl.a.path().to_path_buf()]));
+    cl.a.wait_exit(Duration::from_secs(10));
+    block_on(async {
+        // The CO force-detaches the dead node and attaches the volume in
+        // room b: the stage waits for the peer, then promotes without it.
+        let mut c = cl.ctrl.controller_client().await;
+        c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerUnpublish a");
+        let t = Instant::now();
+        let dev = attach(&cl, "b", &v, rwo_block()).await.expect("attach b");
+        eprintln!("stage on b with room a down: {:?}", t.elapsed());
+        assert_eq!(cl.status("b", &id)["role"], "Primary");
+        // Every write acknowledged in room a is there.
+        fio(&dev, 21, true);
+        // Writes continue in room b alone.
+        fio(&dev, 22, false);
+    });
+    // Room a returns: its agent restarts the replica as Secondary, and b
+    // resyncs it.
+    cl.a.start();
+    let t = Instant::now();
+    cl.wait(
+        &id,
+        "a to be resynced from b",
+        Duration::from_secs(60),
+        || {
+            let sa = cl.status("a", &id);
+            let sb = cl.status("b", &id);
+            sa["role"] == "Secondary"
+                && sa["disk"] == "UpToDate"
+                && sb["peers"][0]["disk"] == "UpToDate"
+                && sb["peers"][0]["replication"] == "Established"
+        },
+    );
+    eprintln!("room a back in sync: {:?}", t.elapsed());
+    block_on(async {
+        // The kubelet on the rebooted node unstages what it had staged.
+        let mut na = cl.a.node_client().await;
+        na.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: cl.a.path().join("pods/vm/disk").display().to_string(),
+        })
+        .await
+        .expect("NodeUnpublish a");
+        na.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: cl.a.path().join("staging").join(&id).display().to_string(),
+        })
+        .await
+        .expect("NodeUnstage a after its reboot");
+        detach(&cl, "b", &id).await;
+    });
+    let (da, db) = (cl.data_area("a", &id), cl.data_area("b", &id));
+    assert_eq!(
+        da.iter().zip(&db).position(|(x, y)| x != y),
+        None,
+        "the returned room's replica differs from the survivor's"
+    );
+    block_on(cl.delete_and_wait_removed(&id));
+}
