@@ -124,6 +124,10 @@ struct ReplicationToml {
     protocol: String,
     allow_two_primaries: bool,
     peers: Vec<PeerToml>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    witness: Option<PeerToml>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auto_failover: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -184,14 +188,19 @@ impl Agent {
         let records = self.store.list()?;
         let mut wanted = BTreeSet::new();
         for rec in &records {
-            if rec.state == VolumeState::Deleting
-                || !rec.replicated()
-                || !rec.replicas.iter().any(|r| r.node == self.cfg.node_id)
-            {
+            if rec.state == VolumeState::Deleting || !rec.replicated() {
                 continue;
             }
-            wanted.insert(rec.id.clone());
-            if let Err(e) = self.ensure_locked(rec).await {
+            let result = if rec.replicas.iter().any(|r| r.node == self.cfg.node_id) {
+                wanted.insert(rec.id.clone());
+                self.ensure_locked(rec).await.map(|_| ())
+            } else if self.is_witness(rec) {
+                wanted.insert(rec.id.clone());
+                self.ensure_witness(rec).await
+            } else {
+                continue;
+            };
+            if let Err(e) = result {
                 tracing::warn!(volume = %rec.id, "replica agent: {e}");
             }
         }
@@ -261,6 +270,20 @@ impl Agent {
                         address: r.address.map(|a| a.to_string()).unwrap_or_default(),
                     })
                     .collect(),
+                witness: rec
+                    .witness
+                    .as_ref()
+                    .zip(rec.witness_address)
+                    .map(|(name, a)| PeerToml {
+                        name: name.clone(),
+                        address: a.to_string(),
+                    }),
+                // The CO decides where the volume is Primary (NodeStage);
+                // the witness only arbitrates who may write alone. A replica
+                // promoting itself would stay Primary with no stage to
+                // demote it.
+                auto_failover: (rec.witness_address.is_some() && rec.witness.is_some())
+                    .then_some(false),
             })
         } else {
             None
@@ -273,6 +296,83 @@ impl Agent {
             }],
         };
         toml::to_string(&cfg).map_err(|e| Error::internal("encoding tandemd.toml", e))
+    }
+
+    fn is_witness(&self, rec: &VolumeRecord) -> bool {
+        rec.witness.as_deref() == Some(self.cfg.node_id.as_str()) && rec.witness_address.is_some()
+    }
+
+    /// Keeps this volume's `tandemd witness` running on this node (the
+    /// record names it the witness): listening on the record's witness
+    /// address, admitting the replica nodes, its state in the volume's
+    /// directory.
+    async fn ensure_witness(&self, rec: &VolumeRecord) -> Result<()> {
+        let id = &rec.id;
+        let dir = self.replica_dir(id);
+        if self.running(id).is_some() {
+            return Ok(());
+        }
+        let tls = self.cfg.tls.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "this node is the witness of {id} but the node plugin has no --tls-ca/--tls-cert/--tls-key"
+            ))
+        })?;
+        let listen = rec
+            .witness_address
+            .ok_or_else(|| Error::Internal(format!("volume {id}: no witness address")))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::internal(format!("creating {}", dir.display()), e))?;
+        let allow = rec
+            .replicas
+            .iter()
+            .map(|r| r.node.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let log_path = dir.join("witness.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::internal(log_path.display(), e))?;
+        let err_log = log
+            .try_clone()
+            .map_err(|e| Error::internal(log_path.display(), e))?;
+        let child = std::process::Command::new(&self.cfg.tandemd)
+            .arg("witness")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--allow")
+            .arg(&allow)
+            .arg("--cert")
+            .arg(&tls.cert)
+            .arg("--key")
+            .arg(&tls.key)
+            .arg("--ca")
+            .arg(&tls.ca)
+            .arg("--state")
+            .arg(dir.join("witness.json"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Error::internal(format!("starting {}", self.cfg.tandemd.display()), e))?;
+        let pid = child.id();
+        let pidfile = dir.join("tandemd.pid");
+        std::fs::write(&pidfile, pid.to_string())
+            .map_err(|e| Error::internal(format!("writing {}", pidfile.display()), e))?;
+        // No socket to wait for: give it a moment to fail on bad input.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sys::reap(pid as libc::pid_t);
+        if !sys::process_matches(pid, &dir.display().to_string()) {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(Error::Internal(format!(
+                "tandemd witness for {id} exited: {}",
+                tail.lines().rev().take(5).collect::<Vec<_>>().join(" / ")
+            )));
+        }
+        tracing::info!(volume = %id, pid, %listen, "witness running");
+        Ok(())
     }
 
     /// The replica's `tandemd`, if it runs.
@@ -582,6 +682,7 @@ mod tests {
             attachments: vec![],
             initialized_on: None,
             allow_two_primaries: true,
+            witness_address: None,
         }
     }
 
@@ -606,6 +707,16 @@ mod tests {
             .map(|p| (p["name"].as_str().unwrap(), p["address"].as_str().unwrap()))
             .collect();
         assert_eq!(peers, [("b", "10.0.0.1:7800"), ("c", "10.0.0.3:7802")]);
+        assert!(r.get("witness").is_none() && r.get("auto_failover").is_none());
+        // With a witness: named, and no self-promotion (the CO decides).
+        let mut rec = record(&["b", "a"]);
+        rec.witness = Some("w".into());
+        rec.witness_address = Some("10.0.0.9:7805".parse().unwrap());
+        let v: toml::Value = toml::from_str(&a.config_text(&rec).unwrap()).unwrap();
+        let r = &v["export"][0]["replication"];
+        assert_eq!(r["witness"]["name"].as_str(), Some("w"));
+        assert_eq!(r["witness"]["address"].as_str(), Some("10.0.0.9:7805"));
+        assert_eq!(r["auto_failover"].as_bool(), Some(false));
         // One replica: no replication table, no certificate needed.
         let text = agent(d.path(), false).config_text(&record(&["a"])).unwrap();
         assert!(!text.contains("replication"), "{text}");

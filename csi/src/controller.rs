@@ -210,7 +210,12 @@ impl ControllerService {
         }
         let mut used: std::collections::BTreeSet<std::net::SocketAddr> = records
             .iter()
-            .flat_map(|r| r.replicas.iter().filter_map(|rep| rep.address))
+            .flat_map(|r| {
+                r.replicas
+                    .iter()
+                    .filter_map(|rep| rep.address)
+                    .chain(r.witness_address)
+            })
             .collect();
         let mut out = Vec::new();
         for ip in ips {
@@ -337,8 +342,14 @@ impl ControllerService {
         } else {
             None
         };
-        let names: Vec<&str> = chosen.iter().map(|n| n.name.as_str()).collect();
-        let addresses = self.replication_addresses(&names, &records)?;
+        // Replicas first, then the witness: it listens on its node too.
+        let mut names: Vec<&str> = chosen.iter().map(|n| n.name.as_str()).collect();
+        names.extend(witness.as_deref());
+        let mut addresses = self.replication_addresses(&names, &records)?;
+        let witness_address = match (&witness, addresses.as_mut()) {
+            (Some(_), Some(a)) => a.pop(),
+            _ => None,
+        };
         let allow_two_primaries = params.protocol == crate::params::Protocol::C
             && caps
                 .iter()
@@ -367,6 +378,7 @@ impl ControllerService {
             attachments: Vec::new(),
             initialized_on: None,
             allow_two_primaries,
+            witness_address,
         };
         self.store.put(&rec)?;
         if self.hooks.crash_after_creating {

@@ -89,6 +89,10 @@ pub struct VolumeRecord {
     /// with protocol C (live migration).
     #[serde(default)]
     pub allow_two_primaries: bool,
+    /// Where the witness node's `tandemd witness` for this volume listens,
+    /// when the volume has a witness and is replicated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness_address: Option<std::net::SocketAddr>,
 }
 
 impl VolumeRecord {
@@ -239,6 +243,7 @@ mod tests {
             attachments: vec![],
             initialized_on: None,
             allow_two_primaries: false,
+            witness_address: None,
         }
     }
 

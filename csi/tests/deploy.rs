@@ -89,6 +89,7 @@ fn crd_mirrors_the_volume_record_fields() {
         "initialized_on:",
         "address:",
         "allow_two_primaries:",
+        "witness_address:",
         "multi_node:",
         "readonly:",
     ] {

@@ -146,6 +146,8 @@ struct Cluster {
     ctrl: Driver,
     a: Driver,
     b: Driver,
+    /// Node c (room-c), started only for volumes with a witness.
+    c: Option<Driver>,
     _certs: tempfile::TempDir,
     tandemctl: PathBuf,
 }
@@ -169,7 +171,12 @@ fn free_udp_port() -> u16 {
 }
 
 impl Cluster {
-    fn start((tandemd, tandemctl): (PathBuf, PathBuf)) -> Cluster {
+    fn start(bins: (PathBuf, PathBuf)) -> Cluster {
+        Self::start_with(bins, false)
+    }
+
+    /// With `with_c`, node c's plugin runs too (the witness's node).
+    fn start_with((tandemd, tandemctl): (PathBuf, PathBuf), with_c: bool) -> Cluster {
         let certs = tempfile::Builder::new()
             .prefix("tandem-csi-certs-")
             .tempdir()
@@ -179,7 +186,7 @@ impl Cluster {
                 .args(["ca", "create", "--dir"])
                 .arg(certs.path()),
         );
-        for n in ["a", "b"] {
+        for n in ["a", "b", "c"] {
             run_ok(
                 Command::new(&tandemctl)
                     .args(["cert", "issue", "--ca-dir"])
@@ -259,25 +266,27 @@ address = "127.0.0.1"
             Driver::start_with(dir, args, &[])
         };
         let (a, b) = (node("a"), node("b"));
+        let c = with_c.then(|| node("c"));
         Cluster {
             ctrl,
             a,
             b,
+            c,
             _certs: certs,
             tandemctl,
         }
     }
 
     fn cleanup(&self) -> Cleanup {
-        Cleanup(vec![
-            self.a.path().to_path_buf(),
-            self.b.path().to_path_buf(),
-        ])
+        let mut dirs = vec![self.a.path().to_path_buf(), self.b.path().to_path_buf()];
+        dirs.extend(self.c.as_ref().map(|c| c.path().to_path_buf()));
+        Cleanup(dirs)
     }
 
     fn node(&self, n: &str) -> &Driver {
         match n {
             "a" => &self.a,
+            "c" => self.c.as_ref().expect("node c runs"),
             _ => &self.b,
         }
     }
@@ -367,7 +376,12 @@ address = "127.0.0.1"
         })
         .await
         .expect("DeleteVolume");
-        for n in ["a", "b"] {
+        let nodes = if self.c.is_some() {
+            &["a", "b", "c"][..]
+        } else {
+            &["a", "b"][..]
+        };
+        for n in nodes {
             let rep = self.node(n).path().join("state/rep").join(id);
             self.wait(
                 id,
@@ -464,20 +478,23 @@ fn fio(dev: &Path, seed: u32, verify_only: bool) {
 }
 
 fn fio_cmd(dev: &Path, seed: u32, verify_only: bool) -> Command {
-    let mut cmd = Command::new("fio");
-    cmd.current_dir(dev.parent().expect("parent")).args([
-        "--name=csi",
-        &format!("--filename={}", dev.display()),
-        "--ioengine=psync",
-        "--direct=1",
-        "--rw=randwrite",
-        "--bsrange=4k-64k",
-        &format!("--size={VOL}"),
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        &format!("--randseed={seed}"),
-    ]);
+    // Bounded: a Primary that may not write (no quorum) holds its writes.
+    let mut cmd = Command::new("timeout");
+    cmd.args(["120", "fio"])
+        .current_dir(dev.parent().expect("parent"))
+        .args([
+            "--name=csi",
+            &format!("--filename={}", dev.display()),
+            "--ioengine=psync",
+            "--direct=1",
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            &format!("--size={VOL}"),
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            &format!("--randseed={seed}"),
+        ]);
     if verify_only {
         cmd.arg("--verify_only");
     } else {
@@ -551,9 +568,18 @@ fn dd_write(dev: &Path, block: u64, data: &[u8]) {
 }
 
 fn create(cl: &Cluster, name: &str, cap: csi::VolumeCapability) -> csi::Volume {
+    create_with(cl, name, cap, &[("replicas", "2")])
+}
+
+fn create_with(
+    cl: &Cluster,
+    name: &str,
+    cap: csi::VolumeCapability,
+    params: &[(&str, &str)],
+) -> csi::Volume {
     block_on(async {
         let mut c = cl.ctrl.controller_client().await;
-        let mut req = create_req(name, VOL as i64, vec![cap], &[("replicas", "2")]);
+        let mut req = create_req(name, VOL as i64, vec![cap], params);
         req.accessibility_requirements = Some(csi::TopologyRequirement {
             requisite: vec![],
             preferred: vec![topo(&[(ZONE, "room-a")])],
@@ -803,16 +829,47 @@ fn live_migration_rehearsal_dual_primary_handoff_and_third_attach_refused() {
 
 #[test]
 fn losing_the_primarys_room_the_other_replica_takes_over_with_every_write_and_the_room_resyncs() {
+    room_loss(false);
+}
+
+/// The same with a witness on node c (room-c): the agents run `tandemd
+/// witness` there and configure both replicas with it; the surviving room
+/// is granted writing alone, the returning room is told it missed writes.
+#[test]
+fn with_a_witness_on_a_third_node_the_surviving_room_takes_over_and_delete_removes_the_witness() {
+    room_loss(true);
+}
+
+fn room_loss(witness: bool) {
     let Some(bins) = tandem_bins() else { return };
     if !require_devices() {
         return;
     }
     let _serial = heavy_lock();
-    let mut cl = Cluster::start(bins);
+    let mut cl = Cluster::start_with(bins, witness);
     let _cleanup = cl.cleanup();
-    let v = create(&cl, "pvc-room-loss", rwo_block());
+    let params: &[(&str, &str)] = if witness {
+        &[("replicas", "2"), ("witness", "true")]
+    } else {
+        &[("replicas", "2")]
+    };
+    let v = create_with(&cl, "pvc-room-loss", rwo_block(), params);
     let id = v.volume_id.clone();
+    assert_eq!(replica_nodes(&v), ["a", "b"]);
     cl.wait_connected(&id);
+    if witness {
+        assert_eq!(v.volume_context["tandem.io/witness"], "c");
+        cl.wait(
+            &id,
+            "both replicas to reach the witness",
+            Duration::from_secs(30),
+            || {
+                ["a", "b"]
+                    .iter()
+                    .all(|n| cl.status(n, &id)["quorum"]["witness_connected"] == true)
+            },
+        );
+    }
     block_on(async {
         let dev = attach(&cl, "a", &v, rwo_block()).await.expect("attach a");
         fio(&dev, 21, false);
@@ -840,6 +897,11 @@ fn losing_the_primarys_room_the_other_replica_takes_over_with_every_write_and_th
         fio(&dev, 21, true);
         // Writes continue in room b alone.
         fio(&dev, 22, false);
+        if witness {
+            // ... because the witness granted b writing alone.
+            let q = cl.status("b", &id)["quorum"].clone();
+            assert_eq!(q["solo_granted"], true, "{q}");
+        }
     });
     // Room a returns: its agent restarts the replica as Secondary, and b
     // resyncs it.
