@@ -98,6 +98,8 @@ pub struct Agent {
     store: Arc<dyn VolumeStore>,
     /// Serialises reconcile passes with the stage/unstage calls into them.
     lock: tokio::sync::Mutex<()>,
+    /// The last error per volume, logged once rather than every second.
+    last_error: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 #[derive(Serialize)]
@@ -146,6 +148,7 @@ impl Agent {
             cfg,
             store,
             lock: tokio::sync::Mutex::new(()),
+            last_error: Default::default(),
         })
     }
 
@@ -200,9 +203,7 @@ impl Agent {
             } else {
                 continue;
             };
-            if let Err(e) = result {
-                tracing::warn!(volume = %rec.id, "replica agent: {e}");
-            }
+            self.note(&rec.id, result);
         }
         let dir = self.cfg.state_dir.join("rep");
         let rd = std::fs::read_dir(&dir).map_err(|e| Error::internal(dir.display(), e))?;
@@ -217,11 +218,30 @@ impl Agent {
                 tracing::warn!(volume = %id, "replica no longer wanted here but still staged; removing it after NodeUnstageVolume");
                 continue;
             }
-            if let Err(e) = self.remove_locked(&id).await {
-                tracing::warn!(volume = %id, "removing replica: {e}");
-            }
+            let removed = self.remove_locked(&id).await;
+            self.note(&id, removed);
         }
         Ok(())
+    }
+
+    /// Logs a reconcile error for volume `id` when it is new (a persistent
+    /// one is logged once, not every pass), and its end.
+    fn note(&self, id: &str, result: Result<()>) {
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) => {
+                if last.remove(id).is_some() {
+                    tracing::info!(volume = %id, "replica agent: recovered");
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if last.get(id) != Some(&msg) {
+                    tracing::warn!(volume = %id, "replica agent: {msg}");
+                    last.insert(id.to_string(), msg);
+                }
+            }
+        }
     }
 
     /// Makes sure the replica of `rec` runs here (NodeStage calls this
