@@ -163,6 +163,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for m in identity.missing() {
                     tracing::warn!("missing {m}: Probe reports not ready until it is installed");
                 }
+                let volumes_dir_set = volumes_dir.is_some();
+                let tls_set = tls_cert.is_some();
                 let node = NodeService::new(NodeConfig {
                     node_id,
                     topology: labels,
@@ -176,6 +178,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         _ => None,
                     },
                 })?;
+                if volumes_dir_set && !tls_set {
+                    tracing::warn!("--volumes-dir without --tls-ca/--tls-cert/--tls-key: volumes with more than one replica cannot be replicated on this node");
+                }
                 if let Some(agent) = node.agent() {
                     tracing::info!(
                         "replica agent on: reconciling every {:?}",
