@@ -80,7 +80,12 @@ pub struct ControllerService {
     /// created at once never count the same free space twice.
     alloc: tokio::sync::Mutex<()>,
     hooks: TestHooks,
+    /// UDP ports replicas may listen on (`--replication-ports`).
+    ports: std::ops::RangeInclusive<u16>,
 }
+
+/// The default `--replication-ports`.
+pub const DEFAULT_REPLICATION_PORTS: std::ops::RangeInclusive<u16> = 7800..=8799;
 
 /// The volume id for a CSI name: `tdm-<uuid v5 of the name>`. Deterministic,
 /// so a retried CreateVolume finds its record even after a crash.
@@ -176,7 +181,60 @@ impl ControllerService {
             inflight: InFlight::default(),
             alloc: tokio::sync::Mutex::new(()),
             hooks,
+            ports: DEFAULT_REPLICATION_PORTS,
         }
+    }
+
+    /// Replicas listen on ports of `ports` (one per replica and volume,
+    /// distinct per address).
+    pub fn with_replication_ports(mut self, ports: std::ops::RangeInclusive<u16>) -> Self {
+        self.ports = ports;
+        self
+    }
+
+    /// Replication addresses for replicas on `nodes`: each node's inventory
+    /// address with the lowest port of the range no other replica on that
+    /// address uses. `None` when a node has no address (the volume is then
+    /// not replicated by the node agents).
+    fn replication_addresses(
+        &self,
+        nodes: &[&str],
+        records: &[VolumeRecord],
+    ) -> Result<Option<Vec<std::net::SocketAddr>>> {
+        let mut ips = Vec::new();
+        for n in nodes {
+            match self.inventory.node(n).and_then(|s| s.address) {
+                Some(ip) => ips.push(ip),
+                None => return Ok(None),
+            }
+        }
+        let mut used: std::collections::BTreeSet<std::net::SocketAddr> = records
+            .iter()
+            .flat_map(|r| {
+                r.replicas
+                    .iter()
+                    .filter_map(|rep| rep.address)
+                    .chain(r.witness_address)
+            })
+            .collect();
+        let mut out = Vec::new();
+        for ip in ips {
+            let port = self
+                .ports
+                .clone()
+                .find(|p| !used.contains(&std::net::SocketAddr::new(ip, *p)))
+                .ok_or_else(|| {
+                    Error::ResourceExhausted(format!(
+                        "no free replication port on {ip} in {}-{}",
+                        self.ports.start(),
+                        self.ports.end()
+                    ))
+                })?;
+            let a = std::net::SocketAddr::new(ip, port);
+            used.insert(a);
+            out.push(a);
+        }
+        Ok(Some(out))
     }
 
     async fn test_delay(&self) {
@@ -193,7 +251,7 @@ impl ControllerService {
 
     async fn create(&self, req: csi::CreateVolumeRequest) -> Result<csi::Volume> {
         let name = required("name", &req.name)?;
-        Capability::parse_all(&req.volume_capabilities)?;
+        let caps = Capability::parse_all(&req.volume_capabilities)?;
         let params = VolumeParams::parse(&req.parameters)?;
         if req.volume_content_source.is_some() {
             return Err(Error::InvalidArgument(
@@ -284,6 +342,18 @@ impl ControllerService {
         } else {
             None
         };
+        // Replicas first, then the witness: it listens on its node too.
+        let mut names: Vec<&str> = chosen.iter().map(|n| n.name.as_str()).collect();
+        names.extend(witness.as_deref());
+        let mut addresses = self.replication_addresses(&names, &records)?;
+        let witness_address = match (&witness, addresses.as_mut()) {
+            (Some(_), Some(a)) => a.pop(),
+            _ => None,
+        };
+        let allow_two_primaries = params.protocol == crate::params::Protocol::C
+            && caps
+                .iter()
+                .any(|c| c.multi_node && c.access == Access::Block && !c.read_only);
         let mut rec = VolumeRecord {
             version: RECORD_VERSION,
             id: id.clone(),
@@ -292,12 +362,14 @@ impl ControllerService {
             size,
             replicas: chosen
                 .iter()
-                .map(|n| Replica {
+                .enumerate()
+                .map(|(i, n)| Replica {
                     node: n.name.clone(),
                     zone: n
                         .segment_value(&params.topology_key)
                         .unwrap_or_default()
                         .to_string(),
+                    address: addresses.as_ref().map(|a| a[i]),
                 })
                 .collect(),
             params,
@@ -305,6 +377,8 @@ impl ControllerService {
             state: VolumeState::Creating,
             attachments: Vec::new(),
             initialized_on: None,
+            allow_two_primaries,
+            witness_address,
         };
         self.store.put(&rec)?;
         if self.hooks.crash_after_creating {
@@ -395,6 +469,12 @@ impl ControllerService {
                 if rec.params.protocol != crate::params::Protocol::C {
                     return Err(Error::FailedPrecondition(format!(
                         "volume {id} uses protocol A; dual-primary needs protocol C"
+                    )));
+                }
+                if rec.replicated() && !rec.allow_two_primaries {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} was not created for MULTI_NODE_MULTI_WRITER block access, \
+                         so its replicas do not allow two primaries"
                     )));
                 }
                 tracing::info!(volume = %id, source = %other.node, target = node, "second attachment: dual-primary");

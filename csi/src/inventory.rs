@@ -40,6 +40,12 @@ pub struct NodeSpec {
     /// Topology labels.
     #[serde(default)]
     pub topology: BTreeMap<String, String>,
+    /// The IP address the node's replicas listen on for their peers. A
+    /// volume is replicated by the node agents only when every node it is
+    /// placed on has one; each replica gets a port of the controller's
+    /// `--replication-ports` range.
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// Every storage node.

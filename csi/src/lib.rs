@@ -11,6 +11,7 @@
 //! The CSI protobuf types and service traits come from the `bpfman-csi`
 //! crate (generated code shipped in the crate, built with tonic 0.11).
 
+pub mod agent;
 pub mod controller;
 pub mod error;
 pub mod identity;

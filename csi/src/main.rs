@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tandem_csi::agent::TlsFiles;
 use tandem_csi::controller::{ControllerService, TestHooks};
 use tandem_csi::csi::controller_server::ControllerServer;
 use tandem_csi::csi::identity_server::IdentityServer;
@@ -39,6 +40,10 @@ enum Mode {
         /// Storage-node inventory (TOML: [[node]] name, capacity_bytes, topology).
         #[arg(long)]
         nodes: PathBuf,
+        /// UDP ports replicas listen on for their peers, LOW-HIGH (one per
+        /// replica and volume, distinct per node address).
+        #[arg(long, default_value = "7800-8799", value_parser = parse_ports)]
+        replication_ports: std::ops::RangeInclusive<u16>,
     },
     /// Identity + Node services (run on every storage node, as root).
     Node {
@@ -61,6 +66,20 @@ enum Mode {
         /// The tandemctl binary.
         #[arg(long, default_value = "tandemctl")]
         tandemctl: PathBuf,
+        /// The volume-record store (the controller's --state-dir, shared);
+        /// enables the replica agent, which runs every replica the records
+        /// place on this node. Without it volumes are served unreplicated.
+        #[arg(long)]
+        volumes_dir: Option<PathBuf>,
+        /// Cluster CA certificate (peer mutual TLS of replicated volumes).
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        tls_ca: Option<PathBuf>,
+        /// This node's certificate; its SAN must be --node-id.
+        #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+        tls_cert: Option<PathBuf>,
+        /// This node's private key.
+        #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -89,11 +108,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let path = server::socket_path(&cli.endpoint)?;
     rt.block_on(async move {
         let router = match cli.mode {
-            Mode::Controller { state_dir, nodes } => {
+            Mode::Controller {
+                state_dir,
+                nodes,
+                replication_ports,
+            } => {
                 let inventory = Inventory::load(&nodes)?;
                 let store = FileStore::open(&state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let ctrl =
-                    ControllerService::new(Arc::new(store), inventory, TestHooks::from_env());
+                    ControllerService::new(Arc::new(store), inventory, TestHooks::from_env())
+                        .with_replication_ports(replication_ports);
                 tracing::info!(endpoint = %path.display(), "tandem-csi controller");
                 tonic::transport::Server::builder()
                     .add_service(IdentityServer::new(IdentityService::default()))
@@ -106,6 +130,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir,
                 tandemd,
                 tandemctl,
+                volumes_dir,
+                tls_ca,
+                tls_cert,
+                tls_key,
             } => {
                 if !valid_node_name(&node_id) {
                     anyhow::bail!("--node-id {node_id:?}: expected 1 to 253 of a-z A-Z 0-9 - _ .");
@@ -135,6 +163,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for m in identity.missing() {
                     tracing::warn!("missing {m}: Probe reports not ready until it is installed");
                 }
+                let volumes_dir_set = volumes_dir.is_some();
+                let tls_set = tls_cert.is_some();
                 let node = NodeService::new(NodeConfig {
                     node_id,
                     topology: labels,
@@ -142,7 +172,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     data_dir,
                     tandemd,
                     tandemctl,
+                    volumes_dir,
+                    tls: match (tls_ca, tls_cert, tls_key) {
+                        (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
+                        _ => None,
+                    },
                 })?;
+                if volumes_dir_set && !tls_set {
+                    tracing::warn!("--volumes-dir without --tls-ca/--tls-cert/--tls-key: volumes with more than one replica cannot be replicated on this node");
+                }
+                if let Some(agent) = node.agent() {
+                    tracing::info!(
+                        "replica agent on: reconciling every {:?}",
+                        tandem_csi::agent::RECONCILE_EVERY
+                    );
+                    tokio::spawn(agent.run());
+                }
                 tracing::info!(endpoint = %path.display(), "tandem-csi node");
                 tonic::transport::Server::builder()
                     .add_service(IdentityServer::new(identity))
@@ -152,4 +197,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let listener = server::bind(&path)?;
         server::serve(router, listener, &path).await
     })
+}
+
+/// `LOW-HIGH`, a non-empty port range.
+fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected LOW-HIGH, e.g. 7800-8799"))?;
+    let lo: u16 = lo.trim().parse().map_err(|e| format!("{lo:?}: {e}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|e| format!("{hi:?}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: expected 1 <= LOW <= HIGH"));
+    }
+    Ok(lo..=hi)
 }

@@ -21,9 +21,13 @@
 //! unstage are idempotent and leave no mount, loop device, process or run
 //! directory behind; the backing file stays (it is the replica's data).
 //!
-//! In this version the staged `tandemd` serves the local replica without
-//! replication: peers, certificates and dual-primary role changes are the
-//! next step (see `docs/csi.md`).
+//! With a replica agent (`--volumes-dir`, see [`crate::agent`]) a
+//! replicated volume's `tandemd` is the agent's, already running as
+//! Secondary with its peers: steps 1 and 2 become "promote it" (Primary,
+//! or the second Primary of a dual-primary live migration) and unstage
+//! demotes it instead of stopping it. Without an agent, or for a volume
+//! whose record has no replication addresses, the staged `tandemd` serves
+//! the local replica alone (see `docs/csi.md`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::CommandExt;
@@ -38,12 +42,15 @@ use bpfman_csi::v1::node_service_capability::{rpc::Type as RpcType, Rpc, Type as
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-use crate::controller::{reply, CTX_REPLICAS, CTX_SIZE, CTX_UUID, PUB_DATA_ON, PUB_ROLE};
+use crate::agent::{Agent, TlsFiles};
+use crate::controller::{
+    reply, CTX_REPLICAS, CTX_SIZE, CTX_UUID, PUB_DATA_ON, PUB_OTHER, PUB_ROLE,
+};
 use crate::error::{required, Error, Result};
 use crate::inflight::InFlight;
 use crate::params::{Access, Capability};
 use crate::placement::NODE_TOPOLOGY_KEY;
-use crate::store::valid_id;
+use crate::store::{valid_id, FileStore, VolumeRecord};
 use crate::sys;
 
 /// How long `tandemd` and `nbdfuse` may take to become ready.
@@ -66,6 +73,11 @@ pub struct NodeConfig {
     pub tandemd: PathBuf,
     /// The `tandemctl` binary.
     pub tandemctl: PathBuf,
+    /// The volume-record store the replica agent reads (the controller's
+    /// `--state-dir`); `None`: no agent, volumes are served unreplicated.
+    pub volumes_dir: Option<PathBuf>,
+    /// The node certificate replicated volumes authenticate with.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Version of the staged-volume record format.
@@ -89,6 +101,10 @@ struct Staged {
     /// Target paths the volume is published at.
     #[serde(default)]
     targets: Vec<PathBuf>,
+    /// The replica agent's directory when its `tandemd` serves the volume
+    /// (replicated): unstage demotes that `tandemd` instead of stopping it.
+    #[serde(default)]
+    replica_dir: Option<PathBuf>,
 }
 
 impl Staged {
@@ -97,7 +113,10 @@ impl Staged {
     }
 
     fn nbd_socket(&self) -> PathBuf {
-        self.run_dir.join("nbd.sock")
+        self.replica_dir
+            .as_ref()
+            .unwrap_or(&self.run_dir)
+            .join("nbd.sock")
     }
 }
 
@@ -105,6 +124,7 @@ impl Staged {
 pub struct NodeService {
     cfg: Arc<NodeConfig>,
     inflight: InFlight,
+    agent: Option<Arc<Agent>>,
 }
 
 impl NodeService {
@@ -132,10 +152,33 @@ impl NodeService {
         if Path::new("/sys/module/nbd").exists() {
             tracing::info!("kernel nbd is loaded, but the nbd attacher is not implemented yet; using nbdfuse + loop");
         }
+        let agent = match &cfg.volumes_dir {
+            Some(dir) => {
+                let store = FileStore::open(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+                Some(Arc::new(Agent::new(
+                    crate::agent::AgentConfig {
+                        node_id: cfg.node_id.clone(),
+                        state_dir: cfg.state_dir.clone(),
+                        data_dir: cfg.data_dir.clone(),
+                        tandemd: cfg.tandemd.clone(),
+                        tandemctl: cfg.tandemctl.clone(),
+                        tls: cfg.tls.clone(),
+                    },
+                    Arc::new(store),
+                )?))
+            }
+            None => None,
+        };
         Ok(NodeService {
             cfg: Arc::new(cfg),
             inflight: InFlight::default(),
+            agent,
         })
+    }
+
+    /// The replica agent (with `--volumes-dir`); the caller runs its loop.
+    pub fn agent(&self) -> Option<Arc<Agent>> {
+        self.agent.clone()
     }
 
     fn record_path(&self, id: &str) -> PathBuf {
@@ -197,7 +240,24 @@ impl NodeService {
             .ok_or_else(|| {
                 Error::InvalidArgument(format!("volume_context[{CTX_UUID}] must hold a UUID"))
             })?;
-        if let Some(replicas) = ctx.get(CTX_REPLICAS) {
+        let record = match &self.agent {
+            Some(a) => a.replicated_record(id)?,
+            None => None,
+        };
+        if let Some(rec) = &record {
+            if !rec.replicas.iter().any(|r| r.node == self.cfg.node_id) {
+                return Err(Error::FailedPrecondition(format!(
+                    "node {} holds no replica of {id} (replicas: {}); remote attach is not \
+                     supported yet",
+                    self.cfg.node_id,
+                    rec.replicas
+                        .iter()
+                        .map(|r| r.node.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )));
+            }
+        } else if let Some(replicas) = ctx.get(CTX_REPLICAS) {
             if !replicas.split(',').any(|n| n == self.cfg.node_id) {
                 return Err(Error::FailedPrecondition(format!(
                     "node {} holds no replica of {id} (replicas: {replicas}); remote attach is \
@@ -206,14 +266,15 @@ impl NodeService {
                 )));
             }
         }
-        if req.publish_context.get(PUB_ROLE).map(String::as_str) == Some("dual-primary") {
+        let dual = req.publish_context.get(PUB_ROLE).map(String::as_str) == Some("dual-primary");
+        if dual && record.is_none() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is published to two nodes (dual-primary, live migration), but this \
                  version of the node plugin does not replicate between replicas yet; refusing to \
                  serve two diverging copies"
             )));
         }
-        if ctx.get(CTX_REPLICAS).is_some_and(|r| r.contains(',')) {
+        if record.is_none() && ctx.get(CTX_REPLICAS).is_some_and(|r| r.contains(',')) {
             tracing::warn!(
                 volume = %id,
                 "serving the local replica only: this version of the driver does not configure \
@@ -270,6 +331,7 @@ impl NodeService {
             mounted: false,
             complete: false,
             targets: Vec::new(),
+            replica_dir: None,
         };
         if s.run_dir.join("admin.sock").as_os_str().len() > 107 {
             return Err(Error::InvalidArgument(format!(
@@ -278,17 +340,34 @@ impl NodeService {
             )));
         }
         self.save(&s)?;
-        match self
-            .stage_steps(
-                &mut s,
-                size,
-                uuid,
-                cap.read_only,
-                &flags,
-                req.publish_context.get(PUB_DATA_ON).map(String::as_str),
+        let other = if dual {
+            Some(
+                req.publish_context
+                    .get(PUB_OTHER)
+                    .map(String::as_str)
+                    .unwrap_or("the other node"),
             )
-            .await
-        {
+        } else {
+            None
+        };
+        let staged = match &record {
+            Some(rec) => {
+                self.stage_replicated(&mut s, rec, other, cap.read_only, &flags)
+                    .await
+            }
+            None => {
+                self.stage_steps(
+                    &mut s,
+                    size,
+                    uuid,
+                    cap.read_only,
+                    &flags,
+                    req.publish_context.get(PUB_DATA_ON).map(String::as_str),
+                )
+                .await
+            }
+        };
+        match staged {
             Ok(()) => {
                 s.complete = true;
                 self.save(&s)?;
@@ -369,7 +448,37 @@ impl NodeService {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         })
         .await?;
+        self.attach(s, read_only, flags).await
+    }
 
+    /// Steps 1 and 2 of a replicated volume: the agent's `tandemd` (started
+    /// now if the agent has not yet), promoted; then steps 3 and 4.
+    async fn stage_replicated(
+        &self,
+        s: &mut Staged,
+        rec: &VolumeRecord,
+        other_primary: Option<&str>,
+        read_only: bool,
+        flags: &[String],
+    ) -> Result<()> {
+        let agent = self
+            .agent
+            .as_ref()
+            .ok_or_else(|| Error::Internal("replicated stage without an agent".into()))?;
+        let running = agent.ensure(rec).await?;
+        s.replica_dir = Some(running.dir.clone());
+        s.tandemd_pid = Some(running.pid);
+        self.save(s)?;
+        agent.promote(rec, &running, other_primary).await?;
+        std::fs::create_dir_all(&s.run_dir)
+            .map_err(|e| Error::internal(format!("creating {}", s.run_dir.display()), e))?;
+        self.attach(s, read_only, flags).await
+    }
+
+    /// Steps 3 and 4: the NBD export as a loop device, formatted and
+    /// mounted for a filesystem volume.
+    async fn attach(&self, s: &mut Staged, read_only: bool, flags: &[String]) -> Result<()> {
+        let id = s.volume_id.clone();
         // 3. nbdfuse + loop.
         let fuse = s.fuse_dir();
         std::fs::create_dir_all(&fuse)
@@ -401,7 +510,10 @@ impl NodeService {
         })
         .await?;
         let file_s = file.display().to_string();
-        let dev = sys::run("losetup", &["--find", "--show", &file_s])
+        // --direct-io: the loop device reads and writes the nbdfuse file
+        // with O_DIRECT, past the page cache, so a block another Primary
+        // wrote (dual-primary) is never served stale from this node's cache.
+        let dev = sys::run("losetup", &["--find", "--show", "--direct-io=on", &file_s])
             .await?
             .trim()
             .to_string();
@@ -498,7 +610,18 @@ impl NodeService {
             sys::stop_process(pid, "nbdfuse", Duration::from_secs(5)).await;
             sys::reap(pid as libc::pid_t); // if it had died already
         }
-        if let Some(pid) = s.tandemd_pid {
+        if s.replica_dir.is_some() {
+            // The agent's tandemd keeps running, as Secondary again.
+            match &self.agent {
+                Some(a) => a.demote(&id).await?,
+                None => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} was staged through the replica agent, but this node plugin \
+                         runs without --volumes-dir"
+                    )))
+                }
+            }
+        } else if let Some(pid) = s.tandemd_pid {
             sys::stop_process(pid, &id, STOP_GRACE).await;
             sys::reap(pid as libc::pid_t);
         }
@@ -720,7 +843,7 @@ fn problems(s: &Staged) -> Result<Vec<String>> {
 
 /// Waits until `ready()` holds, failing early (with the log's tail) if the
 /// process `pid` exits.
-async fn wait_ready(
+pub(crate) async fn wait_ready(
     pid: u32,
     log: &Path,
     what: &str,

@@ -37,6 +37,12 @@ pub struct Replica {
     pub node: String,
     /// Its value of the volume's topology key.
     pub zone: String,
+    /// Where the replica's `tandemd` listens for its peers (QUIC, UDP):
+    /// the node's inventory address and a port the controller allocated
+    /// for this volume. `None` when the node has no address in the
+    /// inventory: the volume is then not replicated by the driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::SocketAddr>,
 }
 
 /// A node a volume is published (attached) to.
@@ -78,6 +84,23 @@ pub struct VolumeRecord {
     /// must not create a blank replica and serve it in its place.
     #[serde(default)]
     pub initialized_on: Option<String>,
+    /// The replicas' `tandemd`s allow two Primaries (`allow_two_primaries`):
+    /// the volume was created for `MULTI_NODE_MULTI_WRITER` block access
+    /// with protocol C (live migration).
+    #[serde(default)]
+    pub allow_two_primaries: bool,
+    /// Where the witness node's `tandemd witness` for this volume listens,
+    /// when the volume has a witness and is replicated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness_address: Option<std::net::SocketAddr>,
+}
+
+impl VolumeRecord {
+    /// Whether the node agents replicate this volume: every replica has a
+    /// replication address.
+    pub fn replicated(&self) -> bool {
+        !self.replicas.is_empty() && self.replicas.iter().all(|r| r.address.is_some())
+    }
 }
 
 /// Where volume records live. Implementations must make `put` durable before
@@ -213,11 +236,14 @@ mod tests {
             replicas: vec![Replica {
                 node: "n1".into(),
                 zone: "a".into(),
+                address: None,
             }],
             witness: None,
             state: VolumeState::Creating,
             attachments: vec![],
             initialized_on: None,
+            allow_two_primaries: false,
+            witness_address: None,
         }
     }
 

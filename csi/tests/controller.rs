@@ -1266,3 +1266,170 @@ fn a_broken_inventory_stops_startup_naming_file_and_field() {
         "{err}"
     );
 }
+
+/// Replication addresses: each replica gets its node's inventory address and
+/// the lowest free port of `--replication-ports` on that address, persisted
+/// in the record; an exhausted range is `RESOURCE_EXHAUSTED`; a deleted
+/// volume's ports are reused; only a volume created for RWX block allows
+/// two primaries (a second attachment of any other replicated volume is
+/// `FAILED_PRECONDITION`).
+#[test]
+fn replicated_volumes_get_distinct_persisted_addresses_and_only_rwx_two_primaries() {
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-csi-")
+        .tempdir()
+        .expect("temp dir");
+    let inv = dir.path().join("nodes.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            r#"
+[[node]]
+name = "a"
+capacity_bytes = 10737418240
+topology = {{ "{ZONE}" = "room-a" }}
+address = "127.0.0.1"
+[[node]]
+name = "b"
+capacity_bytes = 10737418240
+topology = {{ "{ZONE}" = "room-b" }}
+address = "127.0.0.1"
+[[node]]
+name = "c"
+capacity_bytes = 10737418240
+topology = {{ "{ZONE}" = "room-c" }}
+address = "10.9.9.9"
+"#
+        ),
+    )
+    .unwrap();
+    let volumes = dir.path().join("volumes");
+    let args = vec![
+        "controller".to_string(),
+        "--state-dir".into(),
+        volumes.display().to_string(),
+        "--nodes".into(),
+        inv.display().to_string(),
+        "--replication-ports".into(),
+        "9000-9003".into(),
+    ];
+    let d = Driver::start_with(dir, args, &[]);
+    let record = |id: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(volumes.join(format!("{id}.json"))).unwrap())
+            .unwrap()
+    };
+    let addresses = |id: &str| -> Vec<(String, String)> {
+        record(id)["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["node"].as_str().unwrap().to_string(),
+                    r["address"].as_str().unwrap_or("none").to_string(),
+                )
+            })
+            .collect()
+    };
+    let pair = vec![topo(&[(ZONE, "room-a")]), topo(&[(ZONE, "room-b")])];
+    block_on(async {
+        let mut c = d.controller_client().await;
+        let create = |name: &str, cap: csi::VolumeCapability| {
+            let mut r = create_req(name, GIB, vec![cap], &[("replicas", "2")]);
+            r.accessibility_requirements = Some(csi::TopologyRequirement {
+                requisite: pair.clone(),
+                preferred: vec![],
+            });
+            r
+        };
+        let rwo = c
+            .create_volume(create("rwo", rwo_block()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let rwx = c
+            .create_volume(create("rwx", rwx_block()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let mut got = addresses(&rwo.volume_id);
+        got.extend(addresses(&rwx.volume_id));
+        got.sort();
+        let ports: BTreeSet<&str> = got.iter().map(|(_, a)| a.as_str()).collect();
+        assert_eq!(
+            ports,
+            BTreeSet::from([
+                "127.0.0.1:9000",
+                "127.0.0.1:9001",
+                "127.0.0.1:9002",
+                "127.0.0.1:9003"
+            ]),
+            "{got:?}"
+        );
+        assert_eq!(record(&rwo.volume_id)["allow_two_primaries"], false);
+        assert_eq!(record(&rwx.volume_id)["allow_two_primaries"], true);
+        // The range is used up on 127.0.0.1.
+        let msg = expect_code(
+            c.create_volume(create("third", rwo_block())).await,
+            Code::ResourceExhausted,
+        );
+        assert!(msg.contains("replication port"), "{msg}");
+        // A retried CreateVolume keeps its addresses.
+        let before = addresses(&rwo.volume_id);
+        c.create_volume(create("rwo", rwo_block())).await.unwrap();
+        assert_eq!(addresses(&rwo.volume_id), before);
+
+        // Two primaries only for the volume created for RWX block.
+        c.controller_publish_volume(publish(&rwo.volume_id, "a", rwx_block(), false))
+            .await
+            .unwrap();
+        let msg = expect_code(
+            c.controller_publish_volume(publish(&rwo.volume_id, "b", rwx_block(), false))
+                .await,
+            Code::FailedPrecondition,
+        );
+        assert!(msg.contains("MULTI_NODE_MULTI_WRITER"), "{msg}");
+        c.controller_publish_volume(publish(&rwx.volume_id, "a", rwx_block(), false))
+            .await
+            .unwrap();
+        let ctx = c
+            .controller_publish_volume(publish(&rwx.volume_id, "b", rwx_block(), false))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+        assert_eq!(ctx["tandem.io/role"], "dual-primary");
+
+        // Deleting a volume frees its ports.
+        c.controller_unpublish_volume(unpublish(&rwo.volume_id, "a"))
+            .await
+            .unwrap();
+        c.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: rwo.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let third = c
+            .create_volume(create("third", rwo_block()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let mut a = addresses(&third.volume_id);
+        a.sort();
+        let mut b = before.clone();
+        b.sort();
+        assert_eq!(a.len(), 2);
+        let freed: BTreeSet<&str> = b.iter().map(|(_, x)| x.as_str()).collect();
+        assert!(
+            a.iter().all(|(_, x)| freed.contains(x.as_str())),
+            "{a:?} {b:?}"
+        );
+    });
+}

@@ -87,6 +87,9 @@ fn crd_mirrors_the_volume_record_fields() {
         "state:",
         "attachments:",
         "initialized_on:",
+        "address:",
+        "allow_two_primaries:",
+        "witness_address:",
         "multi_node:",
         "readonly:",
     ] {
