@@ -90,6 +90,13 @@ pub fn volume_id(name: &str) -> (String, uuid::Uuid) {
     (format!("tdm-{u}"), u)
 }
 
+/// Whether `s` has the form of a volume id this driver hands out (`tdm-<uuid>`).
+pub fn is_volume_id(s: &str) -> bool {
+    s.strip_prefix("tdm-")
+        .and_then(|u| uuid::Uuid::try_parse(u).ok())
+        .is_some_and(|u| format!("tdm-{u}") == s)
+}
+
 fn segment_of(t: &csi::Topology) -> Segment {
     t.segments
         .iter()
@@ -499,8 +506,10 @@ impl ControllerService {
         let start = if req.starting_token.is_empty() {
             0
         } else {
-            // The token is the last id returned; records are sorted by id.
-            if !crate::store::valid_id(&req.starting_token) {
+            // The token is the last id returned (records are sorted by id):
+            // a volume id of this driver, `tdm-<uuid>`, whether or not that
+            // volume still exists (it may be deleted between pages).
+            if !is_volume_id(&req.starting_token) {
                 return Err(Error::Aborted(format!(
                     "starting_token {:?} is not a token this driver returned",
                     req.starting_token
@@ -797,6 +806,15 @@ mod tests {
         assert_eq!(id, PINNED_PVC_1);
         assert_ne!(volume_id("pvc-2").0, id);
         assert!(crate::store::valid_id(&id));
+        assert!(is_volume_id(&id));
+        for bad in [
+            "invalid-token",
+            "tdm-",
+            "tdm-xyz",
+            "TDM-0b7cd4f2-2572-5839-986f-c27b333b2c6b",
+        ] {
+            assert!(!is_volume_id(bad), "{bad}");
+        }
     }
 
     const PINNED_PVC_1: &str = "tdm-0b7cd4f2-2572-5839-986f-c27b333b2c6b";

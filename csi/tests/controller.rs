@@ -873,14 +873,18 @@ fn list_volumes_paginates_and_refuses_bad_tokens() {
         }
         assert_eq!(seen.len(), 5);
         assert_eq!(seen.into_iter().collect::<BTreeSet<_>>(), ids);
-        expect_code(
-            c.list_volumes(csi::ListVolumesRequest {
-                max_entries: 0,
-                starting_token: "not a token!".into(),
-            })
-            .await,
-            Code::Aborted,
-        );
+        // csi-sanity: "should fail when an invalid starting_token is
+        // passed" uses "invalid-token", a well-formed id of no volume.
+        for bad in ["not a token!", "invalid-token"] {
+            expect_code(
+                c.list_volumes(csi::ListVolumesRequest {
+                    max_entries: 0,
+                    starting_token: bad.into(),
+                })
+                .await,
+                Code::Aborted,
+            );
+        }
         expect_code(
             c.list_volumes(csi::ListVolumesRequest {
                 max_entries: -1,
