@@ -70,6 +70,19 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Grow a plain (unreplicated) export online: the backing is extended,
+    /// the new area reads as zeroes, new NBD connections see the new size
+    /// (existing ones keep the old one). Shrinking is refused.
+    Resize {
+        /// Export name.
+        export: String,
+        /// New size (bytes, or with a K/M/G/T suffix).
+        #[arg(value_parser = tandem_daemon::parse_size)]
+        size: u64,
+        /// Admin socket of the daemon.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Resolve a split brain by discarding this node's changes since the
     /// split: at the next handshake this node becomes the sync target and
     /// takes the peer's data (a bitmap-based resync). Run it on the node
@@ -373,6 +386,29 @@ async fn real_main(cli: Cli) -> Result<()> {
                 bail!("{}", resp.error.unwrap_or_default());
             }
             println!("{export}: Secondary");
+        }
+        Cmd::Resize {
+            export,
+            size,
+            admin_socket,
+        } => {
+            let resp = admin::call(
+                &admin_socket,
+                &AdminRequest::Resize {
+                    export: export.clone(),
+                    size,
+                },
+            )
+            .await?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            match resp.previous_size {
+                Some(before) if before != size => {
+                    println!("{export}: grown from {before} to {size} bytes")
+                }
+                _ => println!("{export}: already {size} bytes"),
+            }
         }
         Cmd::Resolve {
             export,
