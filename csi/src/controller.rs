@@ -43,6 +43,11 @@ pub const PUB_OTHER: &str = "tandem.io/other-primary";
 /// first node it was published to). A node without a replica must not
 /// create a blank one unless it is this node.
 pub const PUB_DATA_ON: &str = "tandem.io/data-on";
+/// Publish-context key: the volume's current size in bytes (the volume
+/// context keeps the size at creation; expansion is offline, so a
+/// publication after ControllerExpandVolume carries the grown size, and
+/// NodeStageVolume grows the local replica to it).
+pub const PUB_SIZE: &str = "tandem.io/size";
 
 /// Hooks the conformance tests use to reach states that are otherwise racy
 /// to produce. Read once from the environment; all off by default.
@@ -171,6 +176,7 @@ fn publish_context(rec: &VolumeRecord, node: &str) -> HashMap<String, String> {
     if let Some(n) = &rec.initialized_on {
         ctx.insert(PUB_DATA_ON.to_string(), n.clone());
     }
+    ctx.insert(PUB_SIZE.to_string(), rec.size.to_string());
     ctx
 }
 
@@ -595,6 +601,20 @@ impl ControllerService {
             Some(Access::Block)
         );
         if new_size > rec.size {
+            if !rec.attachments.is_empty() {
+                // Expansion is OFFLINE (the node's nbdfuse + loop device
+                // cannot change size under a user): the CO unpublishes
+                // first; the next publication carries the new size.
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is published to {}: it can only be expanded while not \
+                     published (offline expansion)",
+                    rec.attachments
+                        .iter()
+                        .map(|a| a.node.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
             let grow = new_size - rec.size;
             let nodes = self.inventory.candidates(&self.store.list()?);
             for r in &rec.replicas {
