@@ -348,6 +348,25 @@ impl NodeService {
             )
             .await?;
         }
+        // An existing replica smaller than the volume (expanded since it
+        // was last staged) is grown before tandemd serves it: offline, which
+        // also works for a replicated volume (R27).
+        if existed {
+            let backing = s.backing.display().to_string();
+            let tandemctl = self.cfg.tandemctl.display().to_string();
+            let out = sys::run(&tandemctl, &["inspect", &backing, "--json"]).await?;
+            let have = serde_json::from_str::<serde_json::Value>(&out)
+                .ok()
+                .and_then(|v| v["size"].as_u64())
+                .ok_or_else(|| {
+                    Error::Internal(format!("tandemctl inspect {backing}: no size in {out:?}"))
+                })?;
+            if have < size {
+                let size_s = size.to_string();
+                sys::run(&tandemctl, &["resize", "--offline", &backing, &size_s]).await?;
+                tracing::info!(volume = %id, from = have, to = size, "replica grown");
+            }
+        }
         // 2. tandemd for this volume.
         std::fs::create_dir_all(&s.run_dir)
             .map_err(|e| Error::internal(format!("creating {}", s.run_dir.display()), e))?;
@@ -379,11 +398,6 @@ impl NodeService {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         })
         .await?;
-        // An existing replica smaller than the volume (expanded since it
-        // was last staged) is grown before the device is attached.
-        if existed && self.tandemd_size(s).await? < size {
-            self.tandemd_grow(s, size).await?;
-        }
 
         // 3. nbdfuse + loop.
         let fuse = s.fuse_dir();

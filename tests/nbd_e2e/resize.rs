@@ -5,6 +5,7 @@
 //! restart. Checked through NBD and on the backing file itself.
 
 use std::process::Command;
+use std::time::Duration;
 
 use tandem_tests::{
     block_on, data_offset, inspect, read_file_at, run, run_ok, tandemctl, Daemon, Rng,
@@ -124,4 +125,91 @@ fn resize_grows_a_live_volume_keeping_data_and_zeroing_the_new_area() {
         assert_eq!(got, regions[0].1);
         c.disconnect().await.expect("disconnect");
     });
+}
+
+/// A replicated volume is grown offline, one replica at a time: online
+/// growth is refused with the way to do it; while the sizes differ the
+/// replicas refuse to connect (nothing diverges); once both are grown they
+/// connect, the old data is intact on both and writes to the new area are
+/// replicated (both backings' data areas byte-identical).
+#[test]
+fn a_replicated_volume_grows_offline_one_replica_at_a_time() {
+    use crate::repl_common::{
+        assert_same_data, connected_loopback_pair, data_area, peer_connected, wait_until, SIZE,
+    };
+    let _heavy = tandem_tests::heavy_lock();
+    let (_certs, mut a, mut b) = connected_loopback_pair();
+    let big = 3 * SIZE; // the bitmap slots move: they must be clear (in sync)
+    let old = Rng::new(7).bytes(MIB as usize);
+    block_on(async {
+        let mut c = a.client("vol").await;
+        c.write(SIZE - MIB, &old, true).await.expect("write");
+        c.disconnect().await.expect("disconnect");
+    });
+    assert_same_data(&a, &b, "before growing");
+
+    let out = run(Command::new(tandemctl())
+        .args(["resize", "vol", &big.to_string(), "--admin-socket"])
+        .arg(a.admin_socket()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is replicated") && err.contains("--offline"),
+        "{err}"
+    );
+
+    let offline = |d: &Daemon| {
+        run_ok(
+            Command::new(tandemctl())
+                .args(["resize", "--offline"])
+                .arg(d.backing("vol"))
+                .arg(big.to_string()),
+        )
+    };
+    // While tandemd runs, the backing is locked.
+    let out = run(Command::new(tandemctl())
+        .args(["resize", "--offline"])
+        .arg(a.backing("vol"))
+        .arg(big.to_string()));
+    assert!(!out.status.success(), "offline resize of a backing in use");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+
+    a.stop();
+    b.stop();
+    assert!(offline(&a).contains("grown from"));
+    a.start();
+    b.start();
+    // Different sizes: the handshake refuses, the replicas stay apart.
+    wait_until(
+        "alpha to refuse beta's size",
+        Duration::from_secs(20),
+        || a.log().contains("volume size mismatch") || b.log().contains("volume size mismatch"),
+    );
+    assert!(!peer_connected(&a));
+    b.stop();
+    assert!(offline(&b).contains("grown from"));
+    b.start();
+    wait_until(
+        "the grown replicas to connect",
+        Duration::from_secs(20),
+        || peer_connected(&a) && peer_connected(&b),
+    );
+    let tail = Rng::new(8).bytes(MIB as usize);
+    block_on(async {
+        let mut c = a.client("vol").await;
+        assert_eq!(c.export.size, big);
+        let mut got = vec![0; MIB as usize];
+        c.read(SIZE - MIB, &mut got).await.expect("read old");
+        assert_eq!(got, old, "old data changed");
+        c.read(SIZE, &mut got).await.expect("read new area");
+        assert!(got.iter().all(|&x| x == 0), "new area not zero");
+        c.write(big - MIB, &tail, true)
+            .await
+            .expect("write new area");
+        c.disconnect().await.expect("disconnect");
+    });
+    let (da, db) = (data_area(&a, big), data_area(&b, big));
+    assert!(da == db, "data areas differ after growth");
+    assert_eq!(&da[(big - MIB) as usize..], &tail[..]);
+    assert_eq!(&da[(SIZE - MIB) as usize..SIZE as usize], &old[..]);
 }

@@ -214,9 +214,9 @@ async fn resize(exports: &Exports, name: &str, size: u64) -> AdminResponse {
     };
     if export.replicator.is_some() {
         // The replica state machine, its bitmaps and the peers' sizes are
-        // fixed at start; growing a replicated volume is not built yet.
+        // fixed at start; online growth of a replicated volume is not built.
         return failure(format!(
-            "export {name:?} is replicated: online growth of replicated volumes is not supported yet (only plain exports)"
+            "export {name:?} is replicated: online growth of replicated volumes is not supported yet; grow every replica offline (stop tandemd, `tandemctl resize --offline BACKING SIZE`, start)"
         ));
     }
     match export.volume.grow(size).await {

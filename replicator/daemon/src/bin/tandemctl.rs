@@ -70,15 +70,21 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
-    /// Grow a plain (unreplicated) export online: the backing is extended,
-    /// the new area reads as zeroes, new NBD connections see the new size
-    /// (existing ones keep the old one). Shrinking is refused.
+    /// Grow a volume. Online (default): a plain (unreplicated) export of
+    /// the running tandemd; the backing is extended, the new area reads as
+    /// zeroes, new NBD connections see the new size (existing ones keep the
+    /// old one). With --offline: the backing of a stopped tandemd, e.g. each
+    /// replica of a replicated volume in turn (they connect again once both
+    /// have the same size). Shrinking is refused.
     Resize {
-        /// Export name.
-        export: String,
+        /// Export name; with --offline, the backing file or device.
+        target: PathBuf,
         /// New size (bytes, or with a K/M/G/T suffix).
         #[arg(value_parser = tandem_daemon::parse_size)]
         size: u64,
+        /// Grow the backing TARGET directly (no tandemd may be using it).
+        #[arg(long)]
+        offline: bool,
         /// Admin socket of the daemon.
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
@@ -388,10 +394,35 @@ async fn real_main(cli: Cli) -> Result<()> {
             println!("{export}: Secondary");
         }
         Cmd::Resize {
-            export,
+            target,
+            size,
+            offline: true,
+            ..
+        } => {
+            let b = Backing::open(&target, DirectIo::Off, false, 512)?;
+            b.lock(true)?;
+            let engine = std::sync::Arc::new(SyncEngine::new(b));
+            let v = tandem_daemon::volume::Volume::open(
+                engine,
+                &target,
+                &tandem_daemon::volume::Expect::default(),
+                false,
+            )
+            .await?;
+            let before = v.grow(size).await?;
+            if before == size {
+                println!("{}: already {size} bytes", target.display());
+            } else {
+                println!("{}: grown from {before} to {size} bytes", target.display());
+            }
+        }
+        Cmd::Resize {
+            target,
             size,
             admin_socket,
+            ..
         } => {
+            let export = target.display().to_string();
             let resp = admin::call(
                 &admin_socket,
                 &AdminRequest::Resize {
