@@ -100,6 +100,8 @@ pub struct Agent {
     lock: tokio::sync::Mutex<()>,
     /// The last error per volume, logged once rather than every second.
     last_error: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Data size of each replica's backing, as last read or set.
+    sizes: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 #[derive(Serialize)]
@@ -149,6 +151,7 @@ impl Agent {
             store,
             lock: tokio::sync::Mutex::new(()),
             last_error: Default::default(),
+            sizes: Default::default(),
         })
     }
 
@@ -441,6 +444,23 @@ impl Agent {
             )
             .await?;
             tracing::info!(volume = %id, backing = %b, "replica created");
+            self.set_size(id, rec.size);
+        }
+        // An expanded volume (ControllerExpandVolume is refused while it is
+        // published) grows here, offline, while no pod uses this replica
+        // (R27): every replica's agent does the same, and the replicas,
+        // which refuse to connect while their sizes differ, connect again
+        // once all are grown.
+        if !self.staged(id) && self.backing_size(id, &backing).await? < rec.size {
+            if let Some(r) = self.running(id) {
+                sys::stop_process(r.pid, &dir.display().to_string(), STOP_GRACE).await;
+            }
+            let tandemctl = self.cfg.tandemctl.display().to_string();
+            let b = backing.display().to_string();
+            let size = rec.size.to_string();
+            sys::run(&tandemctl, &["resize", "--offline", &b, &size]).await?;
+            self.set_size(id, rec.size);
+            tracing::info!(volume = %id, size = rec.size, "replica grown (offline)");
         }
         let conf = dir.join("tandemd.toml");
         let old = std::fs::read_to_string(&conf).ok();
@@ -456,6 +476,28 @@ impl Agent {
             sys::stop_process(r.pid, &dir.display().to_string(), STOP_GRACE).await;
         }
         self.start(id, &dir).await
+    }
+
+    fn set_size(&self, id: &str, size: u64) {
+        if let Ok(mut m) = self.sizes.lock() {
+            m.insert(id.to_owned(), size);
+        }
+    }
+
+    /// The data size of `backing` (`tandemctl inspect`, then cached).
+    async fn backing_size(&self, id: &str, backing: &Path) -> Result<u64> {
+        if let Some(s) = self.sizes.lock().ok().and_then(|m| m.get(id).copied()) {
+            return Ok(s);
+        }
+        let tandemctl = self.cfg.tandemctl.display().to_string();
+        let b = backing.display().to_string();
+        let out = sys::run(&tandemctl, &["inspect", &b, "--json"]).await?;
+        let size = serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v["size"].as_u64())
+            .ok_or_else(|| Error::Internal(format!("tandemctl inspect {b}: no size in {out:?}")))?;
+        self.set_size(id, size);
+        Ok(size)
     }
 
     async fn start(&self, id: &str, dir: &Path) -> Result<Running> {

@@ -43,6 +43,11 @@ pub const PUB_OTHER: &str = "tandem.io/other-primary";
 /// first node it was published to). A node without a replica must not
 /// create a blank one unless it is this node.
 pub const PUB_DATA_ON: &str = "tandem.io/data-on";
+/// Publish-context key: the volume's current size in bytes (the volume
+/// context keeps the size at creation; expansion is offline, so a
+/// publication after ControllerExpandVolume carries the grown size, and
+/// NodeStageVolume grows the local replica to it).
+pub const PUB_SIZE: &str = "tandem.io/size";
 
 /// Hooks the conformance tests use to reach states that are otherwise racy
 /// to produce. Read once from the environment; all off by default.
@@ -93,6 +98,13 @@ pub fn volume_id(name: &str) -> (String, uuid::Uuid) {
     const NS: uuid::Uuid = uuid::Uuid::from_u128(0x7a6e_6465_6d2d_4353_4900_0000_0000_0001);
     let u = uuid::Uuid::new_v5(&NS, name.as_bytes());
     (format!("tdm-{u}"), u)
+}
+
+/// Whether `s` has the form of a volume id this driver hands out (`tdm-<uuid>`).
+pub fn is_volume_id(s: &str) -> bool {
+    s.strip_prefix("tdm-")
+        .and_then(|u| uuid::Uuid::try_parse(u).ok())
+        .is_some_and(|u| format!("tdm-{u}") == s)
 }
 
 fn segment_of(t: &csi::Topology) -> Segment {
@@ -169,6 +181,7 @@ fn publish_context(rec: &VolumeRecord, node: &str) -> HashMap<String, String> {
     if let Some(n) = &rec.initialized_on {
         ctx.insert(PUB_DATA_ON.to_string(), n.clone());
     }
+    ctx.insert(PUB_SIZE.to_string(), rec.size.to_string());
     ctx
 }
 
@@ -579,8 +592,10 @@ impl ControllerService {
         let start = if req.starting_token.is_empty() {
             0
         } else {
-            // The token is the last id returned; records are sorted by id.
-            if !crate::store::valid_id(&req.starting_token) {
+            // The token is the last id returned (records are sorted by id):
+            // a volume id of this driver, `tdm-<uuid>`, whether or not that
+            // volume still exists (it may be deleted between pages).
+            if !is_volume_id(&req.starting_token) {
                 return Err(Error::Aborted(format!(
                     "starting_token {:?} is not a token this driver returned",
                     req.starting_token
@@ -666,6 +681,20 @@ impl ControllerService {
             Some(Access::Block)
         );
         if new_size > rec.size {
+            if !rec.attachments.is_empty() {
+                // Expansion is OFFLINE (the node's nbdfuse + loop device
+                // cannot change size under a user): the CO unpublishes
+                // first; the next publication carries the new size.
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is published to {}: it can only be expanded while not \
+                     published (offline expansion)",
+                    rec.attachments
+                        .iter()
+                        .map(|a| a.node.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
             let grow = new_size - rec.size;
             let nodes = self.inventory.candidates(&self.store.list()?);
             for r in &rec.replicas {
@@ -877,6 +906,15 @@ mod tests {
         assert_eq!(id, PINNED_PVC_1);
         assert_ne!(volume_id("pvc-2").0, id);
         assert!(crate::store::valid_id(&id));
+        assert!(is_volume_id(&id));
+        for bad in [
+            "invalid-token",
+            "tdm-",
+            "tdm-xyz",
+            "TDM-0b7cd4f2-2572-5839-986f-c27b333b2c6b",
+        ] {
+            assert!(!is_volume_id(bad), "{bad}");
+        }
     }
 
     const PINNED_PVC_1: &str = "tdm-0b7cd4f2-2572-5839-986f-c27b333b2c6b";

@@ -82,7 +82,9 @@ impl Identity for IdentityService {
                 csi::PluginCapability {
                     r#type: Some(plugin_capability::Type::VolumeExpansion(
                         plugin_capability::VolumeExpansion {
-                            r#type: volume_expansion::Type::Online as i32,
+                            // Offline: the nbdfuse + loop device of a staged
+                            // volume cannot grow under its user (docs/csi.md).
+                            r#type: volume_expansion::Type::Offline as i32,
                         },
                     )),
                 },

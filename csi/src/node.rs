@@ -44,7 +44,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::{Agent, TlsFiles};
 use crate::controller::{
-    reply, CTX_REPLICAS, CTX_SIZE, CTX_UUID, PUB_DATA_ON, PUB_OTHER, PUB_ROLE,
+    reply, CTX_REPLICAS, CTX_SIZE, CTX_UUID, PUB_DATA_ON, PUB_OTHER, PUB_ROLE, PUB_SIZE,
 };
 use crate::error::{required, Error, Result};
 use crate::inflight::InFlight;
@@ -234,6 +234,15 @@ impl NodeService {
                     "volume_context[{CTX_SIZE}] must hold the volume size in bytes"
                 ))
             })?;
+        // A publication after an (offline) expansion carries the grown size.
+        let size = match req.publish_context.get(PUB_SIZE) {
+            Some(p) => p.parse::<u64>().map(|p| p.max(size)).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "publish_context[{PUB_SIZE}] {p:?} is not a size in bytes"
+                ))
+            })?,
+            None => size,
+        };
         let uuid: uuid::Uuid = ctx
             .get(CTX_UUID)
             .and_then(|s| s.parse().ok())
@@ -394,6 +403,7 @@ impl NodeService {
         data_on: Option<&str>,
     ) -> Result<()> {
         let id = s.volume_id.clone();
+        let existed = s.backing.exists();
         // 1. The local replica's backing. Until replication is wired up,
         // only the node holding the volume's data may create it: anywhere
         // else a blank replica would be served in place of the data.
@@ -416,6 +426,25 @@ impl NodeService {
                 ],
             )
             .await?;
+        }
+        // An existing replica smaller than the volume (expanded since it
+        // was last staged) is grown before tandemd serves it: offline, which
+        // also works for a replicated volume (R27).
+        if existed {
+            let backing = s.backing.display().to_string();
+            let tandemctl = self.cfg.tandemctl.display().to_string();
+            let out = sys::run(&tandemctl, &["inspect", &backing, "--json"]).await?;
+            let have = serde_json::from_str::<serde_json::Value>(&out)
+                .ok()
+                .and_then(|v| v["size"].as_u64())
+                .ok_or_else(|| {
+                    Error::Internal(format!("tandemctl inspect {backing}: no size in {out:?}"))
+                })?;
+            if have < size {
+                let size_s = size.to_string();
+                sys::run(&tandemctl, &["resize", "--offline", &backing, &size_s]).await?;
+                tracing::info!(volume = %id, from = have, to = size, "replica grown");
+            }
         }
         // 2. tandemd for this volume.
         std::fs::create_dir_all(&s.run_dir)
@@ -534,6 +563,11 @@ impl NodeService {
                             "volume {id} holds a {existing} filesystem, not {fs}"
                         )));
                     }
+                    // The volume may have grown since the filesystem was
+                    // made (offline expansion): grow ext4 before mounting.
+                    if fs == "ext4" && !read_only {
+                        grow_fs(&id, &fs, &dev, &s.staging_path, false).await?;
+                    }
                 }
                 Some(0) | Some(2) => {
                     tracing::info!(volume = %id, fs, "blank volume: creating the filesystem");
@@ -569,8 +603,95 @@ impl NodeService {
             s.mounted = true; // recorded first: unstage checks the mount table anyway
             self.save(s)?;
             sys::run("mount", &args).await?;
+            if fs == "xfs" && !read_only && !existing.is_empty() {
+                grow_fs(&id, &fs, &dev, &s.staging_path, true).await?;
+            }
         }
         Ok(())
+    }
+
+    /// The size the volume's `tandemd` serves (`tandemctl status`).
+    async fn tandemd_size(&self, s: &Staged) -> Result<u64> {
+        let admin = s.run_dir.join("admin.sock").display().to_string();
+        let out = sys::run(
+            &self.cfg.tandemctl.display().to_string(),
+            &["status", "--json", "--admin-socket", &admin],
+        )
+        .await?;
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| Error::internal("tandemctl status --json", e))?;
+        v["exports"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == s.volume_id.as_str()))
+            .and_then(|e| e["size"].as_u64())
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "tandemctl status names no export {} with a size",
+                    s.volume_id
+                ))
+            })
+    }
+
+    /// Grows the volume's `tandemd` online (`tandemctl resize`).
+    async fn tandemd_grow(&self, s: &Staged, size: u64) -> Result<()> {
+        let admin = s.run_dir.join("admin.sock").display().to_string();
+        let size_s = size.to_string();
+        sys::run(
+            &self.cfg.tandemctl.display().to_string(),
+            &["resize", &s.volume_id, &size_s, "--admin-socket", &admin],
+        )
+        .await?;
+        tracing::info!(volume = %s.volume_id, size, "replica grown");
+        Ok(())
+    }
+
+    /// NodeExpandVolume: grows the replica (`tandemctl resize`), checks the
+    /// device has the size, grows the filesystem (`resize2fs`,
+    /// `xfs_growfs`, both online). The nbdfuse + loop device keeps the size
+    /// it had when staged, so a device smaller than the request is
+    /// `FAILED_PRECONDITION` (the replica is grown regardless; the next
+    /// stage attaches it at the new size). With OFFLINE expansion the CO
+    /// expands before publishing, NodeStageVolume attaches at the new size,
+    /// and this call only grows the filesystem.
+    async fn expand(&self, req: csi::NodeExpandVolumeRequest) -> Result<u64> {
+        let id = self.volume_id(&req.volume_id)?;
+        let path = PathBuf::from(required("volume_path", &req.volume_path)?);
+        let want = match &req.capacity_range {
+            Some(r) if r.required_bytes != 0 || r.limit_bytes != 0 => {
+                Some(crate::params::size_for(Some(r))?)
+            }
+            _ => None,
+        };
+        let _guard = self.inflight.begin(id, "NodeExpandVolume")?;
+        let s = self
+            .load(id)?
+            .filter(|s| s.complete)
+            .ok_or_else(|| Error::NotFound(format!("volume {id} is not staged on this node")))?;
+        if path != s.staging_path && !s.targets.contains(&path) {
+            return Err(Error::NotFound(format!(
+                "volume_path {}: volume {id} is neither staged nor published there",
+                path.display()
+            )));
+        }
+        let dev = s
+            .loop_dev
+            .clone()
+            .ok_or_else(|| Error::Internal(format!("volume {id}: staged without a device")))?;
+        let have = sys::size_of(Path::new(&dev))?;
+        if let Some(want) = want.filter(|w| *w > have) {
+            if self.tandemd_size(&s).await? < want {
+                self.tandemd_grow(&s, want).await?;
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is in use as {dev} of {have} bytes: its replica is grown to {want} \
+                 bytes, but the nbdfuse + loop device cannot change size while staged; \
+                 unstage and stage it again (expansion is offline)"
+            )));
+        }
+        if let Some(fs) = &s.fs_type {
+            grow_fs(id, fs, &dev, &s.staging_path, true).await?;
+        }
+        Ok(have)
     }
 
     /// Undoes whatever a staged record says exists, in reverse order, then
@@ -802,6 +923,60 @@ impl NodeService {
     }
 }
 
+/// Grows the filesystem on `dev` to the device's size when it is smaller:
+/// ext4 with `resize2fs` (offline after `e2fsck -f -p` when not `mounted`;
+/// online needs `CAP_SYS_RESOURCE`), xfs with `xfs_growfs` on the mounted
+/// `staging` path. Returns whether it grew anything.
+async fn grow_fs(id: &str, fs: &str, dev: &str, staging: &Path, mounted: bool) -> Result<bool> {
+    match fs {
+        "ext4" => {
+            let dev_bytes = sys::size_of(Path::new(dev))?;
+            let head = sys::run("dumpe2fs", &["-h", dev]).await?;
+            let field = |name: &str| {
+                head.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            let (Some(blocks), Some(bsize)) = (field("Block count:"), field("Block size:")) else {
+                return Err(Error::Internal(format!(
+                    "dumpe2fs -h {dev}: no block count or block size"
+                )));
+            };
+            if blocks.saturating_add(1).saturating_mul(bsize) > dev_bytes {
+                return Ok(false);
+            }
+            if !mounted {
+                // resize2fs wants a freshly checked filesystem; exit 1 means
+                // errors were fixed.
+                let out = sys::output("e2fsck", &["-f", "-p", dev]).await?;
+                if !matches!(out.status.code(), Some(0 | 1)) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id}: e2fsck -f -p {dev} before growing: {}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stdout).trim()
+                    )));
+                }
+            }
+            sys::run("resize2fs", &[dev]).await?;
+        }
+        "xfs" => {
+            let staging = staging.display().to_string();
+            let before = sys::fs_usage(Path::new(&staging))?.0[0];
+            sys::run("xfs_growfs", &[&staging]).await?;
+            if sys::fs_usage(Path::new(&staging))?.0[0] <= before {
+                return Ok(false);
+            }
+        }
+        other => {
+            return Err(Error::Internal(format!(
+                "volume {id}: do not know how to grow a {other} filesystem"
+            )))
+        }
+    }
+    tracing::info!(volume = %id, fs, device = %dev, "filesystem grown to the device size");
+    Ok(true)
+}
+
 /// Target paths of a staged volume that are still mounted.
 fn mounted_targets(s: &Staged) -> Result<Vec<String>> {
     let mut out = Vec::new();
@@ -939,11 +1114,15 @@ impl Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _request: Request<csi::NodeExpandVolumeRequest>,
+        request: Request<csi::NodeExpandVolumeRequest>,
     ) -> std::result::Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "NodeExpandVolume: tandemd cannot grow a volume yet",
-        ))
+        let r = self.expand(request.into_inner()).await;
+        reply(
+            "NodeExpandVolume",
+            r.map(|bytes| csi::NodeExpandVolumeResponse {
+                capacity_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+            }),
+        )
     }
 
     async fn node_get_capabilities(
@@ -955,6 +1134,7 @@ impl Node for NodeService {
                 RpcType::StageUnstageVolume,
                 RpcType::GetVolumeStats,
                 RpcType::VolumeCondition,
+                RpcType::ExpandVolume,
             ]
             .into_iter()
             .map(rpc)

@@ -63,7 +63,7 @@ fn identity_reports_name_capabilities_and_readiness() {
         assert!(
             caps.capabilities
                 .iter()
-                .any(|c| matches!(&c.r#type, Some(Type::VolumeExpansion(e)) if e.r#type == csi::plugin_capability::volume_expansion::Type::Online as i32)),
+                .any(|c| matches!(&c.r#type, Some(Type::VolumeExpansion(e)) if e.r#type == csi::plugin_capability::volume_expansion::Type::Offline as i32)),
             "{dbg}"
         );
         let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
@@ -873,14 +873,18 @@ fn list_volumes_paginates_and_refuses_bad_tokens() {
         }
         assert_eq!(seen.len(), 5);
         assert_eq!(seen.into_iter().collect::<BTreeSet<_>>(), ids);
-        expect_code(
-            c.list_volumes(csi::ListVolumesRequest {
-                max_entries: 0,
-                starting_token: "not a token!".into(),
-            })
-            .await,
-            Code::Aborted,
-        );
+        // csi-sanity: "should fail when an invalid starting_token is
+        // passed" uses "invalid-token", a well-formed id of no volume.
+        for bad in ["not a token!", "invalid-token"] {
+            expect_code(
+                c.list_volumes(csi::ListVolumesRequest {
+                    max_entries: 0,
+                    starting_token: bad.into(),
+                })
+                .await,
+                Code::Aborted,
+            );
+        }
         expect_code(
             c.list_volumes(csi::ListVolumesRequest {
                 max_entries: -1,
@@ -1034,10 +1038,35 @@ fn controller_expand_volume_grows_within_free_space() {
             c.controller_expand_volume(req(20 * GIB, None)).await,
             Code::ResourceExhausted,
         );
+        // Expansion is offline: refused while published; a publication
+        // carries the current size (the volume context keeps the old one),
+        // which NodeStageVolume grows the local replica to.
+        let node = nodes(&v)[0].clone();
+        let ctx = c
+            .controller_publish_volume(publish(&v.volume_id, &node, rwo_block(), false))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+        assert_eq!(ctx["tandem.io/size"], (3 * GIB).to_string());
+        assert_eq!(v.volume_context["tandem.io/size"], GIB.to_string());
+        expect_code(
+            c.controller_expand_volume(req(4 * GIB, None)).await,
+            Code::FailedPrecondition,
+        );
+        c.controller_unpublish_volume(unpublish(&v.volume_id, &node))
+            .await
+            .unwrap();
+        let r = c
+            .controller_expand_volume(req(4 * GIB, None))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.capacity_bytes, 4 * GIB);
         expect_code(
             c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
                 volume_id: "tdm-nope".into(),
-                ..req(4 * GIB, None)
+                ..req(5 * GIB, None)
             })
             .await,
             Code::NotFound,

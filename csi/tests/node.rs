@@ -335,6 +335,7 @@ fn node_reports_its_id_topology_and_capabilities() {
             })
             .collect();
         assert!(rpcs.contains(&(R::StageUnstageVolume as i32)));
+        assert!(rpcs.contains(&(R::ExpandVolume as i32)));
         assert!(rpcs.contains(&(R::GetVolumeStats as i32)));
         // This driver was given no tandemd: Probe says it is not ready, and why.
         let mut id = d.identity().await;
@@ -474,10 +475,32 @@ fn node_calls_validate_arguments_and_teardown_of_unknown_volumes_is_ok() {
             .await,
             Code::NotFound,
         );
+        // NodeExpandVolume (csi-sanity's cases): no id or no path is
+        // INVALID_ARGUMENT, a volume not staged here NOT_FOUND.
         expect_code(
-            n.node_expand_volume(csi::NodeExpandVolumeRequest::default())
-                .await,
-            Code::Unimplemented,
+            n.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_path: target.display().to_string(),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+        );
+        expect_code(
+            n.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: "tdm-x".into(),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+        );
+        expect_code(
+            n.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: "tdm-x".into(),
+                volume_path: "some/path".into(),
+                ..Default::default()
+            })
+            .await,
+            Code::NotFound,
         );
     });
 }
@@ -940,6 +963,165 @@ fn a_broken_stage_is_reported_and_staged_again() {
             .await
             .unwrap();
         n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+    });
+    assert_nothing_left(&d);
+}
+
+fn expand_req(id: &str, path: &Path, bytes: u64) -> csi::NodeExpandVolumeRequest {
+    csi::NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes as i64,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Offline expansion as Kubernetes drives it: the replica of a staged
+/// volume grows, the next stage (whose publish context carries the grown
+/// size) attaches a device of the new size, and NodeExpandVolume grows the
+/// filesystem; data written before is intact and the new space is usable.
+#[test]
+fn expanding_a_staged_volume_grows_replica_device_and_filesystem() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices(true) {
+        return;
+    }
+    if !on_path("resize2fs") {
+        skip("resize2fs not installed (apt-get install e2fsprogs)");
+        return;
+    }
+    let _serial = heavy_lock();
+    let d = node_driver(Some(bins));
+    let _cleanup = Cleanup(d.path().to_path_buf());
+    let big: u64 = 160 << 20;
+    let fs = cap(Mode::SingleNodeWriter, false, "ext4");
+    let id = "tdm-grow";
+    let staging = d.path().join("staging").join(id);
+    let t1 = d.path().join("pods/p1/mount");
+    let payload: Vec<u8> = (0..(3u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let grown_stage = |c: csi::VolumeCapability, vol: &str| {
+        let mut r = stage_req(&d, vol, c);
+        r.publish_context = map(&[
+            ("tandem.io/role", "primary"),
+            ("tandem.io/size", &big.to_string()),
+        ]);
+        r
+    };
+    block_on(async {
+        let mut n = d.node_client().await;
+        n.node_stage_volume(stage_req(&d, id, fs.clone()))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&d, id, &t1, fs.clone(), false))
+            .await
+            .unwrap();
+        std::fs::write(t1.join("data.bin"), &payload).unwrap();
+        // While staged the device cannot grow: FAILED_PRECONDITION, but
+        // the replica (tandemd and its backing) is grown already.
+        let m = expect_code(
+            n.node_expand_volume(expand_req(id, &t1, big)).await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("stage it again"), "{m}");
+        let backing = d.path().join("data").join(format!("{id}.img"));
+        let len = std::fs::metadata(&backing).unwrap().len();
+        assert!(len >= big, "backing not grown: {len} bytes");
+        // A request the device already satisfies grows the filesystem only
+        // (nothing to do here) and reports the device size.
+        let r = n
+            .node_expand_volume(expand_req(id, &t1, VOL))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.capacity_bytes, VOL as i64);
+        n.node_unpublish_volume(unpublish_req(id, &t1))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+
+        // Staged again with the grown size in the publish context.
+        n.node_stage_volume(grown_stage(fs.clone(), id))
+            .await
+            .unwrap();
+        let r = n
+            .node_expand_volume(expand_req(id, &staging, big))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.capacity_bytes, big as i64, "device of the new size");
+        n.node_publish_volume(publish_req(&d, id, &t1, fs.clone(), false))
+            .await
+            .unwrap();
+        assert!(
+            std::fs::read(t1.join("data.bin")).unwrap() == payload,
+            "data changed"
+        );
+        let stats = n
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: t1.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let total = stats.usage[0].total as u64;
+        assert!(total > 128 << 20, "filesystem not grown: {total} bytes");
+        // More than the old volume could hold fits now.
+        let more = vec![0x5Au8; 100 << 20];
+        std::fs::write(t1.join("more.bin"), &more).unwrap();
+        assert_eq!(
+            std::fs::metadata(t1.join("more.bin")).unwrap().len(),
+            more.len() as u64
+        );
+        n.node_unpublish_volume(unpublish_req(id, &t1))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+
+        // Block: the device itself has the grown size, old data intact.
+        let bid = "tdm-grow-block";
+        n.node_stage_volume(stage_req(&d, bid, rwo_block()))
+            .await
+            .unwrap();
+        let t2 = d.path().join("pods/p2/dev");
+        n.node_publish_volume(publish_req(&d, bid, &t2, rwo_block(), false))
+            .await
+            .unwrap();
+        write_read_block(&t2, VOL - (1 << 20), &payload[..1 << 20]);
+        n.node_unpublish_volume(unpublish_req(bid, &t2))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, bid)).await.unwrap();
+        n.node_stage_volume(grown_stage(rwo_block(), bid))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&d, bid, &t2, rwo_block(), false))
+            .await
+            .unwrap();
+        let size = std::fs::File::open(&t2)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .unwrap();
+        assert_eq!(size, big, "block device size");
+        assert!(
+            read_block(&t2, VOL - (1 << 20), 1 << 20) == payload[..1 << 20],
+            "block data changed"
+        );
+        assert!(
+            read_block(&t2, VOL, 1 << 20).iter().all(|&b| b == 0),
+            "grown area not zero"
+        );
+        write_read_block(&t2, big - 4096, &[7; 4096]);
+        assert_eq!(read_block(&t2, big - 4096, 4096), vec![7; 4096]);
+        n.node_unpublish_volume(unpublish_req(bid, &t2))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, bid)).await.unwrap();
     });
     assert_nothing_left(&d);
 }

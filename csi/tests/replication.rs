@@ -946,3 +946,108 @@ fn room_loss(witness: bool) {
     );
     block_on(cl.delete_and_wait_removed(&id));
 }
+
+/// The whole data area of node `n`'s backing file (its current size).
+fn full_data_area(cl: &Cluster, n: &str, id: &str) -> Vec<u8> {
+    let backing = cl.backing(n, id);
+    let inspect: serde_json::Value = serde_json::from_str(&run_ok(
+        Command::new(&cl.tandemctl)
+            .arg("inspect")
+            .arg(&backing)
+            .arg("--json"),
+    ))
+    .expect("inspect JSON");
+    let off = inspect["data_offset"].as_u64().expect("data_offset");
+    let size = inspect["size"].as_u64().expect("size");
+    let mut f = std::fs::File::open(&backing).expect("backing");
+    f.seek(SeekFrom::Start(off)).expect("seek");
+    let mut buf = vec![0u8; size as usize];
+    f.read_exact(&mut buf).expect("read data area");
+    buf
+}
+
+/// ControllerExpandVolume of a replicated volume (refused while published)
+/// grows both replicas: each node's agent stops its replica's `tandemd`,
+/// grows the backing offline (R27) and starts it again; the replicas connect
+/// once both are grown, the next stage gets a device of the new size with
+/// every block written before intact, and a write to the new area lands on
+/// both backings.
+#[test]
+fn an_expanded_replicated_volume_grows_on_both_replicas_with_its_data() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices() {
+        return;
+    }
+    let _serial = heavy_lock();
+    let cl = Cluster::start(bins);
+    let _cleanup = cl.cleanup();
+    let v = create(&cl, "pvc-growing", rwo_block());
+    let id = v.volume_id.clone();
+    cl.wait_connected(&id);
+    block_on(async {
+        let dev = attach(&cl, "a", &v, rwo_block()).await.expect("attach a");
+        fio(&dev, 11, false);
+        let mut c = cl.ctrl.controller_client().await;
+        let expand = |bytes: u64| csi::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: bytes as i64,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(rwo_block()),
+            ..Default::default()
+        };
+        expect_code(
+            c.controller_expand_volume(expand(2 * VOL)).await,
+            Code::FailedPrecondition,
+        );
+        detach(&cl, "a", &id).await;
+        let r = c
+            .controller_expand_volume(expand(2 * VOL))
+            .await
+            .expect("ControllerExpandVolume")
+            .into_inner();
+        assert_eq!(r.capacity_bytes, (2 * VOL) as i64);
+        let t = Instant::now();
+        cl.wait(&id, "both replicas grown", Duration::from_secs(60), || {
+            ["a", "b"].iter().all(|n| {
+                let out = Command::new(&cl.tandemctl)
+                    .arg("inspect")
+                    .arg(cl.backing(n, &id))
+                    .arg("--json")
+                    .output()
+                    .expect("tandemctl");
+                serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .ok()
+                    .and_then(|v| v["size"].as_u64())
+                    == Some(2 * VOL)
+            })
+        });
+        cl.wait_connected(&id);
+        eprintln!(
+            "expand to both replicas grown and connected: {:?}",
+            t.elapsed()
+        );
+        let dev = attach(&cl, "b", &v, rwo_block()).await.expect("attach b");
+        let size = run_ok(Command::new("blockdev").arg("--getsize64").arg(&dev));
+        assert_eq!(
+            size.trim(),
+            (2 * VOL).to_string(),
+            "the device has the new size"
+        );
+        fio(&dev, 11, true);
+        let last = 2 * VOL / 4096 - 1;
+        assert_eq!(
+            dd_read(&dev, last),
+            vec![0u8; 4096],
+            "the new area reads zeroes"
+        );
+        dd_write(&dev, last, &[0x5a; 4096]);
+        assert_eq!(dd_read(&dev, last), vec![0x5a; 4096]);
+        detach(&cl, "b", &id).await;
+        let (a, b) = (full_data_area(&cl, "a", &id), full_data_area(&cl, "b", &id));
+        assert_eq!(a.len() as u64, 2 * VOL);
+        assert!(a == b, "both backings hold the same data");
+        cl.delete_and_wait_removed(&id).await;
+    });
+}

@@ -58,6 +58,38 @@ pub struct Superblock {
     pub created_unix_secs: u64,
 }
 
+/// Why a volume cannot grow to the requested size.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum GrowError {
+    /// The new size is smaller than the current one.
+    #[error("shrinking is not supported: the volume has {size} bytes, {new_size} requested (data past the new end would be lost)")]
+    Shrink {
+        /// Current size.
+        size: u64,
+        /// Requested size.
+        new_size: u64,
+    },
+    /// The new size is not a multiple of the block size.
+    #[error("{new_size} bytes is not a multiple of the volume's block size ({block_size})")]
+    Unaligned {
+        /// Requested size.
+        new_size: u64,
+        /// Block size.
+        block_size: u32,
+    },
+    /// The metadata area has no room for the bitmaps of the new size.
+    #[error("{new_size} bytes is more than this volume can grow to without moving its data ({max} bytes: its metadata area has room for the dirty bitmaps of at most that); create a larger volume and copy the data")]
+    TooLarge {
+        /// Requested size.
+        new_size: u64,
+        /// Largest possible size.
+        max: u64,
+    },
+    /// The grown superblock would be invalid.
+    #[error("{0}")]
+    Invalid(SuperblockError),
+}
+
 /// Why one superblock copy is unusable.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SuperblockError {
@@ -155,6 +187,50 @@ impl Superblock {
         };
         sb.check()?;
         Ok(sb)
+    }
+
+    /// The superblock of this volume grown online to `new_size` bytes
+    /// (`docs/on-disk-format.md`, "Growing a volume"): same identity and
+    /// data offset, `seq + 1`. The metadata area is not moved, so the
+    /// three dirty bitmaps at `chunk` bytes per bit must still fit below
+    /// `data_offset`; whether their on-disk slots move is the caller's
+    /// concern ([`crate::meta::Layout`]).
+    pub fn grown(&self, new_size: u64, chunk: u32) -> Result<Superblock, GrowError> {
+        if new_size < self.size {
+            return Err(GrowError::Shrink {
+                size: self.size,
+                new_size,
+            });
+        }
+        if new_size % u64::from(self.block_size) != 0 {
+            return Err(GrowError::Unaligned {
+                new_size,
+                block_size: self.block_size,
+            });
+        }
+        let max = self.max_grow_size(chunk);
+        if new_size > max {
+            return Err(GrowError::TooLarge { new_size, max });
+        }
+        let mut sb = self.clone();
+        sb.size = new_size;
+        sb.seq = self.seq.wrapping_add(1);
+        sb.check().map_err(GrowError::Invalid)?;
+        Ok(sb)
+    }
+
+    /// The largest size this volume can grow to without moving its data:
+    /// three bitmaps at `chunk` bytes per bit must fit between 1 MiB and
+    /// `data_offset`, and the data area must end below 2^63.
+    pub fn max_grow_size(&self, chunk: u32) -> u64 {
+        let room = self.data_offset.saturating_sub(MIB) / RESERVED_PEERS;
+        let slot_bytes = room / 4096 * 4096;
+        let by_bitmap = slot_bytes
+            .saturating_mul(8)
+            .saturating_mul(u64::from(chunk.max(1)));
+        let by_range = (i64::MAX as u64).saturating_sub(self.data_offset);
+        let max = by_bitmap.min(by_range);
+        max - max % u64::from(self.block_size.max(1))
     }
 
     /// Total backing size this volume needs.
@@ -448,6 +524,64 @@ mod tests {
             let mut block = sb().encode();
             block[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(Superblock::decode(&block).is_err());
+        }
+    }
+
+    #[test]
+    fn growing_keeps_identity_and_refuses_shrink_misalignment_and_overflow() {
+        let old = Superblock::new([7; 16], "v", 64 << 20, 4096, 1).unwrap();
+        let g = old.grown(128 << 20, 4096).unwrap();
+        assert_eq!(
+            (g.size, g.seq, g.data_offset, &g.name, g.volume_uuid),
+            (
+                128 << 20,
+                old.seq + 1,
+                old.data_offset,
+                &old.name,
+                old.volume_uuid
+            )
+        );
+        assert_eq!(old.grown(old.size, 4096).unwrap().size, old.size);
+        assert!(matches!(
+            old.grown(32 << 20, 4096),
+            Err(GrowError::Shrink { .. })
+        ));
+        assert!(matches!(
+            old.grown((64 << 20) + 512, 4096),
+            Err(GrowError::Unaligned { .. })
+        ));
+        // A 64 MiB volume has a 2 MiB data offset: 1 MiB for 3 bitmaps,
+        // 85 pages (348 160 bytes) each, 4 KiB per bit: about 10.6 GiB.
+        let max = old.max_grow_size(4096);
+        assert_eq!(max, 348_160 * 8 * 4096);
+        assert!(old.grown(max, 4096).is_ok());
+        let e = old.grown(max + 4096, 4096).unwrap_err();
+        assert!(e.to_string().contains("without moving its data"), "{e}");
+    }
+
+    proptest! {
+        /// Every size `grown` accepts leaves room for the three bitmaps
+        /// (the same rule `meta::Layout` enforces when the volume opens).
+        #[test]
+        fn grown_sizes_fit_the_bitmap_layout(
+            mib in 1u64..4096,
+            extra in 0u64..(1 << 40),
+            chunk_shift in 9u32..=20,
+        ) {
+            let chunk = 1u32 << chunk_shift;
+            let old = Superblock::new([1; 16], "v", mib << 20, 512, 0).unwrap();
+            let new_size = (old.size + extra) / 512 * 512;
+            match old.grown(new_size, chunk) {
+                Ok(g) => {
+                    prop_assert!(crate::meta::Layout::new(g.size, chunk, g.data_offset).is_ok());
+                    prop_assert_eq!(g.backing_len(), g.data_offset + new_size);
+                }
+                Err(GrowError::TooLarge { max, .. }) => {
+                    prop_assert!(new_size > max);
+                    prop_assert!(crate::meta::Layout::new(max, chunk, old.data_offset).is_ok());
+                }
+                Err(e) => prop_assert!(false, "{e}"),
+            }
         }
     }
 }

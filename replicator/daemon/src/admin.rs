@@ -80,6 +80,14 @@ pub enum AdminRequest {
         /// Export name.
         export: String,
     },
+    /// Grows a plain (unreplicated) export online to `size` bytes
+    /// (`docs/operations.md`, "Growing a volume"). Shrinking is refused.
+    Resize {
+        /// Export name.
+        export: String,
+        /// New data-area size in bytes.
+        size: u64,
+    },
 }
 
 /// Daemon-wide status.
@@ -107,6 +115,9 @@ pub struct AdminResponse {
     /// The peers a verify started with, for `verify`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<Vec<String>>,
+    /// The size before, for `resize`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_size: Option<u64>,
 }
 
 /// Binds the admin socket with mode 0600.
@@ -160,6 +171,7 @@ async fn handle(stream: UnixStream, exports: &Exports, listeners: &[String]) -> 
                     ok: true,
                     error: None,
                     peers: None,
+                    previous_size: None,
                     status: Some(Status {
                         version: env!("CARGO_PKG_VERSION").to_string(),
                         listeners: listeners.to_vec(),
@@ -186,6 +198,7 @@ async fn handle(stream: UnixStream, exports: &Exports, listeners: &[String]) -> 
             Ok(AdminRequest::ClearFault { export }) => {
                 inject_fault(exports, &export, false, false, None, None)
             }
+            Ok(AdminRequest::Resize { export, size }) => resize(exports, &export, size).await,
             Err(e) => failure(format!("bad request: {e}")),
         };
         let mut out = serde_json::to_vec(&resp)?;
@@ -195,12 +208,41 @@ async fn handle(stream: UnixStream, exports: &Exports, listeners: &[String]) -> 
     Ok(())
 }
 
+async fn resize(exports: &Exports, name: &str, size: u64) -> AdminResponse {
+    let Some(export) = exports.get(name).filter(|_| !name.is_empty()) else {
+        return failure(format!("no export named {name:?}"));
+    };
+    if export.replicator.is_some() {
+        // The replica state machine, its bitmaps and the peers' sizes are
+        // fixed at start; online growth of a replicated volume is not built.
+        return failure(format!(
+            "export {name:?} is replicated: online growth of replicated volumes is not supported yet; grow every replica offline (stop tandemd, `tandemctl resize --offline BACKING SIZE`, start)"
+        ));
+    }
+    match export.volume.grow(size).await {
+        Ok(before) => {
+            if before != size {
+                tracing::info!(export = %name, from = before, to = size, "export grown by admin request");
+            }
+            AdminResponse {
+                ok: true,
+                error: None,
+                status: None,
+                peers: None,
+                previous_size: Some(before),
+            }
+        }
+        Err(e) => failure(format!("resize refused: {e}")),
+    }
+}
+
 fn failure(error: String) -> AdminResponse {
     AdminResponse {
         ok: false,
         error: Some(error),
         status: None,
         peers: None,
+        previous_size: None,
     }
 }
 
@@ -246,6 +288,7 @@ async fn verify(exports: &Exports, name: &str, peer: Option<&str>, mark: bool) -
         },
         status: None,
         peers: Some(started),
+        previous_size: None,
     }
 }
 
@@ -270,6 +313,7 @@ async fn resolve(exports: &Exports, name: &str, discard_my_data: bool) -> AdminR
                 error: None,
                 status: None,
                 peers: None,
+                previous_size: None,
             }
         }
         Ok(Err(e)) => failure(format!("resolve refused: {e}")),
@@ -297,6 +341,7 @@ async fn role_change(exports: &Exports, name: &str, promote: bool) -> AdminRespo
                 error: None,
                 status: None,
                 peers: None,
+                previous_size: None,
             }
         }
         Ok(Err(e)) => failure(format!(
@@ -352,6 +397,7 @@ fn inject_fault(
         error: None,
         status: None,
         peers: None,
+        previous_size: None,
     }
 }
 

@@ -8,7 +8,8 @@
 //! guard, never a panic).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tandem_core::meta::{self, Layout};
 use tandem_core::repl::{DiskState, LoadedMeta};
@@ -102,17 +103,70 @@ pub struct Expect {
 /// An open volume.
 pub struct Volume {
     path: PathBuf,
-    superblock: Superblock,
+    /// The superblock in force and the index (0 = A, 1 = B) of the copy
+    /// holding it: the next update writes the other copy.
+    superblock: Mutex<(Superblock, usize)>,
+    /// The data-area size in force (grows with [`Volume::grow`]).
+    size: AtomicU64,
+    data_offset: u64,
+    block_size: u32,
     engine: Arc<dyn Engine>,
     read_only: bool,
+    /// One growth at a time.
+    grow_lock: tokio::sync::Mutex<()>,
+}
+
+/// Why a volume cannot grow.
+#[derive(Debug, thiserror::Error)]
+pub enum GrowError {
+    /// The request itself is refused (shrink, alignment, too large).
+    #[error("{path}: {source}")]
+    Refused {
+        /// Backing path.
+        path: String,
+        /// Why.
+        #[source]
+        source: superblock::GrowError,
+    },
+    /// A read-only volume.
+    #[error("{0}: the volume is read-only")]
+    ReadOnly(String),
+    /// The bitmap slots would move while one of them holds set bits.
+    #[error("{path}: growing to {new_size} bytes moves the dirty bitmaps of peers, and bitmap slot {slot} records regions out of sync: resync (or let the peer connect) first")]
+    BitmapInUse {
+        /// Backing path.
+        path: String,
+        /// Requested size.
+        new_size: u64,
+        /// A slot with set bits.
+        slot: usize,
+    },
+    /// The backing cannot hold the new size.
+    #[error("{path}: cannot extend the backing to {need} bytes: {why}")]
+    Backing {
+        /// Backing path.
+        path: String,
+        /// Needed length.
+        need: u64,
+        /// What went wrong.
+        why: String,
+    },
+    /// Metadata or storage error.
+    #[error("{path}: {why}")]
+    Io {
+        /// Backing path.
+        path: String,
+        /// What failed.
+        why: String,
+    },
 }
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Volume")
             .field("path", &self.path)
-            .field("name", &self.superblock.name)
-            .field("uuid", &self.superblock.uuid_string())
+            .field("size", &self.size())
+            .field("data_offset", &self.data_offset)
             .field("engine", &self.engine.kind())
             .finish()
     }
@@ -249,15 +303,140 @@ impl Volume {
         }
         Ok(Volume {
             path: path.to_path_buf(),
-            superblock: sb,
+            size: AtomicU64::new(sb.size),
+            data_offset: sb.data_offset,
+            block_size: sb.block_size,
+            superblock: Mutex::new((sb, index)),
             engine,
             read_only,
+            grow_lock: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// The superblock in force.
-    pub fn superblock(&self) -> &Superblock {
-        &self.superblock
+    /// The superblock in force (a copy: growth may replace it).
+    pub fn superblock(&self) -> Superblock {
+        self.superblock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Grows the data area online to `new_size` bytes (`docs/operations.md`,
+    /// "Growing a volume"); returns the size before. Crash-safe: the
+    /// backing is extended and the new area zeroed and flushed first, then
+    /// the superblock copy that is not in force is written with the new size
+    /// and `seq + 1` (FUA); a crash before that leaves the old size (and an
+    /// unused backing tail), after it the new one. Requests already
+    /// validated against the old size stay valid; new NBD connections see
+    /// the new size. Growing to the current size is a no-op.
+    pub async fn grow(&self, new_size: u64) -> Result<u64, GrowError> {
+        let _one = self.grow_lock.lock().await;
+        let p = self.path.display().to_string();
+        let io = |why: String| GrowError::Io {
+            path: p.clone(),
+            why,
+        };
+        if self.read_only {
+            return Err(GrowError::ReadOnly(p));
+        }
+        let (cur, index) = self
+            .superblock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if new_size == cur.size {
+            return Ok(cur.size);
+        }
+        // The bitmap granularity: the replica record's, or the default for
+        // a volume never replicated.
+        let rec = self
+            .read_meta(meta::RECORD_OFFSETS[0], 2 * meta::RECORD_SIZE)
+            .await
+            .map_err(|e| io(format!("reading the replica metadata: {e}")))?;
+        let (a, b) = rec.split_at(meta::RECORD_SIZE);
+        let chunk = match meta::select(a, b) {
+            Ok(Some((r, _))) => r.chunk,
+            Ok(None) => meta::DEFAULT_CHUNK,
+            Err(e) => return Err(io(e)),
+        };
+        let new = cur
+            .grown(new_size, chunk)
+            .map_err(|source| GrowError::Refused {
+                path: p.clone(),
+                source,
+            })?;
+        // Slots 1 and 2 start at `1 MiB + s × slot_bytes`: when the slot size
+        // changes they move. Only an all-clear bitmap area may move (it
+        // reads the same at any offset, and the area past it was zeroed at
+        // creation); otherwise refuse rather than lose out-of-sync marks.
+        let old_layout = Layout::new(cur.size, chunk, self.data_offset).map_err(io)?;
+        let new_layout = Layout::new(new.size, chunk, self.data_offset).map_err(io)?;
+        if old_layout.slot_bytes != new_layout.slot_bytes {
+            for slot in 0..meta::SLOTS {
+                let bytes = usize::try_from(old_layout.slot_bytes).unwrap_or(usize::MAX);
+                let bits = self
+                    .read_meta(old_layout.page_offset(slot, 0), bytes)
+                    .await
+                    .map_err(|e| io(format!("reading bitmap slot {slot}: {e}")))?;
+                if bits.iter().any(|&b| b != 0) {
+                    return Err(GrowError::BitmapInUse {
+                        path: p,
+                        new_size,
+                        slot,
+                    });
+                }
+            }
+        }
+        // Extend the backing (a regular file; a block device must already
+        // be large enough) and make the new length durable.
+        let need = new.backing_len();
+        let path = self.path.clone();
+        let before = tokio::task::spawn_blocking(move || extend_backing(&path, need))
+            .await
+            .map_err(|e| io(format!("extending the backing: {e}")))?
+            .map_err(|why| GrowError::Backing {
+                path: p.clone(),
+                need,
+                why,
+            })?;
+        // Whatever lay in a pre-existing tail (or on a block device) past the
+        // old end is zeroed: the new area reads as zeroes on every replica.
+        let old_end = cur.backing_len();
+        let dirty_end = before.min(need);
+        if dirty_end > old_end {
+            self.engine
+                .write_zeroes(old_end, dirty_end - old_end, true)
+                .await
+                .map_err(|e| io(format!("zeroing the new area: {e}")))?;
+        }
+        self.engine
+            .flush()
+            .await
+            .map_err(|e| io(format!("flushing: {e}")))?;
+        let other = 1 - index;
+        let (_, res) = self
+            .engine
+            .write(
+                superblock::COPY_OFFSETS[other],
+                IoBuf::from_slice(&new.encode()),
+                true,
+            )
+            .await;
+        res.map_err(|e| {
+            io(format!(
+                "writing superblock copy {}: {e}",
+                ["A", "B"][other]
+            ))
+        })?;
+        self.engine
+            .flush()
+            .await
+            .map_err(|e| io(format!("flushing: {e}")))?;
+        *self.superblock.lock().unwrap_or_else(|e| e.into_inner()) = (new, other);
+        self.size.store(new_size, Ordering::Release);
+        tracing::info!(path = %p, from = cur.size, to = new_size, "volume grown");
+        Ok(cur.size)
     }
 
     /// Backing path.
@@ -267,12 +446,12 @@ impl Volume {
 
     /// Data-area size in bytes.
     pub fn size(&self) -> u64 {
-        self.superblock.size
+        self.size.load(Ordering::Acquire)
     }
 
     /// Logical block size.
     pub fn block_size(&self) -> u32 {
-        self.superblock.block_size
+        self.block_size
     }
 
     /// Whether writes are refused.
@@ -287,7 +466,7 @@ impl Volume {
 
     fn range(&self, op: Op, offset: u64, len: u64) -> IoResult<u64> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.superblock.size => Ok(self.superblock.data_offset + offset),
+            Some(end) if end <= self.size() => Ok(self.data_offset + offset),
             _ => Err(IoError::new(
                 op,
                 offset,
@@ -354,7 +533,7 @@ impl Volume {
     pub async fn write_meta(&self, at: u64, data: &[u8]) -> IoResult<()> {
         let len = data.len() as u64;
         let first = 2 * SUPERBLOCK_SIZE as u64;
-        if at < first || at.saturating_add(len) > self.superblock.data_offset {
+        if at < first || at.saturating_add(len) > self.data_offset {
             return Err(IoError::new(
                 Op::Write,
                 at,
@@ -372,7 +551,7 @@ impl Volume {
 
     /// Reads `len` bytes of the metadata area at backing offset `at`.
     pub async fn read_meta(&self, at: u64, len: usize) -> IoResult<IoBuf> {
-        if at.saturating_add(len as u64) > self.superblock.data_offset {
+        if at.saturating_add(len as u64) > self.data_offset {
             return Err(IoError::new(
                 Op::Read,
                 at,
@@ -389,7 +568,7 @@ impl Volume {
 
     /// Where this volume's bitmaps live at `chunk` bytes per bit.
     pub fn bitmap_layout(&self, chunk: u32) -> Result<Layout, String> {
-        Layout::new(self.superblock.size, chunk, self.superblock.data_offset)
+        Layout::new(self.size(), chunk, self.data_offset)
     }
 
     /// Reads the replica metadata (generations, bitmaps; `docs/on-disk-format.md`).
@@ -408,7 +587,7 @@ impl Volume {
             Ok(None) => chunk,
             Err(e) => anyhow::bail!("{p}: {e}"),
         };
-        let sb = &self.superblock;
+        let sb = &self.superblock();
         let layout =
             Layout::new(sb.size, chunk, sb.data_offset).map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
         let mut slots: Vec<Vec<u8>> = Vec::new();
@@ -451,5 +630,161 @@ impl Volume {
             self.engine.flush().await?;
         }
         Ok(())
+    }
+}
+
+/// Extends the backing at `path` to at least `need` bytes and syncs it;
+/// returns its length before. A block device (or a file that cannot grow)
+/// must already be large enough.
+fn extend_backing(path: &Path, need: u64) -> Result<u64, String> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("opening: {e}"))?;
+    let meta = f.metadata().map_err(|e| format!("stat: {e}"))?;
+    let len = if meta.is_file() {
+        meta.len()
+    } else {
+        f.seek(SeekFrom::End(0))
+            .map_err(|e| format!("measuring: {e}"))?
+    };
+    if len >= need {
+        return Ok(len);
+    }
+    if !meta.is_file() {
+        return Err(format!(
+            "it is a {len}-byte device: grow the device (e.g. lvextend) first"
+        ));
+    }
+    f.set_len(need).map_err(|e| format!("set_len: {e}"))?;
+    f.sync_all().map_err(|e| format!("fsync: {e}"))?;
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::sync::SyncEngine;
+    use crate::storage::{Backing, DirectIo};
+    use std::os::unix::fs::FileExt;
+
+    const MIB: u64 = 1 << 20;
+
+    async fn open(path: &Path) -> Volume {
+        let engine = Arc::new(SyncEngine::new(
+            Backing::open(path, DirectIo::Off, false, 512).expect("backing"),
+        ));
+        Volume::open(engine, path, &Expect::default(), false)
+            .await
+            .expect("open")
+    }
+
+    /// A 4 MiB volume in a file, its data area filled with a pattern.
+    async fn formatted(dir: &Path) -> (PathBuf, Superblock) {
+        let path = dir.join("v.img");
+        let sb = Superblock::new([3; 16], "v", 4 * MIB, 512, 0).expect("sb");
+        let f = std::fs::File::create(&path).expect("create");
+        f.set_len(sb.backing_len()).expect("set_len");
+        let engine = SyncEngine::new(Backing::open(&path, DirectIo::Off, false, 512).expect("b"));
+        create(&engine, &path, sb.clone(), false)
+            .await
+            .expect("format");
+        let pattern: Vec<u8> = (0..sb.size).map(|i| (i * 7 % 251) as u8).collect();
+        f.write_all_at(&pattern, sb.data_offset).expect("pattern");
+        (path, sb)
+    }
+
+    #[tokio::test]
+    async fn grow_keeps_data_zeroes_the_new_area_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (path, sb) = formatted(dir.path()).await;
+        // Garbage in a pre-existing tail past the old end must not show
+        // through in the grown area.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("o");
+        f.write_all_at(&[0xEE; 4096], sb.backing_len() + 8192)
+            .expect("tail");
+        let v = open(&path).await;
+        assert!(matches!(
+            v.grow(2 * MIB).await,
+            Err(GrowError::Refused {
+                source: superblock::GrowError::Shrink { .. },
+                ..
+            })
+        ));
+        assert_eq!(v.grow(16 * MIB).await.expect("grow"), 4 * MIB);
+        assert_eq!(v.size(), 16 * MIB);
+        assert_eq!(v.superblock().seq, sb.seq + 1);
+        let (old, res) = v.read(0, IoBuf::zeroed(4 * MIB as usize)).await;
+        res.expect("read old");
+        assert!(old
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i as u64 * 7 % 251) as u8));
+        let (new, res) = v.read(4 * MIB, IoBuf::zeroed(12 * MIB as usize)).await;
+        res.expect("read new");
+        assert!(new.iter().all(|&b| b == 0), "grown area not zero");
+        let (_, res) = v
+            .write(16 * MIB - 4096, IoBuf::from_slice(&[9; 4096]), true)
+            .await;
+        res.expect("write at the new end");
+        let (_, res) = v.read(16 * MIB, IoBuf::zeroed(512)).await;
+        assert!(res.is_err(), "past the new end");
+        // Idempotent.
+        assert_eq!(v.grow(16 * MIB).await.expect("same size"), 16 * MIB);
+        drop(v);
+        let v = open(&path).await;
+        assert_eq!(v.size(), 16 * MIB);
+        let (end, res) = v.read(16 * MIB - 4096, IoBuf::zeroed(4096)).await;
+        res.expect("read end");
+        assert!(end.iter().all(|&b| b == 9));
+    }
+
+    #[tokio::test]
+    async fn a_torn_superblock_update_leaves_the_old_size() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (path, sb) = formatted(dir.path()).await;
+        let v = open(&path).await;
+        v.grow(8 * MIB).await.expect("grow");
+        drop(v);
+        // The update went to copy B (A held seq 1 and won the tie); tear it.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("o");
+        f.write_all_at(&[0xAB; 100], superblock::COPY_OFFSETS[1] + 50)
+            .expect("tear");
+        let v = open(&path).await;
+        assert_eq!(v.size(), sb.size, "the old copy is in force");
+        // And growing again writes the torn copy, not the good one.
+        v.grow(8 * MIB).await.expect("grow again");
+        drop(v);
+        assert_eq!(open(&path).await.size(), 8 * MIB);
+    }
+
+    #[tokio::test]
+    async fn growth_that_moves_bitmaps_with_set_bits_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (path, _) = formatted(dir.path()).await;
+        let v = open(&path).await;
+        // 4 MiB → 8 MiB keeps one 4 KiB page per slot: nothing moves.
+        v.write_meta(meta::BITMAP_AREA_OFFSET, &[1; 4096])
+            .await
+            .expect("mark");
+        v.grow(8 * MIB).await.expect("same slot size");
+        // 8 MiB → 512 MiB needs 4 pages per slot: slot 0 has set bits.
+        let e = v.grow(512 * MIB).await.unwrap_err();
+        assert!(matches!(e, GrowError::BitmapInUse { slot: 0, .. }), "{e}");
+        assert_eq!(v.size(), 8 * MIB);
+        v.write_meta(meta::BITMAP_AREA_OFFSET, &[0; 4096])
+            .await
+            .expect("clear");
+        v.grow(512 * MIB).await.expect("clear bitmaps may move");
+        // Beyond what the 2 MiB metadata area can describe.
+        let e = v.grow(64 << 30).await.unwrap_err();
+        assert!(e.to_string().contains("without moving its data"), "{e}");
     }
 }

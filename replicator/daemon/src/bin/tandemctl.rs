@@ -70,6 +70,25 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Grow a volume. Online (default): a plain (unreplicated) export of
+    /// the running tandemd; the backing is extended, the new area reads as
+    /// zeroes, new NBD connections see the new size (existing ones keep the
+    /// old one). With --offline: the backing of a stopped tandemd, e.g. each
+    /// replica of a replicated volume in turn (they connect again once both
+    /// have the same size). Shrinking is refused.
+    Resize {
+        /// Export name; with --offline, the backing file or device.
+        target: PathBuf,
+        /// New size (bytes, or with a K/M/G/T suffix).
+        #[arg(value_parser = tandem_daemon::parse_size)]
+        size: u64,
+        /// Grow the backing TARGET directly (no tandemd may be using it).
+        #[arg(long)]
+        offline: bool,
+        /// Admin socket of the daemon.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Resolve a split brain by discarding this node's changes since the
     /// split: at the next handshake this node becomes the sync target and
     /// takes the peer's data (a bitmap-based resync). Run it on the node
@@ -373,6 +392,54 @@ async fn real_main(cli: Cli) -> Result<()> {
                 bail!("{}", resp.error.unwrap_or_default());
             }
             println!("{export}: Secondary");
+        }
+        Cmd::Resize {
+            target,
+            size,
+            offline: true,
+            ..
+        } => {
+            let b = Backing::open(&target, DirectIo::Off, false, 512)?;
+            b.lock(true)?;
+            let engine = std::sync::Arc::new(SyncEngine::new(b));
+            let v = tandem_daemon::volume::Volume::open(
+                engine,
+                &target,
+                &tandem_daemon::volume::Expect::default(),
+                false,
+            )
+            .await?;
+            let before = v.grow(size).await?;
+            if before == size {
+                println!("{}: already {size} bytes", target.display());
+            } else {
+                println!("{}: grown from {before} to {size} bytes", target.display());
+            }
+        }
+        Cmd::Resize {
+            target,
+            size,
+            admin_socket,
+            ..
+        } => {
+            let export = target.display().to_string();
+            let resp = admin::call(
+                &admin_socket,
+                &AdminRequest::Resize {
+                    export: export.clone(),
+                    size,
+                },
+            )
+            .await?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            match resp.previous_size {
+                Some(before) if before != size => {
+                    println!("{export}: grown from {before} to {size} bytes")
+                }
+                _ => println!("{export}: already {size} bytes"),
+            }
         }
         Cmd::Resolve {
             export,
