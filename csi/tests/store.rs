@@ -629,3 +629,180 @@ fn kube_store_reports_an_unreachable_api_server_clearly() {
         "{e}"
     );
 }
+
+/// A kubeconfig naming the stand-in (plain HTTP, no credentials).
+fn kubeconfig(dir: &std::path::Path, api: &ApiServer) -> String {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\n\
+         clusters:\n- name: stand-in\n  cluster:\n    server: http://{}\n\
+         users:\n- name: test\n  user: {{}}\n\
+         contexts:\n- name: test\n  context:\n    cluster: stand-in\n    user: test\n\
+         current-context: test\n",
+        api.addr
+    );
+    std::fs::write(&path, text).expect("kubeconfig");
+    path.display().to_string()
+}
+
+fn list_requests(api: &ApiServer) -> usize {
+    let want = format!("GET {PREFIX}");
+    api.state().requests.iter().filter(|r| **r == want).count()
+}
+
+/// `tandem-csi controller --store kubernetes` (KUBECONFIG) keeps its
+/// records in the API server (stand-in), across a restart; `tandem-csi
+/// node --store kubernetes` runs the replica agent reading them.
+#[test]
+fn the_binaries_use_the_kubernetes_store_with_store_kubernetes() {
+    let api = ApiServer::start();
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-csi-")
+        .tempdir()
+        .expect("temp dir");
+    let kc = kubeconfig(dir.path(), &api);
+    let inv = dir.path().join("nodes.toml");
+    std::fs::write(&inv, INVENTORY).expect("inventory");
+    let args = vec![
+        "controller".to_string(),
+        "--store".into(),
+        "kubernetes".into(),
+        "--nodes".into(),
+        inv.display().to_string(),
+    ];
+    let env = [("KUBECONFIG", kc.as_str()), ("KUBERNETES_SERVICE_HOST", "")];
+    let mut d = Driver::start_with(dir, args, &env);
+    let req = create_req("pvc-k", GIB, vec![rwo_block()], &[]);
+    let id = block_on(async {
+        let mut c = d.controller_client().await;
+        c.create_volume(req.clone())
+            .await
+            .expect("create")
+            .into_inner()
+            .volume
+            .expect("volume")
+            .volume_id
+    });
+    {
+        let st = api.state();
+        let obj = st.objects.get(&id).expect("TandemVolume created");
+        assert_eq!(obj["spec"]["name"], "pvc-k");
+        assert_eq!(obj["status"]["state"], "Ready");
+    }
+    assert!(
+        d.log_text().contains("store=kubernetes"),
+        "{}",
+        d.log_text()
+    );
+    d.stop();
+    d.start();
+    let again = block_on(async {
+        let mut c = d.controller_client().await;
+        c.create_volume(req)
+            .await
+            .expect("create again")
+            .into_inner()
+            .volume
+            .expect("volume")
+            .volume_id
+    });
+    assert_eq!(again, id);
+    assert_eq!(api.state().objects.len(), 1);
+    d.stop();
+
+    // The node plugin's agent lists the records from the API server.
+    let ndir = tempfile::Builder::new()
+        .prefix("tandem-csi-")
+        .tempdir()
+        .expect("temp dir");
+    let kc = kubeconfig(ndir.path(), &api);
+    let args = vec![
+        "node".to_string(),
+        "--node-id".into(),
+        "a1".into(),
+        "--store".into(),
+        "kubernetes".into(),
+        "--state-dir".into(),
+        ndir.path().join("state").display().to_string(),
+        "--data-dir".into(),
+        ndir.path().join("data").display().to_string(),
+        "--tandemd".into(),
+        "/nonexistent/tandemd".into(),
+        "--tandemctl".into(),
+        "/nonexistent/tandemctl".into(),
+    ];
+    let env = [("KUBECONFIG", kc.as_str()), ("KUBERNETES_SERVICE_HOST", "")];
+    let before = list_requests(&api);
+    let mut n = Driver::start_with(ndir, args, &env);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while list_requests(&api) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node agent never listed the TandemVolumes:\n{}",
+            n.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        n.log_text().contains("replica agent on"),
+        "{}",
+        n.log_text()
+    );
+    n.stop();
+}
+
+#[test]
+fn store_flags_are_validated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem-csi"))
+            .args(args)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", dir.path().join("s.sock").display()))
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let nodes = dir.path().join("nodes.toml");
+    std::fs::write(&nodes, INVENTORY).expect("inventory");
+    let nodes = nodes.display().to_string();
+    let e = run(&["controller", "--nodes", &nodes, "--store", "etcd"]);
+    assert!(e.contains("file:DIR") && e.contains("kubernetes"), "{e}");
+    let e = run(&[
+        "controller",
+        "--nodes",
+        &nodes,
+        "--store",
+        "kubernetes",
+        "--state-dir",
+        "/x",
+    ]);
+    assert!(e.contains("cannot be used with"), "{e}");
+    let e = run(&[
+        "node",
+        "--node-id",
+        "a1",
+        "--store",
+        "file:/x",
+        "--volumes-dir",
+        "/x",
+    ]);
+    assert!(e.contains("cannot be used with"), "{e}");
+    // No cluster configuration: a clear error, not a hang.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem-csi"))
+        .args(["controller", "--nodes", &nodes, "--store", "kubernetes"])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", dir.path().join("s.sock").display()))
+        .env("KUBECONFIG", dir.path().join("missing"))
+        .env("HOME", dir.path())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("--store kubernetes") && e.contains("configuration"),
+        "{e}"
+    );
+}
