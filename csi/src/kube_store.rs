@@ -48,6 +48,8 @@ pub const API_VERSION: &str = "tandem.io/v1alpha1";
 pub const KIND: &str = "TandemVolume";
 /// The custom resource's plural (its URL path segment).
 pub const PLURAL: &str = "tandemvolumes";
+/// The field manager the store's writes are recorded under.
+pub const FIELD_MANAGER: &str = "tandem-csi";
 /// Longest a single API call may take before the store reports an error.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -378,7 +380,10 @@ impl KubeStore {
         let id = record.id.as_str();
         let want = to_resource(record)?;
         let seen = self.seen().get(id).cloned();
-        let pp = PostParams::default();
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
         let mut cur = match seen {
             None => {
                 // Not read by this store: it must not exist yet.

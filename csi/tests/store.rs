@@ -6,7 +6,7 @@
 //! implements the `tandemvolumes` resource the way the API server does for
 //! a cluster-scoped custom resource with a status subresource (create:
 //! status ignored, 409 AlreadyExists; get: 404; replace: resourceVersion
-//! must match, else 409 Conflict, status ignored; replace of `/status`:
+//! required and must match, else 409 Conflict, status ignored; replace of `/status`:
 //! only the status taken; delete with resourceVersion preconditions;
 //! list), validating every written object against `deploy/crds.yaml`.
 //! The real kube-rs client, its HTTP and JSON paths, run unchanged.
@@ -235,7 +235,16 @@ async fn handle(state: &Mutex<ApiState>, req: Request<Incoming>) -> Response<Ful
             let Some(cur) = st.objects.get(&name).cloned() else {
                 return not_found(&name);
             };
-            if rv_of(&body).is_some() && rv_of(&body) != rv_of(&cur) {
+            // Custom resources allow no unconditional update.
+            let Some(rv) = rv_of(&body) else {
+                return status(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update"
+                        .into(),
+                );
+            };
+            if Some(rv) != rv_of(&cur) {
                 return conflict(&name);
             }
             let mut new = cur.clone();
