@@ -1,7 +1,8 @@
 //! `tandem-csi`: Tandem's Kubernetes CSI driver (CSI spec v1).
 //!
 //! One binary, two modes. `tandem-csi controller` serves the Identity and
-//! Controller services: volume records ([`store`]), replica placement (the
+//! Controller services: volume records ([`store`]: a directory of files or
+//! Kubernetes custom resources, [`kube_store`]), replica placement (the
 //! pure [`placement::place`]), publication with dual-primary for
 //! MULTI_NODE_MULTI_WRITER block volumes. `tandem-csi node` serves Identity
 //! and Node: it runs a `tandemd` per staged volume and attaches it as a
@@ -17,6 +18,7 @@ pub mod error;
 pub mod identity;
 pub mod inflight;
 pub mod inventory;
+pub mod kube_store;
 pub mod node;
 pub mod params;
 pub mod placement;

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -15,7 +14,7 @@ use tandem_csi::identity::IdentityService;
 use tandem_csi::inventory::{valid_node_name, Inventory};
 use tandem_csi::node::{NodeConfig, NodeService};
 use tandem_csi::server;
-use tandem_csi::store::FileStore;
+use tandem_csi::store::StoreKind;
 
 #[derive(Parser)]
 #[command(name = "tandem-csi", version, about = "Tandem CSI driver")]
@@ -34,9 +33,15 @@ struct Cli {
 enum Mode {
     /// Identity + Controller services.
     Controller {
-        /// Directory of the file volume-record store.
-        #[arg(long, default_value = "/var/lib/tandem-csi/volumes")]
-        state_dir: PathBuf,
+        /// The volume-record store: file:DIR (one JSON file per volume;
+        /// standalone use) or kubernetes (TandemVolume custom resources;
+        /// in-cluster configuration or KUBECONFIG). Default:
+        /// file:/var/lib/tandem-csi/volumes.
+        #[arg(long, value_name = "file:DIR|kubernetes")]
+        store: Option<StoreKind>,
+        /// Deprecated: the same as --store file:DIR.
+        #[arg(long, conflicts_with = "store")]
+        state_dir: Option<PathBuf>,
         /// Storage-node inventory (TOML: [[node]] name, capacity_bytes, topology).
         #[arg(long)]
         nodes: PathBuf,
@@ -66,10 +71,14 @@ enum Mode {
         /// The tandemctl binary.
         #[arg(long, default_value = "tandemctl")]
         tandemctl: PathBuf,
-        /// The volume-record store (the controller's --state-dir, shared);
-        /// enables the replica agent, which runs every replica the records
-        /// place on this node. Without it volumes are served unreplicated.
-        #[arg(long)]
+        /// The volume-record store, the controller's (file:DIR, a shared
+        /// directory, or kubernetes); enables the replica agent, which runs
+        /// every replica the records place on this node. Without it
+        /// volumes are served unreplicated.
+        #[arg(long, value_name = "file:DIR|kubernetes")]
+        store: Option<StoreKind>,
+        /// Deprecated: the same as --store file:DIR.
+        #[arg(long, conflicts_with = "store")]
         volumes_dir: Option<PathBuf>,
         /// Cluster CA certificate (peer mutual TLS of replicated volumes).
         #[arg(long, requires_all = ["tls_cert", "tls_key"])]
@@ -109,16 +118,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     rt.block_on(async move {
         let router = match cli.mode {
             Mode::Controller {
+                store,
                 state_dir,
                 nodes,
                 replication_ports,
             } => {
                 let inventory = Inventory::load(&nodes)?;
-                let store = FileStore::open(&state_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let ctrl =
-                    ControllerService::new(Arc::new(store), inventory, TestHooks::from_env())
-                        .with_replication_ports(replication_ports);
-                tracing::info!(endpoint = %path.display(), "tandem-csi controller");
+                let kind = match (store, state_dir) {
+                    (Some(kind), _) => kind,
+                    (None, Some(dir)) => {
+                        tracing::warn!(
+                            "--state-dir is deprecated: use --store file:{}",
+                            dir.display()
+                        );
+                        StoreKind::File(dir)
+                    }
+                    (None, None) => StoreKind::File(DEFAULT_STORE_DIR.into()),
+                };
+                let store = kind
+                    .open()
+                    .map_err(|e| anyhow::anyhow!("--store {kind}: {e}"))?;
+                let ctrl = ControllerService::new(store, inventory, TestHooks::from_env())
+                    .with_replication_ports(replication_ports);
+                tracing::info!(endpoint = %path.display(), store = %kind, "tandem-csi controller");
                 tonic::transport::Server::builder()
                     .add_service(IdentityServer::new(IdentityService::default()))
                     .add_service(ControllerServer::new(ctrl))
@@ -130,6 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir,
                 tandemd,
                 tandemctl,
+                store,
                 volumes_dir,
                 tls_ca,
                 tls_cert,
@@ -163,7 +186,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for m in identity.missing() {
                     tracing::warn!("missing {m}: Probe reports not ready until it is installed");
                 }
-                let volumes_dir_set = volumes_dir.is_some();
+                let store = match (store, volumes_dir) {
+                    (Some(kind), _) => Some(kind),
+                    (None, Some(dir)) => {
+                        tracing::warn!(
+                            "--volumes-dir is deprecated: use --store file:{}",
+                            dir.display()
+                        );
+                        Some(StoreKind::File(dir))
+                    }
+                    (None, None) => None,
+                };
+                let store_set = store.is_some();
                 let tls_set = tls_cert.is_some();
                 let node = NodeService::new(NodeConfig {
                     node_id,
@@ -172,14 +206,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     data_dir,
                     tandemd,
                     tandemctl,
-                    volumes_dir,
+                    store,
                     tls: match (tls_ca, tls_cert, tls_key) {
                         (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
                         _ => None,
                     },
                 })?;
-                if volumes_dir_set && !tls_set {
-                    tracing::warn!("--volumes-dir without --tls-ca/--tls-cert/--tls-key: volumes with more than one replica cannot be replicated on this node");
+                if store_set && !tls_set {
+                    tracing::warn!("--store without --tls-ca/--tls-cert/--tls-key: volumes with more than one replica cannot be replicated on this node");
                 }
                 if let Some(agent) = node.agent() {
                     tracing::info!(
@@ -198,6 +232,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         server::serve(router, listener, &path).await
     })
 }
+
+/// The controller's store without --store or --state-dir.
+const DEFAULT_STORE_DIR: &str = "/var/lib/tandem-csi/volumes";
 
 /// `LOW-HIGH`, a non-empty port range.
 fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {

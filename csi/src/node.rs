@@ -21,7 +21,7 @@
 //! unstage are idempotent and leave no mount, loop device, process or run
 //! directory behind; the backing file stays (it is the replica's data).
 //!
-//! With a replica agent (`--volumes-dir`, see [`crate::agent`]) a
+//! With a replica agent (`--store`, see [`crate::agent`]) a
 //! replicated volume's `tandemd` is the agent's, already running as
 //! Secondary with its peers: steps 1 and 2 become "promote it" (Primary,
 //! or the second Primary of a dual-primary live migration) and unstage
@@ -50,7 +50,7 @@ use crate::error::{required, Error, Result};
 use crate::inflight::InFlight;
 use crate::params::{Access, Capability};
 use crate::placement::NODE_TOPOLOGY_KEY;
-use crate::store::{valid_id, FileStore, VolumeRecord};
+use crate::store::{valid_id, StoreKind, VolumeRecord};
 use crate::sys;
 
 /// How long `tandemd` and `nbdfuse` may take to become ready.
@@ -74,8 +74,8 @@ pub struct NodeConfig {
     /// The `tandemctl` binary.
     pub tandemctl: PathBuf,
     /// The volume-record store the replica agent reads (the controller's
-    /// `--state-dir`); `None`: no agent, volumes are served unreplicated.
-    pub volumes_dir: Option<PathBuf>,
+    /// `--store`); `None`: no agent, volumes are served unreplicated.
+    pub store: Option<StoreKind>,
     /// The node certificate replicated volumes authenticate with.
     pub tls: Option<TlsFiles>,
 }
@@ -152,9 +152,11 @@ impl NodeService {
         if Path::new("/sys/module/nbd").exists() {
             tracing::info!("kernel nbd is loaded, but the nbd attacher is not implemented yet; using nbdfuse + loop");
         }
-        let agent = match &cfg.volumes_dir {
-            Some(dir) => {
-                let store = FileStore::open(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let agent = match &cfg.store {
+            Some(kind) => {
+                let store = kind
+                    .open()
+                    .map_err(|e| anyhow::anyhow!("--store {kind}: {e}"))?;
                 Some(Arc::new(Agent::new(
                     crate::agent::AgentConfig {
                         node_id: cfg.node_id.clone(),
@@ -164,7 +166,7 @@ impl NodeService {
                         tandemctl: cfg.tandemctl.clone(),
                         tls: cfg.tls.clone(),
                     },
-                    Arc::new(store),
+                    store,
                 )?))
             }
             None => None,
@@ -176,7 +178,7 @@ impl NodeService {
         })
     }
 
-    /// The replica agent (with `--volumes-dir`); the caller runs its loop.
+    /// The replica agent (with `--store`); the caller runs its loop.
     pub fn agent(&self) -> Option<Arc<Agent>> {
         self.agent.clone()
     }
@@ -738,7 +740,7 @@ impl NodeService {
                 None => {
                     return Err(Error::FailedPrecondition(format!(
                         "volume {id} was staged through the replica agent, but this node plugin \
-                         runs without --volumes-dir"
+                         runs without --store"
                     )))
                 }
             }

@@ -4,8 +4,10 @@
 //! [`VolumeState::Creating`]), so a CreateVolume retried after a crash finds
 //! the record and resumes with the same id and placement instead of placing
 //! the volume twice. [`VolumeStore`] is the seam: [`FileStore`] (one JSON
-//! file per volume in a directory) serves standalone use and tests; a
-//! Kubernetes custom-resource store (`deploy/crds.yaml`) comes later.
+//! file per volume in a directory) serves standalone use and tests;
+//! [`crate::kube_store::KubeStore`] keeps one `TandemVolume` custom resource
+//! per volume (`deploy/crds.yaml`) for clusters. [`StoreKind`] is the
+//! `--store` flag that picks one.
 
 use std::fs;
 use std::io::Write;
@@ -114,6 +116,52 @@ pub trait VolumeStore: Send + Sync {
     fn delete(&self, id: &str) -> Result<()>;
     /// Every record, sorted by id.
     fn list(&self) -> Result<Vec<VolumeRecord>>;
+}
+
+/// Which store a binary uses: the `--store` flag, `file:DIR` or
+/// `kubernetes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// [`FileStore`] in this directory.
+    File(PathBuf),
+    /// [`crate::kube_store::KubeStore`], configured in-cluster or from
+    /// `KUBECONFIG`.
+    Kubernetes,
+}
+
+impl std::str::FromStr for StoreKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<StoreKind, String> {
+        if s == "kubernetes" {
+            return Ok(StoreKind::Kubernetes);
+        }
+        match s.strip_prefix("file:") {
+            Some(dir) if !dir.is_empty() => Ok(StoreKind::File(PathBuf::from(dir))),
+            _ => Err(format!(
+                "{s:?}: expected file:DIR (e.g. file:/var/lib/tandem-csi/volumes) or kubernetes"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreKind::File(dir) => write!(f, "file:{}", dir.display()),
+            StoreKind::Kubernetes => f.write_str("kubernetes"),
+        }
+    }
+}
+
+impl StoreKind {
+    /// Opens the store.
+    pub fn open(&self) -> Result<std::sync::Arc<dyn VolumeStore>> {
+        Ok(match self {
+            StoreKind::File(dir) => std::sync::Arc::new(FileStore::open(dir)?),
+            StoreKind::Kubernetes => std::sync::Arc::new(crate::kube_store::KubeStore::connect()?),
+        })
+    }
 }
 
 /// One `<id>.json` file per volume in a directory, written atomically
@@ -272,6 +320,20 @@ mod tests {
         assert_eq!(s.get("v1").unwrap(), None);
         // Ids that are not file-name safe never reach the file system.
         assert_eq!(s.get("../etc/passwd").unwrap(), None);
+    }
+
+    #[test]
+    fn store_flag_parses_file_and_kubernetes() {
+        assert_eq!(
+            "file:/x/y".parse::<StoreKind>(),
+            Ok(StoreKind::File("/x/y".into()))
+        );
+        assert_eq!("kubernetes".parse::<StoreKind>(), Ok(StoreKind::Kubernetes));
+        for bad in ["", "file:", "/x/y", "k8s"] {
+            let e = bad.parse::<StoreKind>().unwrap_err();
+            assert!(e.contains("file:DIR"), "{e}");
+        }
+        assert_eq!(StoreKind::File("/x".into()).to_string(), "file:/x");
     }
 
     #[test]

@@ -17,6 +17,8 @@ use tandem_csi::csi::volume_capability::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod crd;
+
 /// Zone topology key.
 pub const ZONE: &str = "topology.kubernetes.io/zone";
 /// Node topology key.
@@ -67,8 +69,8 @@ impl Driver {
         std::fs::write(&inv, inventory).expect("write inventory");
         let args = vec![
             "controller".to_string(),
-            "--state-dir".into(),
-            dir.path().join("volumes").display().to_string(),
+            "--store".into(),
+            format!("file:{}", dir.path().join("volumes").display()),
             "--nodes".into(),
             inv.display().to_string(),
         ];
