@@ -33,6 +33,8 @@ mod repl_common;
 mod replication;
 #[path = "nbd_e2e/replication_netns.rs"]
 mod replication_netns;
+#[path = "nbd_e2e/resync_checksums.rs"]
+mod resync_checksums;
 #[path = "nbd_e2e/three_replicas.rs"]
 mod three_replicas;
 #[path = "nbd_e2e/verify.rs"]
