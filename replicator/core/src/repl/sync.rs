@@ -1448,7 +1448,8 @@ impl Replica {
         let (first, last) = (run.first, run.last);
         let (x, y) = self.bitmaps[i].byte_range(first, last);
         let local = super::verify::digests(&data);
-        // Per unit: (differs, all zero).
+        // Differing units, merged into pieces (start, end, all zero) in
+        // bytes from `x`.
         let units = (y - x).div_ceil(unit);
         let unit_range = |k: u64| {
             let s = k * unit;
