@@ -35,6 +35,8 @@ mod replication;
 mod replication_netns;
 #[path = "nbd_e2e/resize.rs"]
 mod resize;
+#[path = "nbd_e2e/resync_checksums.rs"]
+mod resync_checksums;
 #[path = "nbd_e2e/three_replicas.rs"]
 mod three_replicas;
 #[path = "nbd_e2e/verify.rs"]

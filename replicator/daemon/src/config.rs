@@ -37,6 +37,7 @@
 //! allow_two_primaries = false        # dual-primary for live migration; needs protocol C
 //! resync_rate = "100M"               # bytes/s a resync may send per peer (default: no fixed limit)
 //! resync_adaptive = true             # resync yields to application I/O (default)
+//! resync_checksums = false           # as sync source, send only blocks whose digests differ (R26)
 //! after_split_brain = "disconnect"  # | discard-zero-changes | discard-least-changes | discard-younger-primary
 //! on_peer_loss = "continue"          # without a witness: continue (default) | freeze
 //! on_no_quorum = "suspend"           # writes nobody grants: suspend (default) | io-error
@@ -229,6 +230,16 @@ pub struct ReplicationConfig {
     /// in flight per peer instead of 16 (default on).
     #[serde(default = "default_true")]
     pub resync_adaptive: bool,
+    /// Checksum-based resync (docs/replication.md, R26; default off): as
+    /// sync source, ask the target for the digests of each marked run and
+    /// send only the 4 KiB blocks that differ. Worth it on slow links and
+    /// where most marked data is in fact identical (the activity-log
+    /// extents resynced after a Primary crash); it costs a read of the
+    /// marked data on the target. Only the sync source's setting matters;
+    /// set it the same on every replica so it holds whichever way a resync
+    /// runs. Every peer must run a build that knows frames 21–22.
+    #[serde(default)]
+    pub resync_checksums: bool,
     /// What a handshake that finds a split brain does: `disconnect`
     /// (default), `discard-zero-changes`, `discard-least-changes` or
     /// `discard-younger-primary` (docs/replication.md, R24).
@@ -414,8 +425,21 @@ impl Config {
             let field = e
                 .span()
                 .map(|s| {
-                    let line = text[..s.start.min(text.len())].lines().count().max(1);
-                    format!("line {line}")
+                    let start = s.start.min(text.len());
+                    let line = text[..start].lines().count().max(1);
+                    // A value of the wrong type: name its key too.
+                    let from = text[..start].rfind('\n').map_or(0, |i| i + 1);
+                    let here = text[from..].lines().next().unwrap_or("");
+                    match here.split_once('=') {
+                        Some((key, _))
+                            if start > from + key.len()
+                                && !key.trim().is_empty()
+                                && !key.contains(['[', '{', '"']) =>
+                        {
+                            format!("line {line}: {}", key.trim())
+                        }
+                        _ => format!("line {line}"),
+                    }
                 })
                 .unwrap_or_else(|| "toml".into());
             err(source, field, e.message().to_string())
@@ -753,6 +777,22 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn resync_checksums_defaults_off_and_must_be_a_boolean() {
+        let c = Config::parse(REPLICATED, "f.toml").unwrap();
+        assert!(!c.exports[0].replication.as_ref().unwrap().resync_checksums);
+        let on = format!("{REPLICATED}resync_checksums = true\n");
+        let c = Config::parse(&on, "f.toml").unwrap();
+        c.validate("f.toml").unwrap();
+        assert!(c.exports[0].replication.as_ref().unwrap().resync_checksums);
+        let bad = format!("{REPLICATED}resync_checksums = \"yes\"\n");
+        let e = Config::parse(&bad, "f.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("f.toml: line 14: resync_checksums: invalid type"),
+            "{e}"
+        );
     }
 
     #[test]

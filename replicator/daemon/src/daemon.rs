@@ -136,6 +136,7 @@ fn start_replication(
         .resync_rate_bytes()
         .map_err(|e| anyhow::anyhow!("resync_rate {e}"))?;
     cfg.resync_adaptive = r.resync_adaptive;
+    cfg.resync_checksums = r.resync_checksums;
     cfg.after_split_brain = r
         .split_brain_policy()
         .map_err(|e| anyhow::anyhow!("after_split_brain {e}"))?;

@@ -193,6 +193,13 @@ pub struct SyncJson {
     /// Estimated seconds left at the rate so far (source only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_secs: Option<u64>,
+    /// Checksum-based resync (R26, source): bytes compared by digest with
+    /// the target so far.
+    #[serde(default)]
+    pub compared_bytes: u64,
+    /// Of those, bytes found identical and not sent.
+    #[serde(default)]
+    pub identical_bytes: u64,
 }
 
 /// One exported volume.
@@ -326,10 +333,16 @@ impl Export {
                                 },
                                 done_bytes: s.done_bytes,
                                 remaining_bytes: s.remaining_bytes,
-                                eta_secs: (s.done_bytes > 0 && !s.elapsed.is_zero()).then(|| {
-                                    let rate = s.done_bytes as f64 / s.elapsed.as_secs_f64();
-                                    (s.remaining_bytes as f64 / rate).ceil() as u64
-                                }),
+                                eta_secs: {
+                                    // Progress counts identical bytes too.
+                                    let covered = s.done_bytes + s.identical_bytes;
+                                    (covered > 0 && !s.elapsed.is_zero()).then(|| {
+                                        let rate = covered as f64 / s.elapsed.as_secs_f64();
+                                        (s.remaining_bytes as f64 / rate).ceil() as u64
+                                    })
+                                },
+                                compared_bytes: s.compared_bytes,
+                                identical_bytes: s.identical_bytes,
                             }),
                             split_brain: p.split_brain,
                             verify: v.as_ref().map(VerifyJson::from),

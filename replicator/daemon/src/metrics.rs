@@ -173,6 +173,8 @@ pub struct PeerMetrics {
     backlog_bytes: Gauge,
     backlog_frames: Gauge,
     resync_bytes: Counter,
+    resync_compared_bytes: Counter,
+    resync_identical_bytes: Counter,
     resyncs: Counter,
     split_brain: Counter,
     verify_differing_bytes: Counter,
@@ -192,6 +194,8 @@ impl PeerMetrics {
             backlog_bytes: Gauge::default(),
             backlog_frames: Gauge::default(),
             resync_bytes: Counter::default(),
+            resync_compared_bytes: Counter::default(),
+            resync_identical_bytes: Counter::default(),
             resyncs: Counter::default(),
             split_brain: Counter::default(),
             verify_differing_bytes: Counter::default(),
@@ -230,6 +234,15 @@ impl PeerMetrics {
     /// Resyncs finished as source and the bytes they moved.
     pub fn resynced(&self) -> (u64, u64) {
         (self.resyncs.get(), self.resync_bytes.get())
+    }
+
+    /// Bytes compared by digest in finished checksum-based resyncs as
+    /// source, and of those the bytes found identical (R26).
+    pub fn resync_checksums(&self) -> (u64, u64) {
+        (
+            self.resync_compared_bytes.get(),
+            self.resync_identical_bytes.get(),
+        )
     }
 }
 
@@ -283,6 +296,16 @@ impl ReplicationMetrics {
                 if let Some(p) = self.peer(*peer) {
                     p.resyncs.inc();
                     p.resync_bytes.inc_by(*bytes);
+                }
+            }
+            Event::SyncChecksums {
+                peer,
+                compared_bytes,
+                identical_bytes,
+            } => {
+                if let Some(p) = self.peer(*peer) {
+                    p.resync_compared_bytes.inc_by(*compared_bytes);
+                    p.resync_identical_bytes.inc_by(*identical_bytes);
                 }
             }
             Event::SplitBrain { peer } => {
@@ -423,6 +446,8 @@ pub struct Metrics {
     backlog_bytes: Family<PeerLabels, Gauge>,
     backlog_frames: Family<PeerLabels, Gauge>,
     resync_bytes: Family<PeerLabels, Counter>,
+    resync_compared_bytes: Family<PeerLabels, Counter>,
+    resync_identical_bytes: Family<PeerLabels, Counter>,
     resyncs: Family<PeerLabels, Counter>,
     split_brain: Family<PeerLabels, Counter>,
     verify_differing_bytes: Family<PeerLabels, Counter>,
@@ -457,6 +482,8 @@ impl Metrics {
             backlog_bytes: Family::default(),
             backlog_frames: Family::default(),
             resync_bytes: Family::default(),
+            resync_compared_bytes: Family::default(),
+            resync_identical_bytes: Family::default(),
             resyncs: Family::default(),
             split_brain: Family::default(),
             verify_differing_bytes: Family::default(),
@@ -525,6 +552,16 @@ impl Metrics {
             "peer_resync_bytes",
             "Bytes this node sent to the peer in finished resyncs (as sync source)",
             m.resync_bytes.clone(),
+        );
+        r.register(
+            "peer_resync_compared_bytes",
+            "Bytes this node compared by digest with the peer before sending them in finished checksum-based resyncs (R26, as sync source)",
+            m.resync_compared_bytes.clone(),
+        );
+        r.register(
+            "peer_resync_identical_bytes",
+            "Of the compared bytes, those found identical on the peer and not sent (R26)",
+            m.resync_identical_bytes.clone(),
         );
         r.register(
             "peer_resyncs",
@@ -626,6 +663,8 @@ impl Metrics {
                     backlog_bytes: self.backlog_bytes.get_or_create_owned(&l),
                     backlog_frames: self.backlog_frames.get_or_create_owned(&l),
                     resync_bytes: self.resync_bytes.get_or_create_owned(&l),
+                    resync_compared_bytes: self.resync_compared_bytes.get_or_create_owned(&l),
+                    resync_identical_bytes: self.resync_identical_bytes.get_or_create_owned(&l),
                     resyncs: self.resyncs.get_or_create_owned(&l),
                     split_brain: self.split_brain.get_or_create_owned(&l),
                     verify_differing_bytes: self.verify_differing_bytes.get_or_create_owned(&l),
@@ -891,6 +930,16 @@ mod tests {
             },
         );
         r.bad_frame(PeerId(0), &FrameError::BadMagic(7));
+        r.event(&tandem_core::repl::Event::SyncChecksums {
+            peer: PeerId(0),
+            compared_bytes: 1 << 20,
+            identical_bytes: 3 << 18,
+        });
+        r.event(&tandem_core::repl::Event::SyncFinished {
+            peer: PeerId(0),
+            role: tandem_core::repl::SyncRole::Source,
+            bytes: 1 << 18,
+        });
         let reply = exchange(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", &m).await;
         assert_eq!(status_line(&reply), "HTTP/1.1 200 OK", "{reply}");
         let (head, body) = reply.split_once("\r\n\r\n").expect("head and body");
@@ -919,6 +968,10 @@ mod tests {
             r#"tandem_peer_bad_frames_total{volume="vol1",peer="beta"} 2"#,
             r#"tandem_peer_reconnects_total{volume="vol1",peer="beta"} 0"#,
             r#"tandem_peer_connected{volume="vol1",peer="beta"} 0"#,
+            r#"tandem_peer_resyncs_total{volume="vol1",peer="beta"} 1"#,
+            r#"tandem_peer_resync_bytes_total{volume="vol1",peer="beta"} 262144"#,
+            r#"tandem_peer_resync_compared_bytes_total{volume="vol1",peer="beta"} 1048576"#,
+            r#"tandem_peer_resync_identical_bytes_total{volume="vol1",peer="beta"} 786432"#,
             r#"tandem_replication_backlog_bytes{volume="vol1",peer="beta"} 0"#,
             r#"tandem_replication_backlog_frames{volume="vol1",peer="beta"} 0"#,
             r#"tandem_replication_requests_in_flight{volume="vol1"} 0"#,

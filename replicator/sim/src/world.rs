@@ -95,6 +95,12 @@ pub struct Stats {
     pub resyncs: u64,
     /// Bytes moved by resyncs.
     pub resync_bytes: u64,
+    /// The run used checksum-based resync (R26).
+    pub checksums: bool,
+    /// Bytes checksum-based resyncs compared by digest.
+    pub resync_compared_bytes: u64,
+    /// Of those, bytes found identical and not sent.
+    pub resync_identical_bytes: u64,
     /// Online verifies that compared the whole volume (R22).
     pub verifies: u64,
     /// Disks detached after an I/O error (R23), each re-attached by a
@@ -320,6 +326,10 @@ impl World {
         // not implemented yet) to resolve.
         let faults = !dual && rng.chance(4, 5);
         let fixed_rate = rng.chance(1, 4);
+        // Checksum-based resync (R26) on 1 seed in 4, chosen from the seed
+        // itself so the other draws (and so older seeds' runs) stay as
+        // they were.
+        let checksums = opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 62 == 1;
         // A witness on 1 in 3 two-node runs with faults, protocol C.
         let with_witness = !dual && faults && n == 2 && protocol == Protocol::C && rng.chance(1, 3);
         // Primaries crash on half the runs. The activity log covers the
@@ -355,6 +365,7 @@ impl World {
                 // A fixed resync rate on 1 seed in 4 (32 KiB/s: a full
                 // resync of the 32 KiB volume takes a second).
                 cfg.resync_rate = if fixed_rate { 32 << 10 } else { 0 };
+                cfg.resync_checksums = checksums;
                 cfg.gen_seed = rng.next_u64();
                 cfg.solo_needs_grant = with_witness;
                 let issuer = i == 0 || (dual && i == 1);
@@ -401,6 +412,7 @@ impl World {
                 protocol_c: protocol == Protocol::C,
                 dual,
                 witness: with_witness,
+                checksums,
                 ..Stats::default()
             },
             witness: with_witness.then(|| WitnessSim {
@@ -1309,6 +1321,14 @@ impl World {
                 } => {
                     self.stats.resyncs += 1;
                     self.stats.resync_bytes += bytes;
+                }
+                Event::SyncChecksums {
+                    compared_bytes,
+                    identical_bytes,
+                    ..
+                } => {
+                    self.stats.resync_compared_bytes += compared_bytes;
+                    self.stats.resync_identical_bytes += identical_bytes;
                 }
                 // R22: replicas in sync never differ, so any difference an
                 // online verify reports is a false positive (writes in

@@ -21,6 +21,7 @@ fn many_seeds() {
     let (mut resyncs, mut resync_bytes, mut verifies, mut detaches) = (0, 0, 0, 0);
     let (mut witness_runs, mut failovers, mut primary_crashes, mut resync_crashes) = (0, 0, 0, 0);
     let (mut witness_cuts, mut witness_crashes, mut held_failed, mut solo_writes) = (0, 0, 0, 0);
+    let (mut csum_runs, mut compared, mut identical) = (0, 0, 0);
     for seed in base..base + count {
         match run(seed) {
             Ok(s) => {
@@ -45,6 +46,9 @@ fn many_seeds() {
                 witness_crashes += s.witness_crashes;
                 held_failed += s.held_failed;
                 solo_writes += s.solo_writes;
+                csum_runs += u64::from(s.checksums);
+                compared += s.resync_compared_bytes;
+                identical += s.resync_identical_bytes;
             }
             Err(f) => panic!("{f}"),
         }
@@ -56,7 +60,8 @@ fn many_seeds() {
          runs: {dual} dual-primary, {proto_a} protocol A, {three} with 3 nodes, {witness_runs} with a witness; \
          {primary_crashes} Primary crashes, {resync_crashes} crashes during a resync, {failovers} failovers, \
          {witness_cuts} witness partitions, {witness_crashes} witness crashes, {solo_writes} writes completed alone with a grant, \
-         {held_failed} held writes failed by the loser",
+         {held_failed} held writes failed by the loser; \
+         {csum_runs} runs with checksum-based resync: {compared} bytes compared, {identical} identical (not sent)",
         start.elapsed()
     );
     assert!(checks > count, "durability checks barely ran");
@@ -69,6 +74,14 @@ fn many_seeds() {
         assert!(resync_crashes > 0, "no node crashed during a resync");
         assert!(failovers > 0, "no failover happened");
         assert!(witness_cuts > 0, "no witness partition happened");
+        assert!(
+            csum_runs > 0 && compared > 0,
+            "no checksum-based resync ran"
+        );
+        assert!(
+            identical > 0,
+            "no checksum-based resync found identical data"
+        );
     }
 }
 

@@ -75,6 +75,14 @@ pub struct Config {
     /// grants) or to freeze on peer loss (R25). Default off: a Primary
     /// continues alone at once.
     pub solo_needs_grant: bool,
+    /// Checksum-based resync (R26, default off): as sync source, compare
+    /// each marked run with the target's data by digest first
+    /// ([`super::Frame::ResyncDigestRequest`]) and send only the blocks
+    /// that differ. Costs a read on the target and a round trip per run;
+    /// pays off on slow links and when most marked data is in fact
+    /// identical (activity-log recovery after a Primary crash). Only the
+    /// source's setting matters; every node answers digest requests.
+    pub resync_checksums: bool,
 }
 
 /// Default activity-log size: 256 extents.
@@ -126,6 +134,7 @@ impl Config {
             resync_adaptive: true,
             after_split_brain: SplitBrainPolicy::Disconnect,
             solo_needs_grant: false,
+            resync_checksums: false,
         }
     }
 

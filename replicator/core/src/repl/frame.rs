@@ -109,6 +109,10 @@ pub enum Kind {
     ReadRequest = 19,
     /// [`Frame::ReadReply`].
     ReadReply = 20,
+    /// [`Frame::ResyncDigestRequest`].
+    ResyncDigestRequest = 21,
+    /// [`Frame::ResyncDigestReply`].
+    ResyncDigestReply = 22,
 }
 
 impl Kind {
@@ -136,6 +140,8 @@ impl Kind {
             18 => VerifyReply,
             19 => ReadRequest,
             20 => ReadReply,
+            21 => ResyncDigestRequest,
+            22 => ResyncDigestReply,
             _ => return None,
         })
     }
@@ -420,6 +426,29 @@ pub enum Frame {
         /// The data read (exactly the length asked for when `status` is 0).
         data: Bytes,
     },
+    /// Checksum-based resync (R26): the sync source asks its target for
+    /// the digests of the target's data in `[offset, offset + len)` (`len`
+    /// at most [`MAX_VERIFY_LEN`]) before sending that range.
+    ResyncDigestRequest {
+        /// Resync id, echoed in the [`Frame::ResyncDigestReply`].
+        id: u64,
+        /// Byte offset in the volume.
+        offset: u64,
+        /// Length in bytes (not zero).
+        len: u64,
+    },
+    /// The answer to a [`Frame::ResyncDigestRequest`]: one digest per
+    /// [`VERIFY_BLOCK`] counted from the request's offset (the last block
+    /// may be shorter), or the errno of a failed read.
+    ResyncDigestReply {
+        /// The request's id.
+        id: u64,
+        /// 0 for success (then one digest per block), otherwise an errno
+        /// (then no digests).
+        status: u32,
+        /// The digests (at most [`MAX_VERIFY_DIGESTS`]).
+        digests: Vec<u64>,
+    },
 }
 
 /// Why bytes are not a valid frame. Any of these ends the connection.
@@ -490,6 +519,8 @@ impl Frame {
             Frame::VerifyReply { .. } => Kind::VerifyReply,
             Frame::ReadRequest { .. } => Kind::ReadRequest,
             Frame::ReadReply { .. } => Kind::ReadReply,
+            Frame::ResyncDigestRequest { .. } => Kind::ResyncDigestRequest,
+            Frame::ResyncDigestReply { .. } => Kind::ResyncDigestReply,
         }
     }
 
@@ -604,13 +635,20 @@ impl Frame {
                 }
                 (0, 0, p, &[])
             }
-            Frame::VerifyRequest { id, offset, len } | Frame::ReadRequest { id, offset, len } => {
+            Frame::VerifyRequest { id, offset, len }
+            | Frame::ReadRequest { id, offset, len }
+            | Frame::ResyncDigestRequest { id, offset, len } => {
                 let mut p = Vec::with_capacity(16);
                 p.put_u64(*offset);
                 p.put_u64(*len);
                 (*id, 0, p, &[])
             }
             Frame::VerifyReply {
+                id,
+                status,
+                digests,
+            }
+            | Frame::ResyncDigestReply {
                 id,
                 status,
                 digests,
@@ -802,6 +840,8 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
             | Kind::VerifyReply
             | Kind::ReadRequest
             | Kind::ReadReply
+            | Kind::ResyncDigestRequest
+            | Kind::ResyncDigestReply
     );
     if !uses_id && id != 0 {
         return Err(bad("non-zero id on a frame without one"));
@@ -999,7 +1039,7 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
                 Frame::Generation { current, history }
             }
         }
-        Kind::VerifyRequest => {
+        Kind::VerifyRequest | Kind::ResyncDigestRequest => {
             exact(p, 16)?;
             let offset = p.get_u64();
             let len = p.get_u64();
@@ -1012,9 +1052,13 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
             if offset.checked_add(len).is_none() {
                 return Err(bad("range overflows"));
             }
-            Frame::VerifyRequest { id, offset, len }
+            if kind == Kind::VerifyRequest {
+                Frame::VerifyRequest { id, offset, len }
+            } else {
+                Frame::ResyncDigestRequest { id, offset, len }
+            }
         }
-        Kind::VerifyReply => {
+        Kind::VerifyReply | Kind::ResyncDigestReply => {
             if p.len() < 8 {
                 return Err(bad("payload too short"));
             }
@@ -1028,10 +1072,18 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
             }
             exact(p, n * 8)?;
             let digests = (0..n).map(|_| p.get_u64()).collect();
-            Frame::VerifyReply {
-                id,
-                status,
-                digests,
+            if kind == Kind::VerifyReply {
+                Frame::VerifyReply {
+                    id,
+                    status,
+                    digests,
+                }
+            } else {
+                Frame::ResyncDigestReply {
+                    id,
+                    status,
+                    digests,
+                }
             }
         }
         Kind::ReadRequest => {
@@ -1215,6 +1267,22 @@ mod tests {
                 id,
                 status,
                 data: Bytes::new()
+            }),
+            (any::<u64>(), 0u64..u64::MAX / 2, 1..=MAX_VERIFY_LEN)
+                .prop_map(|(id, offset, len)| Frame::ResyncDigestRequest { id, offset, len }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u64>(), 0..=MAX_VERIFY_DIGESTS)
+            )
+                .prop_map(|(id, digests)| Frame::ResyncDigestReply {
+                    id,
+                    status: 0,
+                    digests
+                }),
+            (any::<u64>(), 1u32..200).prop_map(|(id, status)| Frame::ResyncDigestReply {
+                id,
+                status,
+                digests: Vec::new()
             }),
         ]
     }
@@ -1463,6 +1531,70 @@ mod tests {
         malformed(reply(0, u32::MAX, 0), "too many digests");
         malformed(reply(5, 1, 1), "digests with an error status");
         malformed(raw(Kind::VerifyReply, 2, &[0; 7]), "payload too short");
+    }
+
+    #[test]
+    fn resync_digest_frames_reject_malformed_payloads() {
+        let req = |offset: u64, len: u64| {
+            let mut p = Vec::new();
+            p.put_u64(offset);
+            p.put_u64(len);
+            raw(Kind::ResyncDigestRequest, 3, &p)
+        };
+        let malformed = |mut b: BytesMut, why: &str| match Frame::decode(&mut b) {
+            Err(FrameError::Malformed {
+                why: w,
+                kind: Kind::ResyncDigestRequest | Kind::ResyncDigestReply,
+            }) => assert_eq!(w, why),
+            other => panic!("expected {why:?}, got {other:?}"),
+        };
+        assert_eq!(
+            Frame::decode(&mut req(8192, 1 << 20)),
+            Ok(Some(Frame::ResyncDigestRequest {
+                id: 3,
+                offset: 8192,
+                len: 1 << 20
+            }))
+        );
+        malformed(req(0, 0), "empty range");
+        malformed(req(0, MAX_VERIFY_LEN + 1), "range too long");
+        malformed(req(u64::MAX - 10, 4096), "range overflows");
+        malformed(
+            raw(Kind::ResyncDigestRequest, 3, &[0; 17]),
+            "wrong payload length",
+        );
+        let reply = |status: u32, n: u32, digests: usize| {
+            let mut p = Vec::new();
+            p.put_u32(status);
+            p.put_u32(n);
+            for d in 0..digests {
+                p.put_u64(d as u64);
+            }
+            raw(Kind::ResyncDigestReply, 4, &p)
+        };
+        assert_eq!(
+            Frame::decode(&mut reply(0, 3, 3)),
+            Ok(Some(Frame::ResyncDigestReply {
+                id: 4,
+                status: 0,
+                digests: vec![0, 1, 2]
+            }))
+        );
+        assert_eq!(
+            Frame::decode(&mut reply(5, 0, 0)),
+            Ok(Some(Frame::ResyncDigestReply {
+                id: 4,
+                status: 5,
+                digests: Vec::new()
+            }))
+        );
+        malformed(reply(0, 2, 1), "wrong payload length");
+        malformed(reply(0, u32::MAX, 0), "too many digests");
+        malformed(reply(5, 1, 1), "digests with an error status");
+        malformed(
+            raw(Kind::ResyncDigestReply, 4, &[0; 3]),
+            "payload too short",
+        );
     }
 
     #[test]

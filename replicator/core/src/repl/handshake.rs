@@ -95,6 +95,14 @@ impl Replica {
             } => self.on_verify_reply(peer, id, status, digests),
             Frame::ReadRequest { id, offset, len } => self.on_read_request(peer, id, offset, len),
             Frame::ReadReply { id, status, data } => self.on_read_reply(peer, id, status, data),
+            Frame::ResyncDigestRequest { id, offset, len } => {
+                self.on_resync_digest_request(peer, id, offset, len)
+            }
+            Frame::ResyncDigestReply {
+                id,
+                status,
+                digests,
+            } => self.on_resync_digest_reply(peer, id, status, digests),
         }
     }
 

@@ -407,6 +407,17 @@ pub enum Event {
         /// Bytes moved (source), or received (target).
         bytes: u64,
     },
+    /// Sync source, checksum-based resync (R26): how the resync that
+    /// finished next (the [`Event::SyncFinished`] that follows) compared
+    /// the data before sending it.
+    SyncChecksums {
+        /// Which peer.
+        peer: PeerId,
+        /// Bytes whose digests were compared with the peer's.
+        compared_bytes: u64,
+        /// Of those, bytes found identical and not sent.
+        identical_bytes: u64,
+    },
     /// Both sides wrote while apart: the connection is refused until an
     /// operator resolves it.
     SplitBrain {

@@ -52,6 +52,53 @@ pub(crate) struct Source {
     pub(crate) started: Time,
     /// Fixed rate: the next read may not start before this.
     pub(crate) next_start: Time,
+    /// Checksum-based resync (R26): runs whose target digests were asked
+    /// for and which are not finished: resync id → run.
+    pub(crate) csum: BTreeMap<u64, CsumRun>,
+    /// Data frames of checksum runs sent and not acked: id → (run id,
+    /// bytes).
+    pub(crate) csum_pieces: BTreeMap<u64, (u64, u64)>,
+    /// Bytes compared by digest so far.
+    pub(crate) compared: u64,
+    /// Bytes found identical by digest (not sent).
+    pub(crate) identical: u64,
+}
+
+impl Source {
+    /// Runs in flight (reads, frames not acked, checksum runs), each
+    /// counted once.
+    pub(crate) fn in_flight(&self) -> usize {
+        let plain_reads = self
+            .reads
+            .values()
+            .filter(|(id, _, _)| !self.csum.contains_key(id))
+            .count();
+        plain_reads + self.sent.len() + self.csum.len()
+    }
+
+    /// The bit ranges in flight: reads, frames not acked, checksum runs.
+    pub(crate) fn runs_in_flight(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.reads
+            .values()
+            .map(|(_, a, b)| (*a, *b))
+            .chain(self.sent.values().copied())
+            .chain(self.csum.values().map(|r| (r.first, r.last)))
+    }
+}
+
+/// One run of a checksum-based resync (R26).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CsumRun {
+    /// First bit.
+    pub(crate) first: u64,
+    /// Bit after the last.
+    pub(crate) last: u64,
+    /// This node's data, once read.
+    pub(crate) data: Option<bytes::Bytes>,
+    /// The target's digests, once received.
+    pub(crate) remote: Option<Vec<u64>>,
+    /// Data frames sent for it and not yet acked (compared already).
+    pub(crate) pieces: usize,
 }
 
 /// Sync state towards one peer.
@@ -67,6 +114,10 @@ pub(crate) enum PeerSync {
     SourceDone {
         /// Bytes moved.
         done: u64,
+        /// Bytes compared by digest (R26).
+        compared: u64,
+        /// Bytes found identical by digest and not sent (R26).
+        identical: u64,
     },
     /// This node receives.
     Target {
@@ -192,6 +243,11 @@ pub struct SyncProgress {
     pub remaining_bytes: u64,
     /// Time since the sync started (source; zero on the target).
     pub elapsed: std::time::Duration,
+    /// Checksum-based resync (R26, source): bytes whose digests were
+    /// compared with the target's so far.
+    pub compared_bytes: u64,
+    /// Of those, bytes found identical and therefore not sent.
+    pub identical_bytes: u64,
 }
 
 /// A snapshot of one peer, from [`super::Replica::peer_status`].

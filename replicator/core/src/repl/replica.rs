@@ -512,18 +512,28 @@ impl Replica {
                 done_bytes: s.done,
                 remaining_bytes: remaining,
                 elapsed: self.now.since(s.started),
+                compared_bytes: s.compared,
+                identical_bytes: s.identical,
             }),
-            PeerSync::SourceDone { done } => Some(SyncProgress {
+            PeerSync::SourceDone {
+                done,
+                compared,
+                identical,
+            } => Some(SyncProgress {
                 role: SyncRole::Source,
                 done_bytes: *done,
                 remaining_bytes: 0,
                 elapsed: std::time::Duration::ZERO,
+                compared_bytes: *compared,
+                identical_bytes: *identical,
             }),
             PeerSync::Target { received } => Some(SyncProgress {
                 role: SyncRole::Target,
                 done_bytes: *received,
                 remaining_bytes: 0,
                 elapsed: std::time::Duration::ZERO,
+                compared_bytes: 0,
+                identical_bytes: 0,
             }),
         };
         let disk = match p.disk {

@@ -11,12 +11,17 @@
 //!   unrelated.
 //! - The source sends only the regions marked in its bitmap (ORed with the
 //!   target's), reading them from its disk; writes keep flowing meanwhile.
+//! - With `resync_checksums` (R26) the source first asks the target for
+//!   the digests of each run it reads and sends only the blocks whose
+//!   digests differ; identical blocks are cleared from the bitmap unsent.
 
 use bytes::Bytes;
 use std::collections::BTreeMap;
 
-use super::frame::{Frame, HelloGens, SplitBrainPolicy, MAX_SYNC_RANGES};
-use super::peer::{PeerSet, PeerSync, Source};
+use super::frame::{
+    Frame, HelloGens, SplitBrainPolicy, MAX_SYNC_RANGES, MAX_VERIFY_LEN, VERIFY_BLOCK,
+};
+use super::peer::{CsumRun, PeerSet, PeerSync, Source};
 use super::replica::Replica;
 use super::state::{ConnState, DiskState, Role};
 use super::write_path::IoOwner;
@@ -869,15 +874,10 @@ impl Replica {
     /// Bytes of resync in flight towards any peer overlapping `range`.
     pub(crate) fn resync_overlaps(&self, range: (u64, u64)) -> bool {
         self.peers.iter().enumerate().any(|(i, p)| match &p.sync {
-            PeerSync::Source(s) => s
-                .reads
-                .values()
-                .map(|(_, a, b)| (*a, *b))
-                .chain(s.sent.values().copied())
-                .any(|(a, b)| {
-                    let (x, y) = self.bitmaps[i].byte_range(a, b);
-                    x < range.1 && range.0 < y
-                }),
+            PeerSync::Source(s) => s.runs_in_flight().any(|(a, b)| {
+                let (x, y) = self.bitmaps[i].byte_range(a, b);
+                x < range.1 && range.0 < y
+            }),
             _ => false,
         })
     }
@@ -903,7 +903,7 @@ impl Replica {
                 };
                 let rate = self.cfg.resync_rate;
                 if s.awaiting_bits
-                    || s.reads.len() + s.sent.len() >= window
+                    || s.in_flight() >= window
                     || (rate > 0 && s.next_start > self.now)
                 {
                     break;
@@ -916,12 +916,7 @@ impl Replica {
                     RESYNC_RUN
                 };
                 let max_bits = (run / bm.chunk()).max(1);
-                let in_flight: Vec<(u64, u64)> = s
-                    .reads
-                    .values()
-                    .map(|(_, a, b)| (*a, *b))
-                    .chain(s.sent.values().copied())
-                    .collect();
+                let in_flight: Vec<(u64, u64)> = s.runs_in_flight().collect();
                 // The next run not already in flight, from the cursor, then
                 // once more from the start.
                 let mut cursor = s.cursor;
@@ -948,8 +943,11 @@ impl Replica {
                 };
                 let Some((a, b)) = found else {
                     if in_flight.is_empty() && bm.count() == 0 {
-                        let done = s.done;
-                        self.peers[i].sync = PeerSync::SourceDone { done };
+                        self.peers[i].sync = PeerSync::SourceDone {
+                            done: s.done,
+                            compared: s.compared,
+                            identical: s.identical,
+                        };
                         self.peers[i].sync_done_gen = Some(self.meta.current);
                         self.peers[i].gen_unconfirmed.clear();
                         let f = Frame::SyncDone {
@@ -971,11 +969,31 @@ impl Replica {
                 let epoch = self.peers[i].epoch;
                 self.ios.insert(io, IoOwner::ResyncRead { peer, epoch });
                 let now = self.now;
+                let checksums = self.cfg.resync_checksums;
                 if let PeerSync::Source(s) = &mut self.peers[i].sync {
                     let id = s.next_id;
                     s.next_id += 1;
                     s.reads.insert(io, (id, a, b));
                     s.cursor = b;
+                    if checksums && y - x <= MAX_VERIFY_LEN {
+                        // R26: ask for the target's digests while reading.
+                        s.csum.insert(
+                            id,
+                            CsumRun {
+                                first: a,
+                                last: b,
+                                ..CsumRun::default()
+                            },
+                        );
+                        self.out.push_back(Output::Send {
+                            peer,
+                            frame: Frame::ResyncDigestRequest {
+                                id,
+                                offset: x,
+                                len: y - x,
+                            },
+                        });
+                    }
                     if rate > 0 {
                         let nanos = u128::from(y - x) * 1_000_000_000 / u128::from(rate);
                         // A token bucket with 100 ms of burst: a late
@@ -1027,6 +1045,12 @@ impl Replica {
                 return self.disconnect(peer, "resync read from the local disk failed".into());
             }
         };
+        if let PeerSync::Source(s) = &mut self.peers[i].sync {
+            if let Some(run) = s.csum.get_mut(&id) {
+                run.data = Some(data);
+                return self.csum_compare(peer, id);
+            }
+        }
         // Split the run at chunk boundaries into all-zero and data pieces:
         // zero pieces travel without payload (an initial sync of a mostly
         // empty volume moves little data).
@@ -1082,6 +1106,26 @@ impl Replica {
         let PeerSync::Source(s) = &mut self.peers[i].sync else {
             return self.violation(peer, "ResyncAck without a resync");
         };
+        if let Some((run, bytes)) = s.csum_pieces.remove(&id) {
+            if status != 0 {
+                return self.disconnect(
+                    peer,
+                    format!("peer failed to write resync data (errno {status})"),
+                );
+            }
+            s.done += bytes;
+            let Some(r) = s.csum.get_mut(&run) else {
+                return;
+            };
+            r.pieces = r.pieces.saturating_sub(1);
+            if r.pieces == 0 {
+                let (a, b) = (r.first, r.last);
+                s.csum.remove(&run);
+                let pages = self.bitmaps[i].clear_bits(a, b);
+                self.touch_pages(peer, pages);
+            }
+            return;
+        }
         let Some((a, b)) = s.sent.remove(&id) else {
             return self.violation(peer, "ResyncAck for a frame it was not sent");
         };
@@ -1100,7 +1144,12 @@ impl Replica {
     /// The sync target adopted our data: forget its bitmap generation.
     pub(crate) fn on_peer_up_to_date(&mut self, peer: PeerId) {
         let i = peer.0 as usize;
-        if let PeerSync::SourceDone { done } = self.peers[i].sync {
+        if let PeerSync::SourceDone {
+            done,
+            compared,
+            identical,
+        } = self.peers[i].sync
+        {
             self.peers[i].sync = PeerSync::None;
             if let Some(g) = self.peers[i].sync_done_gen.take() {
                 self.peers[i].confirmed_gen = g;
@@ -1111,6 +1160,13 @@ impl Replica {
                     self.meta.peers[s].bitmap_gen = 0;
                     self.touch_record();
                 }
+            }
+            if compared > 0 {
+                self.event(Event::SyncChecksums {
+                    peer,
+                    compared_bytes: compared,
+                    identical_bytes: identical,
+                });
             }
             self.event(Event::SyncFinished {
                 peer,
@@ -1415,5 +1471,164 @@ impl Replica {
     /// handshake is done.
     pub(crate) fn handshake_in_progress(&self) -> bool {
         self.peers.iter().any(|p| p.conn == ConnState::Connecting)
+    }
+
+    /// Sync target (R26): the source asks for the digests of this node's
+    /// data in a range before sending it.
+    pub(crate) fn on_resync_digest_request(
+        &mut self,
+        peer: PeerId,
+        id: u64,
+        offset: u64,
+        len: u64,
+    ) {
+        let i = peer.0 as usize;
+        if !matches!(self.peers[i].sync, PeerSync::Target { .. }) {
+            return self.violation(peer, "ResyncDigestRequest while not a sync target");
+        }
+        let bs = u64::from(self.cfg.block_size);
+        let end = offset.saturating_add(len);
+        if len == 0
+            || len > MAX_VERIFY_LEN
+            || offset % bs != 0
+            || len % bs != 0
+            || end > self.cfg.size
+        {
+            return self.violation(peer, "ResyncDigestRequest outside the volume or misaligned");
+        }
+        let epoch = self.peers[i].epoch;
+        let serving = self
+            .ios
+            .values()
+            .filter(|o| matches!(o, IoOwner::VerifyServe { peer: p, epoch: e, resync: true, .. } if *p == peer && *e == epoch))
+            .count();
+        if serving >= RESYNC_WINDOW {
+            return self.violation(peer, "too many ResyncDigestRequests in flight");
+        }
+        let io = IoId(self.next_io);
+        self.next_io += 1;
+        self.ios.insert(
+            io,
+            IoOwner::VerifyServe {
+                peer,
+                epoch,
+                id,
+                len,
+                resync: true,
+            },
+        );
+        self.out.push_back(Output::Read { io, offset, len });
+    }
+
+    /// Sync source (R26): the target's digests for a run.
+    pub(crate) fn on_resync_digest_reply(
+        &mut self,
+        peer: PeerId,
+        id: u64,
+        status: u32,
+        digests: Vec<u64>,
+    ) {
+        let i = peer.0 as usize;
+        let PeerSync::Source(s) = &mut self.peers[i].sync else {
+            return self.violation(peer, "ResyncDigestReply without a resync");
+        };
+        let Some(run) = s.csum.get_mut(&id) else {
+            return self.violation(peer, "ResyncDigestReply for a request it was not sent");
+        };
+        if run.remote.is_some() || run.pieces > 0 {
+            return self.violation(peer, "second ResyncDigestReply for a request");
+        }
+        if status != 0 {
+            return self.disconnect(
+                peer,
+                format!("peer failed to read its data for a resync checksum (errno {status})"),
+            );
+        }
+        let (x, y) = self.bitmaps[i].byte_range(run.first, run.last);
+        if digests.len() as u64 != (y - x).div_ceil(VERIFY_BLOCK) {
+            return self.violation(peer, "ResyncDigestReply with the wrong number of digests");
+        }
+        run.remote = Some(digests);
+        self.csum_compare(peer, id);
+    }
+
+    /// Sync source (R26): once both this node's data and the target's
+    /// digests of a run are in, sends the blocks that differ (whole
+    /// `max(4 KiB, block size)` units) and clears the run's bits once they
+    /// are acknowledged — at once if every block is identical.
+    fn csum_compare(&mut self, peer: PeerId, run_id: u64) {
+        let i = peer.0 as usize;
+        let unit = VERIFY_BLOCK.max(u64::from(self.cfg.block_size));
+        let per = (unit / VERIFY_BLOCK) as usize;
+        let PeerSync::Source(s) = &mut self.peers[i].sync else {
+            return;
+        };
+        let Some(run) = s.csum.get_mut(&run_id) else {
+            return;
+        };
+        if run.data.is_none() || run.remote.is_none() {
+            return; // The other half is not in yet.
+        }
+        let (Some(data), Some(remote)) = (run.data.take(), run.remote.take()) else {
+            return;
+        };
+        let (first, last) = (run.first, run.last);
+        let (x, y) = self.bitmaps[i].byte_range(first, last);
+        let local = super::verify::digests(&data);
+        // Differing units, merged into pieces (start, end, all zero) in
+        // bytes from `x`.
+        let units = (y - x).div_ceil(unit);
+        let unit_range = |k: u64| {
+            let s = k * unit;
+            (s, (s + unit).min(y - x))
+        };
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+        let mut identical = 0;
+        for k in 0..units {
+            let (us, ue) = unit_range(k);
+            let d = (k as usize * per)..((k as usize + 1) * per).min(local.len());
+            if local[d.clone()] == remote[d] {
+                identical += ue - us;
+                continue;
+            }
+            let zero = data[us as usize..ue as usize].iter().all(|&c| c == 0);
+            match pieces.last_mut() {
+                Some((_, pe, z)) if *pe == us && *z == zero => *pe = ue,
+                _ => pieces.push((us, ue, zero)),
+            }
+        }
+        s.compared += y - x;
+        s.identical += identical;
+        if pieces.is_empty() {
+            s.csum.remove(&run_id);
+            let pages = self.bitmaps[i].clear_bits(first, last);
+            self.touch_pages(peer, pages);
+            return;
+        }
+        let mut frames = Vec::with_capacity(pieces.len());
+        for (ps, pe, zero) in pieces {
+            let id = s.next_id;
+            s.next_id += 1;
+            s.csum_pieces.insert(id, (run_id, pe - ps));
+            frames.push(if zero {
+                Frame::ResyncZeroes {
+                    id,
+                    offset: x + ps,
+                    len: pe - ps,
+                }
+            } else {
+                Frame::ResyncData {
+                    id,
+                    offset: x + ps,
+                    data: data.slice(ps as usize..pe as usize),
+                }
+            });
+        }
+        if let Some(run) = s.csum.get_mut(&run_id) {
+            run.pieces = frames.len();
+        }
+        for f in frames {
+            self.send(peer, f);
+        }
     }
 }

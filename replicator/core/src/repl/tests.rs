@@ -2312,3 +2312,319 @@ fn r23_protocol_a_waits_for_the_peer_once_detached() {
         &[[1u8; 512], [2u8; 512]].concat()[..]
     );
 }
+
+// ---- R26: checksum-based resync ----
+
+/// Bytes of resync data node `i` wrote (`Write` ops with FUA: resync
+/// writes; the tests below issue only non-FUA frontend writes).
+fn resync_data_written(n: &Node) -> u64 {
+    n.log
+        .iter()
+        .filter_map(|o| match o {
+            Op::Write {
+                data, fua: true, ..
+            } => Some(data.len() as u64),
+            _ => None,
+        })
+        .sum()
+}
+
+/// Two nodes with `checksums` on the source (node 0) and 4 KiB chunks;
+/// every 4 KiB block holds distinct data on both. While apart, node 0
+/// rewrites all 16 blocks: 13 with the data both already hold, 3 with new
+/// data (one of them zeroes); node 1's copy of block 9 (rewritten
+/// identically on node 0) is silently corrupted. Returns the cluster
+/// reconnected and settled.
+fn r26_scenario(checksums: bool) -> Cluster {
+    let mut c = Cluster::connected(2, |i, cfg| {
+        cfg.bitmap_chunk = 4096;
+        cfg.resync_checksums = checksums && i == 0;
+    });
+    let block = |k: u64, byte: u8| w(k * 4096, byte, 8, false);
+    for k in 0..16u64 {
+        c.submit(0, 1 + k, block(k, k as u8 + 1));
+    }
+    c.run();
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    c.break_link(0, 1);
+    c.run();
+    for k in 0..16u64 {
+        let byte = match k {
+            3 => 0xa3,
+            7 => 0xa7,
+            12 => 0,
+            _ => k as u8 + 1,
+        };
+        c.submit(0, 100 + k, block(k, byte));
+    }
+    c.run();
+    c.nodes[1].disk[9 * 4096 + 17] ^= 0x40;
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, SIZE);
+    c.nodes[1].log.clear();
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 0);
+    assert_eq!(c.nodes[1].r.disk_state(), DiskState::UpToDate);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk, "replicas identical");
+    c
+}
+
+fn moved(n: &Node) -> u64 {
+    n.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SyncFinished {
+                role: SyncRole::Source,
+                bytes,
+                ..
+            } => Some(*bytes),
+            _ => None,
+        })
+        .sum()
+}
+
+#[test]
+fn r26_checksum_resync_moves_only_the_blocks_that_differ() {
+    // Without checksums every marked chunk moves.
+    let plain = r26_scenario(false);
+    assert_eq!(moved(&plain.nodes[0]), SIZE);
+    assert_eq!(resync_data_written(&plain.nodes[1]), SIZE - 4096);
+    assert!(!plain.nodes[0]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::SyncChecksums { .. })));
+
+    // With them: blocks 3 and 7 (new data), 12 (new zeroes) and 9
+    // (corrupted on the target) move; the 12 identical blocks do not.
+    let c = r26_scenario(true);
+    assert_eq!(moved(&c.nodes[0]), 4 * 4096);
+    assert_eq!(resync_data_written(&c.nodes[1]), 3 * 4096);
+    assert!(c.nodes[1]
+        .log
+        .iter()
+        .any(|o| matches!(o, Op::WriteZeroes { offset, len: 4096, .. } if *offset == 12 * 4096)));
+    let written: Vec<u64> = c.nodes[1]
+        .log
+        .iter()
+        .filter_map(|o| match o {
+            Op::Write {
+                offset, fua: true, ..
+            } => Some(*offset / 4096),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(written, vec![3, 7, 9], "exactly the differing blocks");
+    assert!(c.nodes[0].events.contains(&Event::SyncChecksums {
+        peer: pid(0, 1),
+        compared_bytes: SIZE,
+        identical_bytes: SIZE - 4 * 4096,
+    }));
+    // The target only read and answered digests; its own setting is off.
+    assert!(!c.nodes[1].r.config().resync_checksums);
+}
+
+#[test]
+fn r26_checksum_resync_with_large_blocks_sends_whole_blocks() {
+    // 8 KiB blocks: a difference in one 4 KiB digest block moves the whole
+    // 8 KiB block (the target refuses misaligned resync data).
+    let mut c = Cluster::connected(2, |_, cfg| {
+        cfg.block_size = 8192;
+        cfg.bitmap_chunk = 16384;
+        cfg.resync_checksums = true;
+    });
+    c.submit(
+        0,
+        1,
+        Op::Write {
+            offset: 0,
+            data: Bytes::from(vec![5u8; SIZE as usize]),
+            fua: false,
+        },
+    );
+    c.run();
+    c.break_link(0, 1);
+    c.run();
+    c.submit(
+        0,
+        2,
+        Op::Write {
+            offset: 16384,
+            data: Bytes::from(vec![5u8; 16384]),
+            fua: false,
+        },
+    );
+    c.run();
+    c.nodes[1].disk[16384 + 4096 + 1] = 9;
+    c.nodes[1].log.clear();
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    let writes: Vec<(u64, usize)> = c.nodes[1]
+        .log
+        .iter()
+        .filter_map(|o| match o {
+            Op::Write { offset, data, .. } => Some((*offset, data.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writes, vec![(16384, 8192)]);
+}
+
+/// Node 0 (checksums on) has a resync towards node 1 running with node
+/// 1's reads held: node 0's digest request for the one 8 KiB run is
+/// unanswered and node 1 is a sync target.
+fn r26_stalled() -> Cluster {
+    r26_stalled_on(1)
+}
+
+/// Like [`r26_stalled`], with node `held`'s data I/O held instead.
+fn r26_stalled_on(held: usize) -> Cluster {
+    let mut c = Cluster::connected(2, |_, cfg| {
+        cfg.bitmap_chunk = 4096;
+        cfg.resync_checksums = true;
+    });
+    c.break_link(0, 1);
+    c.run();
+    c.submit(0, 1, w(8192, 3, 16, false));
+    c.run();
+    c.nodes[held].hold_io = true;
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(1, 0).repl, ReplState::SyncTarget);
+    c
+}
+
+fn inject(c: &mut Cluster, to: usize, from: usize, frame: Frame) {
+    let now = c.now;
+    c.nodes[to].r.handle(
+        now,
+        Input::PeerFrame {
+            peer: pid(to, from),
+            frame,
+        },
+    );
+    c.run();
+}
+
+fn violations(n: &Node) -> Vec<&'static str> {
+    n.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ProtocolViolation { what, .. } => Some(*what),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn r26_malformed_digest_frames_are_protocol_violations() {
+    // A digest request to a node that is not a sync target.
+    let mut c = Cluster::connected(2, |_, _| {});
+    inject(
+        &mut c,
+        1,
+        0,
+        Frame::ResyncDigestRequest {
+            id: 1,
+            offset: 0,
+            len: 4096,
+        },
+    );
+    assert_eq!(
+        violations(&c.nodes[1]),
+        vec!["ResyncDigestRequest while not a sync target"]
+    );
+
+    // Requests beyond the end of the volume or misaligned.
+    for (offset, len) in [(SIZE - 512, 4096), (3, 4096), (0, 1000), (SIZE, 512)] {
+        let mut c = r26_stalled();
+        inject(
+            &mut c,
+            1,
+            0,
+            Frame::ResyncDigestRequest { id: 9, offset, len },
+        );
+        assert_eq!(
+            violations(&c.nodes[1]),
+            vec!["ResyncDigestRequest outside the volume or misaligned"],
+            "offset {offset} len {len}"
+        );
+        assert_eq!(c.status(1, 0).conn, ConnState::StandAlone);
+    }
+
+    // Replies the source did not ask for, of the wrong length, or twice.
+    let bad_replies: [(Frame, &str); 3] = [
+        (
+            Frame::ResyncDigestReply {
+                id: 77,
+                status: 0,
+                digests: vec![0; 2],
+            },
+            "ResyncDigestReply for a request it was not sent",
+        ),
+        (
+            Frame::ResyncDigestReply {
+                id: 1,
+                status: 0,
+                digests: vec![0; 3],
+            },
+            "ResyncDigestReply with the wrong number of digests",
+        ),
+        (
+            Frame::ResyncDigestReply {
+                id: 1,
+                status: 0,
+                digests: vec![0; 1],
+            },
+            "ResyncDigestReply with the wrong number of digests",
+        ),
+    ];
+    for (f, why) in bad_replies {
+        let mut c = r26_stalled();
+        inject(&mut c, 0, 1, f);
+        assert_eq!(violations(&c.nodes[0]), vec![why]);
+        assert_eq!(c.status(0, 1).conn, ConnState::StandAlone);
+    }
+    // Node 0's own read is held and node 1's reply is in: a second reply
+    // is a violation.
+    let mut c = r26_stalled_on(0);
+    assert!(violations(&c.nodes[0]).is_empty());
+    inject(
+        &mut c,
+        0,
+        1,
+        Frame::ResyncDigestReply {
+            id: 1,
+            status: 0,
+            digests: vec![0; 2],
+        },
+    );
+    assert_eq!(
+        violations(&c.nodes[0]),
+        vec!["second ResyncDigestReply for a request"]
+    );
+    // A reply outside a resync.
+    let mut c = Cluster::connected(2, |_, _| {});
+    inject(
+        &mut c,
+        0,
+        1,
+        Frame::ResyncDigestReply {
+            id: 1,
+            status: 0,
+            digests: Vec::new(),
+        },
+    );
+    assert_eq!(
+        violations(&c.nodes[0]),
+        vec!["ResyncDigestReply without a resync"]
+    );
+    // The stalled resync itself completes once the reads are released.
+    let mut c = r26_stalled();
+    c.nodes[1].hold_io = false;
+    c.run();
+    assert_eq!(c.status(0, 1).repl, ReplState::Established);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+}

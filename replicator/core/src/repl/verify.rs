@@ -510,25 +510,32 @@ impl Replica {
                 epoch,
                 id,
                 len,
+                resync,
             }) => {
                 let p = &self.peers[peer.0 as usize];
                 if p.epoch != epoch || p.conn != ConnState::Connected {
                     return;
                 }
-                let f = match result {
-                    Ok(d) if d.len() as u64 == len => Frame::VerifyReply {
-                        id,
-                        status: 0,
-                        digests: digests(&d),
-                    },
+                let (status, digests) = match result {
+                    Ok(d) if d.len() as u64 == len => (0, digests(&d)),
                     other => {
                         let errno = other.err().unwrap_or(errno::EIO);
                         self.event(Event::LocalIoError { errno });
-                        Frame::VerifyReply {
-                            id,
-                            status: u32::try_from(errno).unwrap_or(errno::EIO as u32).max(1),
-                            digests: Vec::new(),
-                        }
+                        let status = u32::try_from(errno).unwrap_or(errno::EIO as u32).max(1);
+                        (status, Vec::new())
+                    }
+                };
+                let f = if resync {
+                    Frame::ResyncDigestReply {
+                        id,
+                        status,
+                        digests,
+                    }
+                } else {
+                    Frame::VerifyReply {
+                        id,
+                        status,
+                        digests,
                     }
                 };
                 self.send(peer, f);
@@ -556,7 +563,7 @@ impl Replica {
         let serving = self
             .ios
             .values()
-            .filter(|o| matches!(o, IoOwner::VerifyServe { peer: p, epoch: e, .. } if *p == peer && *e == epoch))
+            .filter(|o| matches!(o, IoOwner::VerifyServe { peer: p, epoch: e, resync: false, .. } if *p == peer && *e == epoch))
             .count();
         if serving >= MAX_SERVING {
             return self.violation(peer, "too many VerifyRequests in flight");
@@ -570,6 +577,7 @@ impl Replica {
                 epoch,
                 id,
                 len,
+                resync: false,
             },
         );
         self.out.push_back(Output::Read { io, offset, len });

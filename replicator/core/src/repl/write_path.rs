@@ -103,12 +103,14 @@ pub(crate) enum IoOwner {
         peer: PeerId,
         epoch: u64,
     },
-    /// Online verify: data whose digests the peer asked for.
+    /// Online verify (R22) or a checksum-based resync (R26, `resync`):
+    /// data whose digests the peer asked for.
     VerifyServe {
         peer: PeerId,
         epoch: u64,
         id: u64,
         len: u64,
+        resync: bool,
     },
     /// A frontend read served locally (R23).
     FrontendRead {

@@ -593,9 +593,11 @@ fn human_status(st: &admin::Status) -> String {
                     }
                 );
                 if let Some(s) = &p.sync {
-                    let total = s.done_bytes + s.remaining_bytes;
+                    // Blocks found identical by checksum (R26) count as done.
+                    let covered = s.done_bytes + s.identical_bytes;
+                    let total = covered + s.remaining_bytes;
                     if s.role == "SyncSource" && total > 0 {
-                        let pct = s.done_bytes as f64 * 100.0 / total as f64;
+                        let pct = covered as f64 * 100.0 / total as f64;
                         let filled = (pct / 5.0) as usize;
                         let _ = writeln!(
                             o,
@@ -604,10 +606,19 @@ fn human_status(st: &admin::Status) -> String {
                             "#".repeat(filled),
                             ".".repeat(20 - filled.min(20)),
                             pct,
-                            format_size(s.done_bytes),
+                            format_size(covered),
                             format_size(total),
                             s.eta_secs.map_or(String::new(), |e| format!("  eta {e}s"))
                         );
+                        if s.compared_bytes > 0 {
+                            let _ = writeln!(
+                                o,
+                                "    checksums: {} compared, {} identical (not sent), {} sent",
+                                format_size(s.compared_bytes),
+                                format_size(s.identical_bytes),
+                                format_size(s.done_bytes)
+                            );
+                        }
                     } else {
                         let _ =
                             writeln!(o, "    {}: {} received", s.role, format_size(s.done_bytes));
