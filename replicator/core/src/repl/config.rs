@@ -75,6 +75,15 @@ pub struct Config {
     /// grants) or to freeze on peer loss (R25). Default off: a Primary
     /// continues alone at once.
     pub solo_needs_grant: bool,
+    /// This node is a diskless client (R28): it holds no data and no
+    /// metadata, starts Diskless, never takes part in a resync, and as
+    /// Primary completes a write only once every peer acknowledged it.
+    /// Every peer must be a replica (`diskless_peers` empty).
+    pub diskless: bool,
+    /// Peers that are diskless clients (R28): never marked as missing
+    /// writes (they hold no data), and they do not count when a Primary
+    /// asks whether every peer receives its writes (R25).
+    pub diskless_peers: Vec<String>,
 }
 
 /// Default activity-log size: 256 extents.
@@ -126,6 +135,8 @@ impl Config {
             resync_adaptive: true,
             after_split_brain: SplitBrainPolicy::Disconnect,
             solo_needs_grant: false,
+            diskless: false,
+            diskless_peers: Vec::new(),
         }
     }
 
@@ -160,6 +171,24 @@ impl Config {
             if self.peers[..i].contains(p) {
                 return err("peers", "duplicate peer name");
             }
+        }
+        if let Some(d) = self.diskless_peers.iter().find(|d| !self.peers.contains(d)) {
+            return Err(ConfigError {
+                field: "diskless_peers",
+                why: format!("{d:?} is not one of the peers"),
+            });
+        }
+        if self.diskless && !self.diskless_peers.is_empty() {
+            return err(
+                "diskless_peers",
+                "a diskless client's peers must all be replicas",
+            );
+        }
+        if self.diskless && self.initial_role == Role::Primary {
+            return err(
+                "initial_role",
+                "a diskless client starts Secondary (promote it once a peer is UpToDate)",
+            );
         }
         if self.allow_two_primaries && self.protocol != Protocol::C {
             return err("allow_two_primaries", "dual-primary needs protocol C");
@@ -245,6 +274,17 @@ mod tests {
                 Box::new(|c| {
                     c.initial_role = Role::Primary;
                     c.initial_disk = DiskState::Outdated
+                }),
+            ),
+            (
+                "diskless_peers",
+                Box::new(|c| c.diskless_peers = vec!["x".into()]),
+            ),
+            (
+                "initial_role",
+                Box::new(|c| {
+                    c.diskless = true;
+                    c.initial_role = Role::Primary
                 }),
             ),
             (
