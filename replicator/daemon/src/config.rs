@@ -25,6 +25,9 @@
 //! direct = "auto"                    # auto (default) | on | off: O_DIRECT
 //! read_only = false
 //! queue_depth = 256                  # io_uring entries
+//! # diskless = true                  # a diskless client (R28): no backing; needs
+//! # size = "64G"                     #   uuid, size (block_size 512 | 4096) and
+//! #                                  #   [export.replication] with the replicas as peers
 //!
 //! [export.replication]               # optional: replicate this export
 //! node = "alpha"                     # this node (the SAN of cert)
@@ -43,7 +46,7 @@
 //! auto_failover = true               # with a witness: promote when the Primary is gone (default)
 //! failover_timeout = "2s"            # how long the Primary must be gone first
 //! witness = { name = "witness", address = "10.0.0.3:7790" }   # optional third vote
-//! peers = [{ name = "beta", address = "10.0.0.2:7788" }]
+//! peers = [{ name = "beta", address = "10.0.0.2:7788" }]   # diskless = true: a diskless client
 //! ```
 
 use std::collections::HashSet;

@@ -23,8 +23,8 @@
 //!   another peer; with none left the read fails with `EIO`.
 //! * A detached Secondary acknowledges every data frame with `EIO`, so its
 //!   Primary marks the writes in its bitmap (`PeerIoError`), and it answers
-//!   `ReadRequest`s with `EIO`. A Diskless node is never promoted (its disk
-//!   is not UpToDate) and the handshake with a Diskless side starts no
+//!   `ReadRequest`s with `EIO`. A detached node is never promoted (its disk
+//!   is not UpToDate; only a diskless client is, R28) and the handshake with a Diskless side starts no
 //!   resync either way.
 //!
 //! [`Input::FrontendRead`]: super::Input::FrontendRead

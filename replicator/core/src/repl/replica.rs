@@ -315,7 +315,8 @@ impl Replica {
         self.progress();
     }
 
-    /// Becomes Primary. Refused unless the own disk is UpToDate, and while a
+    /// Becomes Primary. Refused unless the own disk is UpToDate (a diskless
+    /// client, R28: unless a connected peer is UpToDate), and while a
     /// connected peer is Primary (with `allow_two_primaries`: while two
     /// nodes already are).
     pub fn promote(&mut self, now: Time) -> Result<(), RoleError> {
