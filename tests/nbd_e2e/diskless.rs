@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use crate::repl_common::{
-    assert_same_data, cluster_certs, ctl, ctl_output, fio, free_udp_port, issue, wait_until,
-    NodeFiles, SIZE, UUID,
+    assert_same_data, cluster_certs, ctl, ctl_output, data_area, fio, free_udp_port, issue,
+    wait_until, NodeFiles, SIZE, UUID,
 };
-use tandem_tests::{heavy_lock, require, Daemon};
+use tandem_tests::{block_on, heavy_lock, require, Daemon};
 
 fn peer_named(d: &Daemon, name: &str) -> tandem_tests::Json {
     let s = d.export_status("vol");
@@ -168,4 +168,30 @@ fn a_diskless_client_writes_and_reads_through_two_replicas() {
     assert_eq!(g["out_of_sync_bytes"], 0, "{g}");
     let b = peer_named(&alpha, "beta");
     assert_eq!(b["out_of_sync_bytes"], 0, "{b}");
+
+    // Back to the client; then a replica is lost: writes through the
+    // client fail with EIO (never a silent success), reads go on through
+    // the other replica.
+    wait_until("alpha to demote", Duration::from_secs(20), || {
+        ctl_output(&alpha, "demote").status.success()
+    });
+    wait_until(
+        "gamma to see alpha Secondary",
+        Duration::from_secs(10),
+        || peer_named(&gamma, "alpha")["role"] == "Secondary",
+    );
+    ctl(&gamma, "promote");
+    beta.kill9();
+    wait_until("gamma to lose beta", Duration::from_secs(20), || {
+        peer_named(&gamma, "beta")["connection"] != "Connected"
+    });
+    let da = data_area(&alpha, SIZE);
+    block_on(async {
+        let mut c = gamma.client("vol").await;
+        let w = c.write(1 << 20, &[0x5au8; 4096], false).await;
+        assert!(w.is_err(), "a write without beta completed: {w:?}");
+        let mut got = vec![0u8; 65536];
+        c.read(2 << 20, &mut got).await.expect("read through alpha");
+        assert_eq!(&got[..], &da[2 << 20..(2 << 20) + 65536]);
+    });
 }
