@@ -11,6 +11,8 @@ mod config_refusal;
 mod demo;
 #[path = "nbd_e2e/disk_errors.rs"]
 mod disk_errors;
+#[path = "nbd_e2e/diskless.rs"]
+mod diskless;
 #[path = "nbd_e2e/dual_primary.rs"]
 mod dual_primary;
 #[path = "nbd_e2e/filesystem.rs"]

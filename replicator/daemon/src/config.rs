@@ -25,6 +25,9 @@
 //! direct = "auto"                    # auto (default) | on | off: O_DIRECT
 //! read_only = false
 //! queue_depth = 256                  # io_uring entries
+//! # diskless = true                  # a diskless client (R28): no backing; needs
+//! # size = "64G"                     #   uuid, size (block_size 512 | 4096) and
+//! #                                  #   [export.replication] with the replicas as peers
 //!
 //! [export.replication]               # optional: replicate this export
 //! node = "alpha"                     # this node (the SAN of cert)
@@ -44,7 +47,7 @@
 //! auto_failover = true               # with a witness: promote when the Primary is gone (default)
 //! failover_timeout = "2s"            # how long the Primary must be gone first
 //! witness = { name = "witness", address = "10.0.0.3:7790" }   # optional third vote
-//! peers = [{ name = "beta", address = "10.0.0.2:7788" }]
+//! peers = [{ name = "beta", address = "10.0.0.2:7788" }]   # diskless = true: a diskless client
 //! ```
 
 use std::collections::HashSet;
@@ -149,8 +152,21 @@ pub struct MetricsConfig {
 pub struct ExportConfig {
     /// NBD export name.
     pub name: String,
-    /// Backing file or block device.
+    /// Backing file or block device (omitted with `diskless`).
+    #[serde(default)]
     pub backing: PathBuf,
+    /// A diskless client (R28): no backing; reads and writes go to the
+    /// replicas named in `[export.replication]`. Needs `uuid` and `size`.
+    #[serde(default)]
+    pub diskless: bool,
+    /// Volume size (e.g. `"64M"`), only with `diskless`: must equal the
+    /// replicas' (the handshake checks).
+    #[serde(default)]
+    pub size: Option<String>,
+    /// Logical block size, only with `diskless` (512, the default, or 4096;
+    /// must equal the replicas').
+    #[serde(default)]
+    pub block_size: Option<u32>,
     /// Expected volume name in the superblock.
     pub volume: Option<String>,
     /// Expected volume UUID in the superblock.
@@ -276,6 +292,10 @@ pub struct PeerConfig {
     pub name: String,
     /// Its QUIC address for this volume.
     pub address: SocketAddr,
+    /// The peer is a diskless client of this volume (R28): it holds no
+    /// data, so it never needs a resync and never counts as missing writes.
+    #[serde(default)]
+    pub diskless: bool,
 }
 
 fn default_true() -> bool {
@@ -299,6 +319,20 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     n.checked_mul(mult)
         .map(std::time::Duration::from_millis)
         .ok_or_else(|| format!("{s:?}: too long"))
+}
+
+impl ExportConfig {
+    /// `size` of a diskless export in bytes.
+    pub fn diskless_size(&self) -> Result<u64, String> {
+        match &self.size {
+            None => Err("a diskless export needs the volume's size".into()),
+            Some(s) => match crate::parse_size(s) {
+                Ok(0) => Err(format!("{s:?}: must be positive")),
+                Ok(n) => Ok(n),
+                Err(e) => Err(format!("{s:?}: {e}")),
+            },
+        }
+    }
 }
 
 impl ReplicationConfig {
@@ -513,6 +547,9 @@ impl Config {
             c.exports.push(ExportConfig {
                 name: name.to_string(),
                 backing: PathBuf::from(backing),
+                diskless: false,
+                size: None,
+                block_size: None,
                 volume: None,
                 uuid: None,
                 description: String::new(),
@@ -583,8 +620,63 @@ impl Config {
                     format!("{:?} is used by another export", e.name),
                 ));
             }
-            if e.backing.as_os_str().is_empty() {
-                return Err(err(source, f("backing"), "empty path"));
+            if e.diskless {
+                if !e.backing.as_os_str().is_empty() {
+                    return Err(err(
+                        source,
+                        f("backing"),
+                        "a diskless export has no backing",
+                    ));
+                }
+                if e.uuid.is_none() {
+                    return Err(err(
+                        source,
+                        f("uuid"),
+                        "a diskless export needs the volume's uuid",
+                    ));
+                }
+                if let Err(why) = e.diskless_size() {
+                    return Err(err(source, f("size"), why));
+                }
+                if !matches!(e.block_size, None | Some(512) | Some(4096)) {
+                    return Err(err(source, f("block_size"), "must be 512 or 4096"));
+                }
+                let Some(r) = &e.replication else {
+                    return Err(err(
+                        source,
+                        f("replication"),
+                        "a diskless export needs [export.replication] with the replicas as peers",
+                    ));
+                };
+                if r.role == StartRole::Primary {
+                    return Err(err(
+                        source,
+                        format!("export[{i}].replication.role"),
+                        "a diskless client starts secondary; promote it once a replica is connected",
+                    ));
+                }
+                if let Some(j) = r.peers.iter().position(|p| p.diskless) {
+                    return Err(err(
+                        source,
+                        format!("export[{i}].replication.peers[{j}].diskless"),
+                        "a diskless client's peers must be replicas",
+                    ));
+                }
+            } else {
+                if e.backing.as_os_str().is_empty() {
+                    return Err(err(source, f("backing"), "empty path"));
+                }
+                if e.size.is_some() || e.block_size.is_some() {
+                    return Err(err(
+                        source,
+                        f(if e.size.is_some() {
+                            "size"
+                        } else {
+                            "block_size"
+                        }),
+                        "only for a diskless export (a backing's superblock holds it)",
+                    ));
+                }
             }
             if let Some(u) = &e.uuid {
                 if tandem_core::superblock::parse_uuid(u).is_none() {
@@ -752,6 +844,43 @@ mod tests {
         ca = "/ca"
         peers = [{ name = "beta", address = "127.0.0.1:7789" }]
         "#;
+
+    #[test]
+    fn a_diskless_export_needs_uuid_size_and_replicas_and_no_backing() {
+        let ok = REPLICATED.replace(
+            "backing = \"/a\"",
+            "diskless = true\n        uuid = \"01234567-89ab-cdef-0123-456789abcdef\"\n        size = \"64M\"",
+        );
+        let c = Config::parse(&ok, "f.toml").unwrap();
+        c.validate("f.toml").unwrap();
+        assert_eq!(c.exports[0].diskless_size(), Ok(64 << 20));
+        let refused = |text: &str| {
+            Config::parse(text, "f.toml")
+                .and_then(|c| c.validate("f.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused(&ok.replace("diskless = true", "diskless = true\nbacking = \"/a\""));
+        assert!(e.contains("export[0].backing"), "{e}");
+        let e = refused(&ok.replace("size = \"64M\"", ""));
+        assert!(e.contains("export[0].size"), "{e}");
+        let e = refused(&ok.replace("uuid = \"01234567-89ab-cdef-0123-456789abcdef\"", ""));
+        assert!(e.contains("export[0].uuid"), "{e}");
+        let e = refused(&ok.replace("peers = [", "role = \"primary\"\npeers = ["));
+        assert!(e.contains("export[0].replication.role"), "{e}");
+        let e = refused(&ok.replace("7789\" }", "7789\", diskless = true }"));
+        assert!(e.contains("peers[0].diskless"), "{e}");
+        // size belongs to diskless exports only; replicas mark client peers.
+        let e = refused(&REPLICATED.replace("backing = \"/a\"", "backing = \"/a\"\nsize = \"1M\""));
+        assert!(e.contains("export[0].size"), "{e}");
+        let c = Config::parse(
+            &REPLICATED.replace("7789\" }", "7789\", diskless = true }"),
+            "f.toml",
+        )
+        .unwrap();
+        c.validate("f.toml").unwrap();
+        assert!(c.exports[0].replication.as_ref().unwrap().peers[0].diskless);
+    }
 
     #[test]
     fn resync_rate_and_adaptive_mode() {

@@ -71,6 +71,9 @@ pub async fn open_engine(e: &ExportConfig) -> Result<Arc<dyn Engine>> {
 /// Opens one export's volume, checking its superblock against the config,
 /// and registers its metrics in `metrics`.
 pub async fn open_export(e: &ExportConfig, metrics: &Metrics) -> Result<Arc<Export>> {
+    if e.diskless {
+        return open_diskless_export(e, metrics);
+    }
     // Every engine is wrapped for fault injection (admin `inject_fault`,
     // root only); disarmed it costs one atomic load per operation.
     let faults = FaultSwitch::new();
@@ -99,10 +102,55 @@ pub async fn open_export(e: &ExportConfig, metrics: &Metrics) -> Result<Arc<Expo
             .await
             .with_context(|| format!("export {:?}", e.name))?;
         export.replicator = Some(
-            start_replication(r, &volume, meta, metrics.replication(&e.name, &peers))
-                .with_context(|| format!("export {:?}: starting replication", e.name))?,
+            start_replication(
+                r,
+                &volume,
+                meta,
+                metrics.replication(&e.name, &peers),
+                false,
+            )
+            .with_context(|| format!("export {:?}: starting replication", e.name))?,
         );
     }
+    Ok(Arc::new(export))
+}
+
+/// Opens a diskless client export (R28): no backing, no metadata; the
+/// replica starts Diskless and reaches the data through its peers.
+fn open_diskless_export(e: &ExportConfig, metrics: &Metrics) -> Result<Arc<Export>> {
+    let bad = |why: String| anyhow::anyhow!("export {:?}: {why}", e.name);
+    let r = e
+        .replication
+        .as_ref()
+        .ok_or_else(|| bad("a diskless export needs [export.replication]".into()))?;
+    let uuid = e
+        .uuid
+        .as_deref()
+        .and_then(superblock::parse_uuid)
+        .ok_or_else(|| bad("a diskless export needs the volume's uuid".into()))?;
+    let size = e.diskless_size().map_err(bad)?;
+    let name = e.volume.clone().unwrap_or_else(|| e.name.clone());
+    let volume = Volume::diskless(&name, uuid, size, e.block_size.unwrap_or(512)).map_err(bad)?;
+    let sb = volume.superblock();
+    info!(
+        export = %e.name, volume = %sb.name, uuid = %sb.uuid_string(), size = sb.size,
+        block_size = sb.block_size, "diskless export ready: I/O goes to the replicas"
+    );
+    let volume = Arc::new(volume);
+    let mut export = Export::new(e.name.clone(), e.description.clone(), volume.clone());
+    export.io = metrics.io(&e.name, &sb.uuid_string());
+    let peers: Vec<String> = r.peers.iter().map(|p| p.name.clone()).collect();
+    let layout = volume
+        .bitmap_layout(tandem_core::meta::DEFAULT_CHUNK)
+        .map_err(bad)?;
+    let meta = (
+        repl::LoadedMeta::fresh(tandem_core::meta::DEFAULT_CHUNK, repl::DiskState::Diskless),
+        layout,
+    );
+    export.replicator = Some(
+        start_replication(r, &volume, meta, metrics.replication(&e.name, &peers), true)
+            .with_context(|| format!("export {:?}: starting replication", e.name))?,
+    );
     Ok(Arc::new(export))
 }
 
@@ -114,6 +162,7 @@ fn start_replication(
     volume: &Arc<Volume>,
     meta: (repl::LoadedMeta, tandem_core::meta::Layout),
     metrics: Arc<crate::metrics::ReplicationMetrics>,
+    diskless: bool,
 ) -> Result<Replicator> {
     let sb = volume.superblock();
     let mut cfg = repl::Config::new(
@@ -132,6 +181,13 @@ fn start_replication(
         ProtocolConfig::A => repl::Protocol::A,
     };
     cfg.allow_two_primaries = r.allow_two_primaries;
+    cfg.diskless = diskless;
+    cfg.diskless_peers = r
+        .peers
+        .iter()
+        .filter(|p| p.diskless)
+        .map(|p| p.name.clone())
+        .collect();
     cfg.resync_rate = r
         .resync_rate_bytes()
         .map_err(|e| anyhow::anyhow!("resync_rate {e}"))?;
@@ -157,8 +213,12 @@ fn start_replication(
         generation = format_args!("{:016x}", loaded.record.current),
         "replica metadata loaded"
     );
-    let replica = repl::Replica::with_meta(cfg, loaded, repl::Time::ZERO)
-        .map_err(|e| anyhow::anyhow!("replication config: {e}"))?;
+    let replica = if diskless {
+        repl::Replica::new(cfg, repl::Time::ZERO)
+    } else {
+        repl::Replica::with_meta(cfg, loaded, repl::Time::ZERO)
+    }
+    .map_err(|e| anyhow::anyhow!("replication config: {e}"))?;
     let identity = TlsIdentity::load(&r.cert, &r.key, &r.ca)?;
     if identity.node_name() != r.node {
         anyhow::bail!(

@@ -120,6 +120,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         exports: vec![ExportConfig {
             name: "demo".into(),
             backing: backing.clone(),
+            diskless: false,
+            size: None,
+            block_size: None,
             volume: Some("demo".into()),
             uuid: Some(sb.uuid_string()),
             description: "tandem demo volume".into(),

@@ -227,6 +227,32 @@ pub async fn create(
 }
 
 impl Volume {
+    /// The volume of a diskless client (R28): no backing, no superblock on
+    /// disk; the name, UUID, size and block size come from the
+    /// configuration (the replicas' handshake checks UUID, size and block
+    /// size). Every data I/O on it fails with `EIO`; the replication core
+    /// sends none.
+    pub fn diskless(
+        name: &str,
+        volume_uuid: [u8; 16],
+        size: u64,
+        block_size: u32,
+    ) -> Result<Volume, String> {
+        let sb =
+            Superblock::new(volume_uuid, name, size, block_size, 0).map_err(|e| e.to_string())?;
+        let engine = Arc::new(crate::storage::none::NoDisk::new(sb.backing_len()));
+        Ok(Volume {
+            path: PathBuf::from("(diskless)"),
+            size: AtomicU64::new(sb.size),
+            data_offset: sb.data_offset,
+            block_size: sb.block_size,
+            superblock: Mutex::new((sb, 0)),
+            engine,
+            read_only: false,
+            grow_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
     /// Opens the volume on `engine`, checking the superblock against `expect`.
     pub async fn open(
         engine: Arc<dyn Engine>,

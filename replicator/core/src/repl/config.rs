@@ -83,6 +83,15 @@ pub struct Config {
     /// identical (activity-log recovery after a Primary crash). Only the
     /// source's setting matters; every node answers digest requests.
     pub resync_checksums: bool,
+    /// This node is a diskless client (R28): it holds no data and no
+    /// metadata, starts Diskless, never takes part in a resync, and as
+    /// Primary completes a write only once every peer acknowledged it.
+    /// Every peer must be a replica (`diskless_peers` empty).
+    pub diskless: bool,
+    /// Peers that are diskless clients (R28): never marked as missing
+    /// writes (they hold no data), and they do not count when a Primary
+    /// asks whether every peer receives its writes (R25).
+    pub diskless_peers: Vec<String>,
 }
 
 /// Default activity-log size: 256 extents.
@@ -135,6 +144,8 @@ impl Config {
             after_split_brain: SplitBrainPolicy::Disconnect,
             solo_needs_grant: false,
             resync_checksums: false,
+            diskless: false,
+            diskless_peers: Vec::new(),
         }
     }
 
@@ -169,6 +180,24 @@ impl Config {
             if self.peers[..i].contains(p) {
                 return err("peers", "duplicate peer name");
             }
+        }
+        if let Some(d) = self.diskless_peers.iter().find(|d| !self.peers.contains(d)) {
+            return Err(ConfigError {
+                field: "diskless_peers",
+                why: format!("{d:?} is not one of the peers"),
+            });
+        }
+        if self.diskless && !self.diskless_peers.is_empty() {
+            return err(
+                "diskless_peers",
+                "a diskless client's peers must all be replicas",
+            );
+        }
+        if self.diskless && self.initial_role == Role::Primary {
+            return err(
+                "initial_role",
+                "a diskless client starts Secondary (promote it once a peer is UpToDate)",
+            );
         }
         if self.allow_two_primaries && self.protocol != Protocol::C {
             return err("allow_two_primaries", "dual-primary needs protocol C");
@@ -254,6 +283,17 @@ mod tests {
                 Box::new(|c| {
                     c.initial_role = Role::Primary;
                     c.initial_disk = DiskState::Outdated
+                }),
+            ),
+            (
+                "diskless_peers",
+                Box::new(|c| c.diskless_peers = vec!["x".into()]),
+            ),
+            (
+                "initial_role",
+                Box::new(|c| {
+                    c.diskless = true;
+                    c.initial_role = Role::Primary
                 }),
             ),
             (

@@ -23,8 +23,8 @@
 //!   another peer; with none left the read fails with `EIO`.
 //! * A detached Secondary acknowledges every data frame with `EIO`, so its
 //!   Primary marks the writes in its bitmap (`PeerIoError`), and it answers
-//!   `ReadRequest`s with `EIO`. A Diskless node is never promoted (its disk
-//!   is not UpToDate) and the handshake with a Diskless side starts no
+//!   `ReadRequest`s with `EIO`. A detached node is never promoted (its disk
+//!   is not UpToDate; only a diskless client is, R28) and the handshake with a Diskless side starts no
 //!   resync either way.
 //!
 //! [`Input::FrontendRead`]: super::Input::FrontendRead
@@ -234,7 +234,7 @@ impl Replica {
 
     /// Whether `peer` may serve reads: connected, UpToDate, no resync, and
     /// missing no write of this node.
-    fn read_source(&self, peer: PeerId) -> bool {
+    pub(crate) fn read_source(&self, peer: PeerId) -> bool {
         let p = &self.peers[peer.0 as usize];
         p.conn == ConnState::Connected
             && p.disk == Some(DiskState::UpToDate)
@@ -344,8 +344,10 @@ impl Replica {
         });
         let f = self.state_update_for(peer);
         self.send(peer, f);
+        // A diskless client (R28) has no generation of its own to share.
         if self.role == Role::Primary
             && self.disk == DiskState::Diskless
+            && !self.cfg.diskless
             && h.disk == DiskState::UpToDate
         {
             self.share_generation(peer);

@@ -164,7 +164,11 @@ impl Replica {
                 "block size mismatch: peer {}, this node {}",
                 h.block_size, cfg.block_size
             ))
-        } else if h.gens.chunk != cfg.bitmap_chunk {
+        } else if h.gens.chunk != cfg.bitmap_chunk
+            && self.disk != DiskState::Diskless
+            && h.disk != DiskState::Diskless
+        {
+            // (No bitmap is exchanged with a Diskless side, R23/R28.)
             Some(format!(
                 "bitmap chunk mismatch: peer {} bytes per bit, this node {}",
                 h.gens.chunk, cfg.bitmap_chunk

@@ -29,6 +29,10 @@ pub enum RoleError {
     /// A Primary cannot volunteer to discard its data.
     #[error("this node is Primary; demote it before discarding its data")]
     DiscardOnPrimary,
+    /// A diskless client (R28) is promoted only while a connected peer is
+    /// UpToDate: it has no data of its own.
+    #[error("diskless client: no connected UpToDate peer to read and write through")]
+    NoUpToDatePeer,
     /// Demotion waits until no frontend request is in flight.
     #[error("{0} frontend requests still in flight; retry when they completed")]
     RequestsInFlight(usize),
@@ -123,8 +127,16 @@ pub struct Quorum {
 impl Replica {
     /// A replica of a new volume: its initial role and disk state, every
     /// peer in sync, no peer connected.
+    ///
+    /// A diskless client (`cfg.diskless`, R28) starts here too: Diskless,
+    /// with no metadata (nothing is ever written for it).
     pub fn new(cfg: Config, now: Time) -> Result<Replica, ConfigError> {
-        let meta = LoadedMeta::fresh(cfg.bitmap_chunk, cfg.initial_disk);
+        let disk = if cfg.diskless {
+            DiskState::Diskless
+        } else {
+            cfg.initial_disk
+        };
+        let meta = LoadedMeta::fresh(cfg.bitmap_chunk, disk);
         Replica::with_meta(cfg, meta, now)
     }
 
@@ -303,7 +315,8 @@ impl Replica {
         self.progress();
     }
 
-    /// Becomes Primary. Refused unless the own disk is UpToDate, and while a
+    /// Becomes Primary. Refused unless the own disk is UpToDate (a diskless
+    /// client, R28: unless a connected peer is UpToDate), and while a
     /// connected peer is Primary (with `allow_two_primaries`: while two
     /// nodes already are).
     pub fn promote(&mut self, now: Time) -> Result<(), RoleError> {
@@ -311,7 +324,12 @@ impl Replica {
         if self.role == Role::Primary {
             return Ok(());
         }
-        if self.disk != DiskState::UpToDate {
+        if self.cfg.diskless {
+            let up = (0..self.peers.len()).any(|i| self.read_source(PeerId(i as u8)));
+            if !up {
+                return Err(RoleError::NoUpToDatePeer);
+            }
+        } else if self.disk != DiskState::UpToDate {
             return Err(RoleError::DiskNotUpToDate(self.disk));
         }
         let primaries: Vec<&Peer> = self
@@ -456,7 +474,18 @@ impl Replica {
     }
 
     pub(crate) fn all_replicating(&self) -> bool {
-        self.peers.iter().all(|p| p.replicating())
+        self.peers
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.replicating() || self.is_client_peer(PeerId(i as u8)))
+    }
+
+    /// Whether `peer` is a diskless client (R28): it holds no data, so it
+    /// never misses a write.
+    pub(crate) fn is_client_peer(&self, peer: PeerId) -> bool {
+        self.peers
+            .get(peer.0 as usize)
+            .is_some_and(|p| self.cfg.diskless_peers.contains(&p.name))
     }
 
     /// R25: a request may complete if no peer is left behind, or writing

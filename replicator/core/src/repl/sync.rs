@@ -622,8 +622,14 @@ impl Replica {
     /// yet (it was in sync): from now on this node's data differs from
     /// theirs. Returns the metadata version to wait for (0: no change).
     pub(crate) fn diverge_from(&mut self, peers: PeerSet, reason: OutdatedReason) -> u64 {
+        if self.cfg.diskless {
+            // R28: a diskless client has no data to diverge; its writes
+            // fail unless every peer acknowledged them.
+            return 0;
+        }
         let fresh: Vec<PeerId> = peers
             .iter()
+            .filter(|p| !self.is_client_peer(*p))
             .filter(|p| self.meta.peers[self.slot(*p)].bitmap_gen == 0)
             .collect();
         if fresh.is_empty() {
@@ -668,7 +674,11 @@ impl Replica {
         reason: OutdatedReason,
     ) -> u64 {
         let mut v = self.diverge_from(peers, reason);
-        for p in peers.iter() {
+        if self.cfg.diskless {
+            return v;
+        }
+        let holders: Vec<PeerId> = peers.iter().filter(|p| !self.is_client_peer(*p)).collect();
+        for p in holders {
             let bm = &mut self.bitmaps[p.0 as usize];
             let (a, b) = bm.bits_of(start, end);
             let pages = bm.set_bits(a, b);

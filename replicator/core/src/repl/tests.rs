@@ -2628,3 +2628,143 @@ fn r26_malformed_digest_frames_are_protocol_violations() {
     assert_eq!(c.status(0, 1).repl, ReplState::Established);
     assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
 }
+
+/// Two replicas ("a", "b", both Secondary) and a diskless client "c" (R28).
+fn client_trio() -> Cluster {
+    Cluster::new(3, |i, c| {
+        c.initial_role = Role::Secondary;
+        if i == 2 {
+            c.diskless = true;
+        } else {
+            c.diskless_peers = vec!["c".into()];
+        }
+    })
+}
+
+#[test]
+fn r28_a_diskless_client_starts_diskless_and_is_promoted_only_with_an_up_to_date_peer() {
+    let mut c = client_trio();
+    assert_eq!(c.nodes[2].r.disk_state(), DiskState::Diskless);
+    let now = c.now;
+    assert_eq!(c.nodes[2].r.promote(now), Err(RoleError::NoUpToDatePeer));
+    c.connect(0, 1);
+    c.connect(0, 2);
+    c.connect(1, 2);
+    c.run();
+    assert_eq!(c.status(0, 2).disk, Some(DiskState::Diskless));
+    assert_eq!(c.status(2, 0).disk, Some(DiskState::UpToDate));
+    let gen = c.nodes[0].r.current_generation();
+    c.nodes[2].r.promote(now).unwrap();
+    c.run();
+    assert_eq!(c.nodes[2].r.role(), Role::Primary);
+    assert_eq!(c.status(0, 2).role, Some(Role::Primary));
+    // A replica is not promoted while the client is Primary.
+    assert!(c.nodes[0].r.promote(now).is_err());
+    // The client has no generation of its own: the replicas keep theirs.
+    assert_eq!(c.nodes[0].r.current_generation(), gen);
+    assert_eq!(c.nodes[1].r.current_generation(), gen);
+    // Nothing was ever written or read locally on the client.
+    assert!(c.nodes[2].meta.is_empty());
+    assert!(c.nodes[2].log.is_empty());
+}
+
+#[test]
+fn r28_a_diskless_client_completes_writes_after_every_replica_acked_and_reads_through_them() {
+    let mut c = client_trio();
+    c.connect(0, 1);
+    c.connect(0, 2);
+    c.connect(1, 2);
+    c.run();
+    let now = c.now;
+    c.nodes[2].r.promote(now).unwrap();
+    let gen = c.nodes[0].r.current_generation();
+    // "b" has not acknowledged yet: not complete, though "a" has the data.
+    c.links[1][2].hold = true;
+    c.submit(2, 1, w(0, 0x42, 2, true));
+    c.submit(2, 2, Op::Flush);
+    c.run();
+    assert_eq!(c.done(2, 1), None);
+    assert_eq!(&c.nodes[0].disk[..1024], &[0x42; 1024][..]);
+    c.links[1][2].hold = false;
+    c.run();
+    assert_eq!(c.done(2, 1), Some(Ok(())));
+    assert_eq!(c.done(2, 2), Some(Ok(())));
+    assert_eq!(&c.nodes[1].disk[..1024], &[0x42; 1024][..]);
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    // Reads are forwarded to a replica.
+    c.read(2, 10, 512, 1024, None);
+    c.run();
+    let mut want = vec![0x42u8; 512];
+    want.extend_from_slice(&[0; 512]);
+    assert_eq!(c.read_result(2, 10), Some(Ok(Bytes::from(want))));
+    assert!(c.nodes[2].log.is_empty() && c.nodes[2].meta.is_empty());
+    assert_eq!(c.nodes[0].r.current_generation(), gen);
+    // The client demotes; a replica is promoted and writes with the client
+    // connected: the client counts as missing nothing.
+    c.demote(2);
+    c.run();
+    c.nodes[0].r.promote(now).unwrap();
+    c.submit(0, 20, w(4096, 0x77, 1, false));
+    c.run();
+    assert_eq!(c.done(0, 20), Some(Ok(())));
+    assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
+    assert!(c.nodes[0].r.quorum().all_replicating);
+    assert_eq!(c.nodes[0].r.current_generation(), gen);
+    assert!(!c.nodes[0]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::PeerOutdated { .. })));
+}
+
+#[test]
+fn r28_a_diskless_client_fails_io_with_eio_when_a_replica_is_missing() {
+    let mut c = client_trio();
+    c.connect(0, 1);
+    c.connect(0, 2);
+    c.connect(1, 2);
+    c.run();
+    let now = c.now;
+    c.nodes[2].r.promote(now).unwrap();
+    // A replica lost while the write waits for its ack: EIO, never OK.
+    c.links[1][2].hold = true;
+    c.submit(2, 1, w(0, 1, 1, false));
+    c.run();
+    assert_eq!(c.done(2, 1), None);
+    c.break_link(1, 2);
+    c.run();
+    assert_eq!(c.done(2, 1), Some(Err(errno::EIO)));
+    // With one replica missing, writes fail; reads still work through the
+    // other one.
+    c.submit(2, 2, w(512, 2, 1, false));
+    c.read(2, 3, 0, 512, None);
+    c.run();
+    assert_eq!(c.done(2, 2), Some(Err(errno::EIO)));
+    assert_eq!(c.read_result(2, 3), Some(Ok(Bytes::from(vec![1u8; 512]))));
+    // No replica left: reads and writes fail with EIO too.
+    c.break_link(0, 2);
+    c.run();
+    c.submit(2, 4, w(0, 4, 1, false));
+    c.submit(2, 5, Op::Flush);
+    c.read(2, 6, 0, 512, None);
+    c.run();
+    assert_eq!(c.done(2, 4), Some(Err(errno::EIO)));
+    assert_eq!(c.done(2, 5), Some(Err(errno::EIO)));
+    assert_eq!(c.read_result(2, 6), Some(Err(errno::EIO)));
+    // A read in flight when its replica goes is retried on the other one.
+    c.connect(0, 2);
+    c.connect(1, 2);
+    c.run();
+    c.links[0][2].hold = true;
+    c.read(2, 7, 0, 512, None);
+    c.run();
+    assert_eq!(c.read_result(2, 7), None);
+    c.break_link(0, 2);
+    c.run();
+    assert_eq!(c.read_result(2, 7), Some(Ok(Bytes::from(vec![1u8; 512]))));
+    // The replicas never diverged because of the client.
+    assert_eq!(
+        c.nodes[0].r.current_generation(),
+        c.nodes[1].r.current_generation()
+    );
+    assert!(c.nodes[2].meta.is_empty() && c.nodes[2].log.is_empty());
+}

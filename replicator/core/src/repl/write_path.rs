@@ -48,6 +48,9 @@ pub(crate) struct Request {
     /// A peer acknowledged it without error (R23: the result once the
     /// local disk is detached).
     pub(crate) peer_ok: bool,
+    /// Peers that acknowledged it without error (a diskless client
+    /// completes a request only once every peer did, R28).
+    pub(crate) acked_ok: PeerSet,
     /// Issued by the replica itself (a flush the activity log waits for,
     /// R20): completes without a `Complete` output.
     pub(crate) internal: bool,
@@ -232,6 +235,7 @@ impl Replica {
                 meta_wait: 0,
                 al_admitted: false,
                 peer_ok: false,
+                acked_ok: PeerSet::default(),
                 internal: false,
             },
         );
@@ -260,6 +264,7 @@ impl Replica {
                 meta_wait: 0,
                 al_admitted: false,
                 peer_ok: false,
+                acked_ok: PeerSet::default(),
                 internal: true,
             },
         );
@@ -330,6 +335,7 @@ impl Replica {
         }
         if let Some(r) = self.requests.get_mut(&id) {
             r.peer_ok = true;
+            r.acked_ok.insert(peer);
         }
         if let Some(range) = range {
             self.clear_synced_by_write(peer, range);
@@ -762,6 +768,12 @@ impl Replica {
                 };
                 if detached {
                     result = if r.peer_ok { Ok(()) } else { Err(errno::EIO) };
+                }
+                if self.cfg.diskless
+                    && !(0..self.peers.len()).all(|i| r.acked_ok.contains(PeerId(i as u8)))
+                {
+                    // R28: only data on every replica counts.
+                    result = Err(errno::EIO);
                 }
                 let all_acked = r.peers_pending.is_empty();
                 // R25: an error may always be reported; a success waits for

@@ -23,6 +23,7 @@ mod buf;
 mod conformance;
 pub mod faulty;
 pub mod memory;
+pub mod none;
 pub mod sync;
 pub mod uring;
 
