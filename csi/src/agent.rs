@@ -491,11 +491,7 @@ impl Agent {
         }
         let tandemctl = self.cfg.tandemctl.display().to_string();
         let b = backing.display().to_string();
-        let out = sys::run(&tandemctl, &["inspect", &b, "--json"]).await?;
-        let size = serde_json::from_str::<serde_json::Value>(&out)
-            .ok()
-            .and_then(|v| v["size"].as_u64())
-            .ok_or_else(|| Error::Internal(format!("tandemctl inspect {b}: no size in {out:?}")))?;
+        let size = sys::backing_size(&tandemctl, &b).await?;
         self.set_size(id, size);
         Ok(size)
     }

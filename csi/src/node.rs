@@ -435,13 +435,7 @@ impl NodeService {
         if existed {
             let backing = s.backing.display().to_string();
             let tandemctl = self.cfg.tandemctl.display().to_string();
-            let out = sys::run(&tandemctl, &["inspect", &backing, "--json"]).await?;
-            let have = serde_json::from_str::<serde_json::Value>(&out)
-                .ok()
-                .and_then(|v| v["size"].as_u64())
-                .ok_or_else(|| {
-                    Error::Internal(format!("tandemctl inspect {backing}: no size in {out:?}"))
-                })?;
+            let have = sys::backing_size(&tandemctl, &backing).await?;
             if have < size {
                 let size_s = size.to_string();
                 sys::run(&tandemctl, &["resize", "--offline", &backing, &size_s]).await?;

@@ -207,6 +207,19 @@ pub fn fs_usage(path: &Path) -> Result<([u64; 3], [u64; 3])> {
     ))
 }
 
+/// The data size of a backing file, from `tandemctl inspect --json`.
+pub async fn backing_size(tandemctl: &str, backing: &str) -> crate::error::Result<u64> {
+    let out = run(tandemctl, &["inspect", backing, "--json"]).await?;
+    serde_json::from_str::<serde_json::Value>(&out)
+        .ok()
+        .and_then(|v| v["size"].as_u64())
+        .ok_or_else(|| {
+            crate::error::Error::Internal(format!(
+                "tandemctl inspect {backing}: no size in {out:?}"
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -348,7 +348,7 @@ address = "127.0.0.1"
         );
     }
 
-    /// The data area of node `n`'s backing file.
+    /// The data area of node `n`'s backing file (its current size).
     fn data_area(&self, n: &str, id: &str) -> Vec<u8> {
         let backing = self.backing(n, id);
         let inspect: serde_json::Value = serde_json::from_str(&run_ok(
@@ -359,9 +359,10 @@ address = "127.0.0.1"
         ))
         .expect("inspect JSON");
         let off = inspect["data_offset"].as_u64().expect("data_offset");
+        let size = inspect["size"].as_u64().expect("size");
         let mut f = std::fs::File::open(&backing).expect("backing");
         f.seek(SeekFrom::Start(off)).expect("seek");
-        let mut buf = vec![0u8; VOL as usize];
+        let mut buf = vec![0u8; size as usize];
         f.read_exact(&mut buf).expect("read data area");
         buf
     }
@@ -947,25 +948,6 @@ fn room_loss(witness: bool) {
     block_on(cl.delete_and_wait_removed(&id));
 }
 
-/// The whole data area of node `n`'s backing file (its current size).
-fn full_data_area(cl: &Cluster, n: &str, id: &str) -> Vec<u8> {
-    let backing = cl.backing(n, id);
-    let inspect: serde_json::Value = serde_json::from_str(&run_ok(
-        Command::new(&cl.tandemctl)
-            .arg("inspect")
-            .arg(&backing)
-            .arg("--json"),
-    ))
-    .expect("inspect JSON");
-    let off = inspect["data_offset"].as_u64().expect("data_offset");
-    let size = inspect["size"].as_u64().expect("size");
-    let mut f = std::fs::File::open(&backing).expect("backing");
-    f.seek(SeekFrom::Start(off)).expect("seek");
-    let mut buf = vec![0u8; size as usize];
-    f.read_exact(&mut buf).expect("read data area");
-    buf
-}
-
 /// ControllerExpandVolume of a replicated volume (refused while published)
 /// grows both replicas: each node's agent stops its replica's `tandemd`,
 /// grows the backing offline (R27) and starts it again; the replicas connect
@@ -1045,7 +1027,7 @@ fn an_expanded_replicated_volume_grows_on_both_replicas_with_its_data() {
         dd_write(&dev, last, &[0x5a; 4096]);
         assert_eq!(dd_read(&dev, last), vec![0x5a; 4096]);
         detach(&cl, "b", &id).await;
-        let (a, b) = (full_data_area(&cl, "a", &id), full_data_area(&cl, "b", &id));
+        let (a, b) = (cl.data_area("a", &id), cl.data_area("b", &id));
         assert_eq!(a.len() as u64, 2 * VOL);
         assert!(a == b, "both backings hold the same data");
         cl.delete_and_wait_removed(&id).await;

@@ -1338,14 +1338,7 @@ impl Replica {
                     };
                     if e < l.len() && l.get(e) {
                         l.clear_bits(e, e + 1);
-                        let mut only = PeerSet::default();
-                        only.insert(PeerId(i as u8));
-                        let v = self.mark_missed(
-                            only,
-                            (e * ext, ((e + 1) * ext).min(self.cfg.size)),
-                            OutdatedReason::ConnectionLost,
-                        );
-                        self.al_guard = self.al_guard.max(v);
+                        self.mark_lost_extents(i, e, e + 1);
                     }
                 }
                 continue;
@@ -1370,22 +1363,25 @@ impl Replica {
     /// Moves the extents lost peers had not flushed to their bitmaps
     /// (R20: before the activity log that covered them is emptied).
     pub(crate) fn mark_lost_unflushed(&mut self) {
-        let ext = self.cfg.extent_size;
         for i in 0..self.peers.len() {
             let Some(l) = self.peers[i].lost_unflushed.take() else {
                 continue;
             };
-            let mut only = PeerSet::default();
-            only.insert(PeerId(i as u8));
             for (a, b) in l.runs() {
-                let v = self.mark_missed(
-                    only,
-                    (a * ext, (b * ext).min(self.cfg.size)),
-                    OutdatedReason::ConnectionLost,
-                );
-                self.al_guard = self.al_guard.max(v);
+                self.mark_lost_extents(i, a, b);
             }
         }
+    }
+
+    /// Marks extents `[first, end)` in peer `i`'s bitmap, durably before
+    /// the next activity-log write (R20: a lost peer's unflushed writes).
+    fn mark_lost_extents(&mut self, i: usize, first: u64, end: u64) {
+        let ext = self.cfg.extent_size;
+        let mut only = PeerSet::default();
+        only.insert(PeerId(i as u8));
+        let range = (first * ext, (end * ext).min(self.cfg.size));
+        let v = self.mark_missed(only, range, OutdatedReason::ConnectionLost);
+        self.al_guard = self.al_guard.max(v);
     }
 
     /// What keeps activity-log extent `e` from being evicted (R20).
