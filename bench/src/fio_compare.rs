@@ -78,6 +78,11 @@ struct Args {
     /// namespaces joined by a veth pair.
     #[arg(long)]
     repl_loopback: bool,
+    /// Worker threads of each `tandem-repl` daemon (`[runtime]
+    /// worker_threads`). Default: half the CPUs (at least 1), since the
+    /// primary and the secondary, two sites in real life, share this machine.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    repl_worker_threads: Option<u16>,
     /// Testing aid: don't call tandemctl; create a plain file and assume the
     /// data area starts at this byte offset.
     #[arg(long, hide = true)]
@@ -1207,6 +1212,7 @@ fn setup_repl(work: &Path, file: &Path, args: &Args, tandemctl: &Path) -> Result
         ReplNet::Loopback { .. } => (free_udp_port()?, free_udp_port()?),
     };
     let (pa, pb) = (net.addr(Side::Primary, pa), net.addr(Side::Secondary, pb));
+    let workers = repl_worker_threads(args);
     let config = |me: &str,
                   role: &str,
                   listen: &str,
@@ -1214,7 +1220,7 @@ fn setup_repl(work: &Path, file: &Path, args: &Args, tandemctl: &Path) -> Result
                   peer_addr: &str,
                   backing: &Path| {
         format!(
-            "[[export]]\nname = \"{EXPORT_NAME}\"\nbacking = \"{}\"\n[export.replication]\nnode = \"{me}\"\nlisten = \"{listen}\"\ncert = \"{c}/{me}.crt\"\nkey = \"{c}/{me}.key\"\nca = \"{c}/ca.crt\"\nrole = \"{role}\"\npeers = [{{ name = \"{peer}\", address = \"{peer_addr}\" }}]\n",
+            "[runtime]\nworker_threads = {workers}\n[[export]]\nname = \"{EXPORT_NAME}\"\nbacking = \"{}\"\n[export.replication]\nnode = \"{me}\"\nlisten = \"{listen}\"\ncert = \"{c}/{me}.crt\"\nkey = \"{c}/{me}.key\"\nca = \"{c}/ca.crt\"\nrole = \"{role}\"\npeers = [{{ name = \"{peer}\", address = \"{peer_addr}\" }}]\n",
             backing.display(),
             c = certs.display()
         )
@@ -1235,6 +1241,15 @@ fn setup_repl(work: &Path, file: &Path, args: &Args, tandemctl: &Path) -> Result
         secondary_config,
         net,
     })
+}
+
+/// Worker threads of each `tandem-repl` daemon: `--repl-worker-threads`,
+/// else half the CPUs (the two sites share this machine), at least one.
+fn repl_worker_threads(args: &Args) -> usize {
+    args.repl_worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+        usize::from,
+    )
 }
 
 /// Creates the backing file and returns the data area's offset.
@@ -1607,6 +1622,11 @@ fn real_main() -> Result<()> {
     );
     if let Some(r) = &bench.repl {
         let _ = writeln!(table, "tandem-repl placement: {}", r.net.describe());
+        let _ = writeln!(
+            table,
+            "tandem-repl daemons: {} worker thread(s) each (--repl-worker-threads); tandem: 2",
+            repl_worker_threads(&bench.args)
+        );
     }
     let spread = rounds > 1;
     let _ = write!(
@@ -1718,7 +1738,11 @@ fn real_main() -> Result<()> {
                 "ramp_s": RAMP_SECS,
                 "rounds": rounds,
                 "targets": targets.iter().map(|t| t.name()).collect::<Vec<_>>(),
-                "repl": bench.repl.as_ref().map(|r| r.net.to_json()),
+                "repl": bench.repl.as_ref().map(|r| {
+                    let mut v = r.net.to_json();
+                    v["worker_threads"] = json!(repl_worker_threads(&bench.args));
+                    v
+                }),
                 "workloads": workloads.iter().map(|w| json!({
                     "name": w.name, "rw": w.rw, "bs": w.bs, "iodepth": w.iodepth, "fsync": w.fsync,
                 })).collect::<Vec<_>>(),

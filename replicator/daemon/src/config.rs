@@ -16,6 +16,9 @@
 //! [metrics]                          # optional; no metrics endpoint when absent
 //! listen = "127.0.0.1:9640"          # HTTP: GET /metrics (Prometheus / OpenMetrics text)
 //!
+//! [runtime]
+//! worker_threads = 2                 # async worker threads (default 2, 1 on one CPU)
+//!
 //! [[export]]
 //! name = "vm1"                       # NBD export name
 //! backing = "/var/lib/tandem/vm1.img"
@@ -135,6 +138,33 @@ impl Default for LogConfig {
         LogConfig {
             level: default_level(),
         }
+    }
+}
+
+/// `[runtime]`: the daemon's threads.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the async runtime (1 to [`MAX_WORKER_THREADS`]).
+    /// Default: [`default_worker_threads`].
+    pub worker_threads: Option<usize>,
+}
+
+/// The most worker threads `[runtime].worker_threads` accepts.
+pub const MAX_WORKER_THREADS: usize = 256;
+
+/// Worker threads when `[runtime].worker_threads` is not set: two, or one
+/// on a single-CPU machine. The data path is a few cheap steps per request
+/// (NBD, QUIC, io_uring), and the CPUs belong to the workloads (VMs) the
+/// volumes serve; more threads mostly add cross-thread wake-ups.
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(2))
+}
+
+impl RuntimeConfig {
+    /// The worker threads to start.
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads.unwrap_or_else(default_worker_threads)
     }
 }
 
@@ -407,6 +437,9 @@ pub struct Config {
     /// Prometheus metrics endpoint.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Async runtime.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
     /// Exports.
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportConfig>,
@@ -442,6 +475,9 @@ pub struct Overrides {
     /// Serve Prometheus metrics over HTTP on this address (overrides [metrics].listen).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// Worker threads of the async runtime (overrides [runtime].worker_threads; default 2).
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 fn err(source: &str, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -514,6 +550,16 @@ impl Config {
         if let Some(l) = &o.log_level {
             c.log.level = l.clone();
         }
+        if let Some(n) = o.worker_threads {
+            if !(1..=MAX_WORKER_THREADS).contains(&n) {
+                return Err(err(
+                    cli,
+                    "--worker-threads",
+                    format!("{n} is not between 1 and {MAX_WORKER_THREADS}"),
+                ));
+            }
+            c.runtime.worker_threads = Some(n);
+        }
         if let Some(m) = &o.metrics_listen {
             let listen = m.parse().map_err(|e| {
                 err(
@@ -570,6 +616,15 @@ impl Config {
 
     /// Checks cross-field rules.
     pub fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        if let Some(n) = self.runtime.worker_threads {
+            if !(1..=MAX_WORKER_THREADS).contains(&n) {
+                return Err(err(
+                    source,
+                    "runtime.worker_threads",
+                    format!("{n} is not between 1 and {MAX_WORKER_THREADS}"),
+                ));
+            }
+        }
         if self.nbd.unix.is_none() && self.nbd.tcp.is_none() {
             return Err(err(
                 source,
@@ -970,6 +1025,50 @@ mod tests {
         };
         let e = Config::from_overrides(&bad).unwrap_err().to_string();
         assert!(e.starts_with("command line: --export:"), "{e}");
+    }
+
+    #[test]
+    fn worker_threads_default_section_and_flag() {
+        let base = "[nbd]\nunix='/s'\n[[export]]\nname='a'\nbacking='/a'\n";
+        let c = Config::parse(base, "f.toml").unwrap();
+        c.validate("f.toml").unwrap();
+        assert_eq!(c.runtime.worker_threads(), default_worker_threads());
+        assert!((1..=2).contains(&default_worker_threads()));
+
+        let c = Config::parse(&format!("{base}[runtime]\nworker_threads = 1\n"), "f.toml").unwrap();
+        c.validate("f.toml").unwrap();
+        assert_eq!(c.runtime.worker_threads(), 1);
+        let c = Config::parse(&format!("{base}[runtime]\nworker_threads = 0\n"), "f.toml").unwrap();
+        let e = c.validate("f.toml").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "f.toml: runtime.worker_threads: 0 is not between 1 and 256"
+        );
+        let e = Config::parse(
+            &format!("{base}[runtime]\nworker_threads = 'many'\n"),
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("worker_threads"), "{e}");
+
+        let mut o = Overrides {
+            nbd_unix: Some("/s".into()),
+            exports: vec!["a=/a".into()],
+            worker_threads: Some(3),
+            direct: "auto".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::from_overrides(&o).unwrap().runtime.worker_threads(),
+            3
+        );
+        o.worker_threads = Some(0);
+        let e = Config::from_overrides(&o).unwrap_err().to_string();
+        assert!(
+            e.contains("--worker-threads: 0 is not between 1 and 256"),
+            "{e}"
+        );
     }
 
     #[test]

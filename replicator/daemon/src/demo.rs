@@ -117,6 +117,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         },
         log: Default::default(),
         metrics: None,
+        runtime: Default::default(),
         exports: vec![ExportConfig {
             name: "demo".into(),
             backing: backing.clone(),

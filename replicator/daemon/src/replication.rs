@@ -959,9 +959,14 @@ fn errno(e: &IoError) -> i32 {
 async fn local_io(volume: &Volume, op: Op) -> Result<(), i32> {
     match op {
         Op::Write { offset, data, fua } => {
-            // The engine needs an aligned buffer; frames carry `Bytes`.
-            let mut buf = IoBuf::pooled(data.len());
-            buf.copy_from_slice(&data);
+            // The engine needs an aligned buffer. A frontend write's payload
+            // already is one (the NBD server reads it into a pooled page-
+            // aligned buffer) and is lent as it is; a peer's frame is copied.
+            let buf = IoBuf::from_bytes(data).unwrap_or_else(|data| {
+                let mut buf = IoBuf::pooled(data.len());
+                buf.copy_from_slice(&data);
+                buf
+            });
             let (buf, res) = volume.write(offset, buf, fua).await;
             buf.recycle();
             res.map_err(|e| errno(&e))

@@ -519,6 +519,13 @@ impl Volume {
 
     /// Reads `buf.len()` bytes at data offset `offset`.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> (IoBuf, IoResult<()>) {
+        if buf.is_shared() {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "read into a read-only (shared) buffer",
+            );
+            return (buf, Err(IoError::new(Op::Read, offset, 0, e)));
+        }
         match self.range(Op::Read, offset, buf.len() as u64) {
             Ok(at) => self.engine.read(at, buf).await,
             Err(e) => (buf, Err(e)),

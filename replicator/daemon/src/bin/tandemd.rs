@@ -44,25 +44,30 @@ fn main() {
     }
 }
 
-fn real_main(cli: Cli) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
         .enable_all()
         .thread_name("tandemd")
-        .build()?;
+        .build()?)
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let default_rt = || runtime(tandem_daemon::config::default_worker_threads());
     match cli.command {
         Cmd::Run(o) => {
             let config = Config::from_overrides(&o)?;
             init_logging(&config.log.level);
+            let rt = runtime(config.runtime.worker_threads())?;
             rt.block_on(tandem_daemon::daemon::run(config))
         }
         Cmd::Witness(args) => {
             init_logging(&args.log_level);
-            rt.block_on(tandem_daemon::witness::run(args))
+            default_rt()?.block_on(tandem_daemon::witness::run(args))
         }
         Cmd::Demo(args) if args.single_node => {
             init_logging("warn");
-            rt.block_on(tandem_daemon::demo::run(DemoArgs {
+            default_rt()?.block_on(tandem_daemon::demo::run(DemoArgs {
                 size: args.size,
                 dir: args.dir,
                 serve: args.serve,
@@ -71,7 +76,7 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Demo(args) => {
             init_logging("warn");
-            rt.block_on(tandem_daemon::demo_sites::run(args))
+            default_rt()?.block_on(tandem_daemon::demo_sites::run(args))
         }
     }
 }

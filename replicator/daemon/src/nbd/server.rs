@@ -456,7 +456,8 @@ async fn execute_replicated(
             let Some(buf) = payload else {
                 return reply_for(export, &req, Ok(None));
             };
-            let data = bytes::Bytes::from_owner(buf);
+            // Back to the pool once the local write and every peer's copy are done.
+            let data = bytes::Bytes::from_owner(crate::storage::PooledBytes::new(buf));
             (
                 ROp::Write {
                     offset: req.offset,

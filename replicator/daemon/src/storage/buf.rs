@@ -4,6 +4,8 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
+use bytes::Bytes;
+
 /// Alignment of every [`IoBuf`]: a page, enough for any direct-I/O device.
 pub const IOBUF_ALIGN: usize = 4096;
 
@@ -11,10 +13,16 @@ pub const IOBUF_ALIGN: usize = 4096;
 ///
 /// The allocation is rounded up to a multiple of the alignment so that direct
 /// I/O on the full buffer is always legal; `len()` is what callers asked for.
+///
+/// A buffer made by [`IoBuf::from_bytes`] instead lends out the memory of a
+/// page-aligned, read-only [`Bytes`] (a write's payload, also being sent to
+/// the peers): it can be the source of a write, never the target of a read.
+/// Mutable access to it panics, and the memory is released by the `Bytes`.
 pub struct IoBuf {
     ptr: NonNull<u8>,
     len: usize,
     cap: usize,
+    shared: Option<Bytes>,
 }
 
 // SAFETY: IoBuf owns its allocation exclusively (like Vec<u8>); it has no
@@ -33,7 +41,36 @@ impl IoBuf {
         let Some(ptr) = NonNull::new(raw) else {
             std::alloc::handle_alloc_error(layout)
         };
-        IoBuf { ptr, len, cap }
+        IoBuf {
+            ptr,
+            len,
+            cap,
+            shared: None,
+        }
+    }
+
+    /// Lends `data` to the engine as the source of a write without copying
+    /// it, when it starts on an [`IOBUF_ALIGN`] boundary and is not empty
+    /// (a payload read by the NBD server into a pooled buffer); otherwise
+    /// gives it back so the caller copies it into an aligned buffer.
+    pub fn from_bytes(data: Bytes) -> Result<IoBuf, Bytes> {
+        if data.is_empty() || data.as_ptr() as usize % IOBUF_ALIGN != 0 {
+            return Err(data);
+        }
+        let Some(ptr) = NonNull::new(data.as_ptr().cast_mut()) else {
+            return Err(data);
+        };
+        Ok(IoBuf {
+            ptr,
+            len: data.len(),
+            cap: data.len(),
+            shared: Some(data),
+        })
+    }
+
+    /// Whether the memory is a lent, read-only [`Bytes`] ([`IoBuf::from_bytes`]).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// Copies `data` into a new aligned buffer.
@@ -76,7 +113,9 @@ impl IoBuf {
         self.ptr.as_ptr()
     }
 
-    /// Raw mutable pointer for the kernel.
+    /// Raw mutable pointer for the kernel. For a shared buffer
+    /// ([`IoBuf::is_shared`]) the kernel may only read through it (a write's
+    /// source); engines refuse to read into one.
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
@@ -92,7 +131,12 @@ impl Deref for IoBuf {
 
 impl DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in deref, and we hold &mut self.
+        assert!(
+            self.shared.is_none(),
+            "IoBuf: a shared (read-only) buffer cannot be written"
+        );
+        // SAFETY: as in deref, and we hold &mut self; the memory is our own
+        // allocation (not a lent `Bytes`), checked above.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -105,6 +149,10 @@ impl AsRef<[u8]> for IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
+        if self.shared.is_some() {
+            // The `Bytes` owns the memory and is dropped with this field.
+            return;
+        }
         // SAFETY: allocated in `zeroed` with this exact layout.
         unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
     }
@@ -149,7 +197,11 @@ impl IoBuf {
     }
 
     /// Returns a buffer to the pool (or frees it when its class is full).
+    /// A shared buffer just lets go of its `Bytes`.
     pub fn recycle(self) {
+        if self.shared.is_some() {
+            return;
+        }
         if let Some(class) = pool_class(self.cap) {
             let keep = (POOL_CLASS_BYTES / self.cap).clamp(2, 256);
             let mut list = POOL[class].lock().unwrap_or_else(|e| e.into_inner());
@@ -162,7 +214,39 @@ impl IoBuf {
 
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "IoBuf(len={}, cap={})", self.len, self.cap)
+        let shared = if self.shared.is_some() {
+            ", shared"
+        } else {
+            ""
+        };
+        write!(f, "IoBuf(len={}, cap={}{shared})", self.len, self.cap)
+    }
+}
+
+/// A pooled [`IoBuf`] as the owner of a [`Bytes`]
+/// (`Bytes::from_owner(PooledBytes::new(buf))`): when the last handle to
+/// the bytes is dropped — the local write done and every peer's copy sent —
+/// the buffer goes back to the pool instead of being freed.
+pub struct PooledBytes(Option<IoBuf>);
+
+impl PooledBytes {
+    /// Wraps `buf` (its current length is what the `Bytes` shows).
+    pub fn new(buf: IoBuf) -> PooledBytes {
+        PooledBytes(Some(buf))
+    }
+}
+
+impl AsRef<[u8]> for PooledBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+}
+
+impl Drop for PooledBytes {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            b.recycle();
+        }
     }
 }
 
@@ -181,6 +265,32 @@ mod tests {
         }
         let b = IoBuf::from_slice(b"abc");
         assert_eq!(&b[..], b"abc");
+    }
+
+    #[test]
+    fn aligned_bytes_are_lent_without_a_copy() {
+        let mut b = IoBuf::pooled(8192);
+        b.fill(7);
+        let ptr = b.as_ptr();
+        let bytes = Bytes::from_owner(PooledBytes::new(b));
+        let lent = IoBuf::from_bytes(bytes.clone()).expect("aligned");
+        assert!(lent.is_shared());
+        assert_eq!(lent.as_ptr(), ptr);
+        assert_eq!((lent.len(), &lent[..4]), (8192, &[7u8; 4][..]));
+        // Recycling a lent buffer must not put memory it does not own in the pool.
+        lent.recycle();
+        assert_eq!(&bytes[..2], &[7, 7]);
+        // Unaligned or empty bytes are handed back for copying.
+        assert!(IoBuf::from_bytes(bytes.slice(1..)).is_err());
+        assert!(IoBuf::from_bytes(Bytes::new()).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot be written")]
+    fn a_lent_buffer_cannot_be_written() {
+        let bytes = Bytes::from_owner(PooledBytes::new(IoBuf::pooled(4096)));
+        let mut lent = IoBuf::from_bytes(bytes).expect("aligned");
+        lent[0] = 1;
     }
 
     #[test]

@@ -802,6 +802,55 @@ async fn uring_drop_engine_with_inflight_ops() {
     assert_bytes(&read(fx.e(), 0, 4096).await, &data, "after drops");
 }
 
+/// Writes queued behind the operation that schedules a batched submission
+/// are submitted even when that operation is cancelled before it submits,
+/// and a batch of many becomes one submission that completes every write.
+#[tokio::test(flavor = "current_thread")]
+async fn uring_batch_survives_a_cancelled_submitter() {
+    use std::task::Poll;
+    let Some(fx) = uring_var_tmp() else { return };
+    let path = fx.path.clone().expect("file fixture");
+    let b = Backing::open(&path, DirectIo::Auto, false, 4096).expect("open");
+    let e = UringEngine::new(b, 64).expect("engine");
+    async fn once(f: &mut super::BoxFuture<(IoBuf, super::IoResult<()>)>) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx).is_pending())).await
+    }
+    let (a, b) = (pattern(70, 4096), pattern(71, 4096));
+    let mut first = e.write(0, IoBuf::from_slice(&a), false);
+    let mut second = e.write(4096, IoBuf::from_slice(&b), false);
+    assert!(
+        once(&mut first).await,
+        "the submitter yields before submitting"
+    );
+    assert!(
+        once(&mut second).await,
+        "the second write waits for its completion"
+    );
+    // Cancelled while yielding: its drop submits both queued writes.
+    drop(first);
+    let (_, r) = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the queued write was submitted and completed");
+    r.expect("second write");
+    assert_bytes(&read(&e, 4096, 4096).await, &b, "second write");
+    // 48 writes started together (so they queue behind one submitter) all
+    // complete with their data.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..48u64 {
+        let e = e.clone();
+        tasks.spawn(async move {
+            let d = pattern(100 + i, 4096);
+            let (_, r) = e.write((8 + i) * 4096, IoBuf::from_slice(&d), false).await;
+            r.expect("batched write");
+            (i, d)
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (i, d) = done.expect("write task");
+        assert_bytes(&read(&e, (8 + i) * 4096, 4096).await, &d, "batched write");
+    }
+}
+
 /// Auto falls back to buffered I/O where O_DIRECT is refused or too coarse,
 /// and On refuses a request alignment below the DIO alignment.
 #[test]

@@ -28,7 +28,7 @@ pub mod sync;
 pub mod uring;
 
 pub use backing::{Backing, BackingKind, DirectIo};
-pub use buf::IoBuf;
+pub use buf::{IoBuf, PooledBytes};
 
 /// A boxed, sendable future, as returned by [`Engine`] methods.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

@@ -75,6 +75,9 @@ struct Inner {
 struct RingState {
     ring: IoUring,
     slots: Slab<Slot>,
+    /// An operation has queued SQEs and will submit them (with everything
+    /// queued meanwhile) after yielding once; see [`UringEngine::execute`].
+    submit_scheduled: bool,
 }
 
 /// One in-flight operation.
@@ -252,6 +255,7 @@ impl UringEngine {
             state: Mutex::new(RingState {
                 ring,
                 slots: Slab::with_capacity(cq_entries),
+                submit_scheduled: false,
             }),
             permits: Arc::new(Semaphore::new(cq_entries)),
             wake_fd,
@@ -302,7 +306,26 @@ impl UringEngine {
         };
         loop {
             match self.inner.push(&sqe, slot) {
-                Push::Submitted => break,
+                Push::Submitted | Push::Queued => break,
+                Push::Schedule => {
+                    // Let the other tasks that are ready queue their SQEs
+                    // first, then submit them all with one `io_uring_enter`:
+                    // one syscall and one device notification for a batch
+                    // instead of one each. Dropped before submitting, the
+                    // guard submits.
+                    let mut batch = Batch(Some(&self.inner));
+                    tokio::task::yield_now().await;
+                    match batch.submit() {
+                        Ok(()) => break,
+                        Err(e) if is_transient_submit(&e) => {
+                            if let Err(e) = self.kick().await {
+                                return (Err(e), None);
+                            }
+                            break;
+                        }
+                        Err(e) => return (Err(e), None),
+                    }
+                }
                 Push::Deferred => {
                     if let Err(e) = self.kick().await {
                         return (Err(e), None);
@@ -370,6 +393,13 @@ impl UringEngine {
         let op = if write { Op::Write } else { Op::Read };
         let total = buf.len();
         let err = |e| IoError::new(op, offset, total as u64, e);
+        if !write && buf.is_shared() {
+            let e = io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read into a read-only (shared) buffer",
+            );
+            return (buf, Err(err(e)));
+        }
         if let Err(e) =
             self.inner
                 .backing
@@ -465,6 +495,10 @@ impl UringEngine {
 enum Push {
     /// Queued and submitted to the kernel.
     Submitted,
+    /// Queued; the operation that scheduled the batch submits it.
+    Queued,
+    /// Queued; the caller submits the batch (after letting others queue).
+    Schedule,
     /// Queued; the kernel did not take it yet (transient error).
     Deferred,
     /// Queued, but submitting failed for good.
@@ -474,8 +508,41 @@ enum Push {
     Full(Slot, io::Result<()>),
 }
 
+/// The submission of a batch of queued SQEs, owed by the operation that
+/// scheduled it ([`Push::Schedule`]); done on drop if not done before, so a
+/// cancelled operation never strands the SQEs queued behind it.
+struct Batch<'a>(Option<&'a Inner>);
+
+impl Batch<'_> {
+    fn submit(&mut self) -> io::Result<()> {
+        match self.0.take() {
+            Some(inner) => {
+                let mut st = inner.lock();
+                // Cleared under the lock: an SQE queued after this point
+                // schedules its own submission.
+                st.submit_scheduled = false;
+                if st.ring.submission().is_empty() {
+                    // The reaper submitted them on its way.
+                    return Ok(());
+                }
+                flush_sq(&mut st.ring)
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.submit() {
+            tracing::debug!(error = %e, "io_uring batch submission deferred");
+        }
+    }
+}
+
 impl Inner {
-    /// Queues `sqe` for `slot` and submits it.
+    /// Queues `sqe` for `slot` and submits it, or leaves the submission to
+    /// the batch it joins ([`Push::Queued`]) or starts ([`Push::Schedule`]).
     fn push(&self, sqe: &squeue::Entry, slot: Slot) -> Push {
         let mut st = self.lock();
         let key = st.slots.insert(slot);
@@ -488,6 +555,13 @@ impl Inner {
         // initialized by its builder.
         let pushed = unsafe { st.ring.submission().push(&entry) }.is_ok();
         if pushed {
+            if st.submit_scheduled {
+                return Push::Queued;
+            }
+            if tokio::runtime::Handle::try_current().is_ok() {
+                st.submit_scheduled = true;
+                return Push::Schedule;
+            }
             return match flush_sq(&mut st.ring) {
                 Ok(()) => Push::Submitted,
                 Err(e) if is_transient_submit(&e) => Push::Deferred,
@@ -512,7 +586,7 @@ impl Inner {
         let mut done = Vec::new();
         {
             let mut st = self.lock();
-            let RingState { ring, slots } = &mut *st;
+            let RingState { ring, slots, .. } = &mut *st;
             for cqe in ring.completion() {
                 if let Some(slot) = slots.try_remove(cqe.user_data() as usize) {
                     done.push((slot, cqe.result()));
@@ -554,7 +628,7 @@ impl Drop for Inner {
                     break;
                 }
             }
-            let RingState { ring, slots } = &mut *st;
+            let RingState { ring, slots, .. } = &mut *st;
             for cqe in ring.completion() {
                 if let Some(slot) = slots.try_remove(cqe.user_data() as usize) {
                     slot.complete(cqe.result());
