@@ -161,6 +161,18 @@ pub fn default_worker_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().min(2))
 }
 
+/// `n` worker threads are within 1..=[`MAX_WORKER_THREADS`].
+fn check_worker_threads(n: usize, source: &str, field: &str) -> Result<(), ConfigError> {
+    if (1..=MAX_WORKER_THREADS).contains(&n) {
+        return Ok(());
+    }
+    Err(err(
+        source,
+        field,
+        format!("{n} is not between 1 and {MAX_WORKER_THREADS}"),
+    ))
+}
+
 impl RuntimeConfig {
     /// The worker threads to start.
     pub fn worker_threads(&self) -> usize {
@@ -551,13 +563,7 @@ impl Config {
             c.log.level = l.clone();
         }
         if let Some(n) = o.worker_threads {
-            if !(1..=MAX_WORKER_THREADS).contains(&n) {
-                return Err(err(
-                    cli,
-                    "--worker-threads",
-                    format!("{n} is not between 1 and {MAX_WORKER_THREADS}"),
-                ));
-            }
+            check_worker_threads(n, cli, "--worker-threads")?;
             c.runtime.worker_threads = Some(n);
         }
         if let Some(m) = &o.metrics_listen {
@@ -617,13 +623,7 @@ impl Config {
     /// Checks cross-field rules.
     pub fn validate(&self, source: &str) -> Result<(), ConfigError> {
         if let Some(n) = self.runtime.worker_threads {
-            if !(1..=MAX_WORKER_THREADS).contains(&n) {
-                return Err(err(
-                    source,
-                    "runtime.worker_threads",
-                    format!("{n} is not between 1 and {MAX_WORKER_THREADS}"),
-                ));
-            }
+            check_worker_threads(n, source, "runtime.worker_threads")?;
         }
         if self.nbd.unix.is_none() && self.nbd.tcp.is_none() {
             return Err(err(

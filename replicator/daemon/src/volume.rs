@@ -519,11 +519,7 @@ impl Volume {
 
     /// Reads `buf.len()` bytes at data offset `offset`.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> (IoBuf, IoResult<()>) {
-        if buf.is_shared() {
-            let e = std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "read into a read-only (shared) buffer",
-            );
+        if let Err(e) = buf.check_readable() {
             return (buf, Err(IoError::new(Op::Read, offset, 0, e)));
         }
         match self.range(Op::Read, offset, buf.len() as u64) {

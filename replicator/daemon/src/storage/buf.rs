@@ -73,6 +73,18 @@ impl IoBuf {
         self.shared.is_some()
     }
 
+    /// `Ok` when the buffer may be the target of a read: not a lent,
+    /// read-only [`Bytes`].
+    pub fn check_readable(&self) -> std::io::Result<()> {
+        if self.shared.is_some() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "read into a read-only (shared) buffer",
+            ));
+        }
+        Ok(())
+    }
+
     /// Copies `data` into a new aligned buffer.
     pub fn from_slice(data: &[u8]) -> Self {
         let mut b = Self::zeroed(data.len());

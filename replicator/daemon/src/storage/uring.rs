@@ -393,11 +393,7 @@ impl UringEngine {
         let op = if write { Op::Write } else { Op::Read };
         let total = buf.len();
         let err = |e| IoError::new(op, offset, total as u64, e);
-        if !write && buf.is_shared() {
-            let e = io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "read into a read-only (shared) buffer",
-            );
+        if let Err(e) = if write { Ok(()) } else { buf.check_readable() } {
             return (buf, Err(err(e)));
         }
         if let Err(e) =
