@@ -16,10 +16,20 @@
 //!    directory, its own process group so it outlives a plugin restart),
 //!    restarting it when it died.
 //!
+//! The volume's diskless clients (remote attach: published nodes without a
+//! replica, [`VolumeRecord::clients`]) are peers of every replica too,
+//! marked `diskless`. On a client's node the agent runs the client's
+//! `tandemd` the same way, in the same directory layout: an export with no
+//! backing (`diskless = true`, the volume's UUID and size), every replica
+//! as a peer (R28). A configuration that changed (a client added or
+//! removed) restarts `tandemd` only while the volume is not staged on this
+//! node: the controller attaches a client only while the volume is
+//! attached nowhere else, so no replica is Primary then.
+//!
 //! A replica directory whose record is gone, is `Deleting` or no longer
 //! lists this node is removed: `tandemd` stopped, backing deleted, then the
 //! directory (which marks the replica as the agent's to remove). A replica
-//! still staged on this node is kept until it is unstaged.
+//! (or client) still staged on this node is kept until it is unstaged.
 //!
 //! Role changes are NodeStage's and NodeUnstage's (`tandemctl promote` /
 //! `demote` on the admin socket, see [`Agent::promote`]).
@@ -112,7 +122,15 @@ struct TandemdToml {
 #[derive(Serialize)]
 struct ExportToml {
     name: String,
-    backing: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing: Option<String>,
+    /// A diskless client (R28): no backing; `uuid` and `size` given.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    diskless: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uuid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     replication: Option<ReplicationToml>,
 }
@@ -138,6 +156,28 @@ struct ReplicationToml {
 struct PeerToml {
     name: String,
     address: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    diskless: bool,
+}
+
+/// What this node is for a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Member {
+    /// It holds one of the replicas.
+    Replica,
+    /// It uses the volume without a replica (remote attach, R28).
+    Client,
+}
+
+/// What `node` is for the volume of `rec`, if anything but the witness.
+pub fn member(rec: &VolumeRecord, node: &str) -> Option<Member> {
+    if rec.replicas.iter().any(|r| r.node == node) {
+        Some(Member::Replica)
+    } else if rec.clients.iter().any(|c| c.node == node) {
+        Some(Member::Client)
+    } else {
+        None
+    }
 }
 
 impl Agent {
@@ -197,9 +237,9 @@ impl Agent {
             if rec.state == VolumeState::Deleting || !rec.replicated() {
                 continue;
             }
-            let result = if rec.replicas.iter().any(|r| r.node == self.cfg.node_id) {
+            let result = if member(rec, &self.cfg.node_id).is_some() {
                 wanted.insert(rec.id.clone());
-                self.ensure_locked(rec).await.map(|_| ())
+                self.ensure_locked(rec, false).await.map(|_| ())
             } else if self.is_witness(rec) {
                 wanted.insert(rec.id.clone());
                 self.ensure_witness(rec).await
@@ -247,32 +287,66 @@ impl Agent {
         }
     }
 
-    /// Makes sure the replica of `rec` runs here (NodeStage calls this
-    /// rather than wait for the next pass).
+    /// Makes sure the replica (or client) of `rec` runs here with the
+    /// record's configuration. NodeStage calls this rather than wait for the
+    /// next pass, before it attaches a device: a changed configuration
+    /// restarts `tandemd` even though the stage is already recorded.
     pub async fn ensure(&self, rec: &VolumeRecord) -> Result<Running> {
         let _l = self.lock.lock().await;
-        self.ensure_locked(rec).await
+        self.ensure_locked(rec, true).await
     }
 
     fn config_text(&self, rec: &VolumeRecord) -> Result<String> {
-        let me = rec
+        let node = &self.cfg.node_id;
+        let (member, listen) = match member(rec, node) {
+            Some(Member::Replica) => (
+                Member::Replica,
+                rec.replicas
+                    .iter()
+                    .find(|r| &r.node == node)
+                    .and_then(|r| r.address),
+            ),
+            Some(Member::Client) => (
+                Member::Client,
+                rec.clients
+                    .iter()
+                    .find(|c| &c.node == node)
+                    .map(|c| c.address),
+            ),
+            None => {
+                return Err(Error::FailedPrecondition(format!(
+                    "node {node} holds no replica of {} and is not its client",
+                    rec.id
+                )))
+            }
+        };
+        let client = member == Member::Client;
+        // Every replica but this node, then (on a replica) the clients.
+        let mut peers: Vec<PeerToml> = rec
             .replicas
             .iter()
-            .find(|r| r.node == self.cfg.node_id)
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "node {} holds no replica of {}",
-                    self.cfg.node_id, rec.id
-                ))
-            })?;
-        let replication = if rec.replicas.len() > 1 {
+            .filter(|r| &r.node != node)
+            .map(|r| PeerToml {
+                name: r.node.clone(),
+                address: r.address.map(|a| a.to_string()).unwrap_or_default(),
+                diskless: false,
+            })
+            .collect();
+        if !client {
+            peers.extend(rec.clients.iter().map(|c| PeerToml {
+                name: c.node.clone(),
+                address: c.address.to_string(),
+                diskless: true,
+            }));
+        }
+        let replication = if !peers.is_empty() {
             let tls = self.cfg.tls.as_ref().ok_or_else(|| {
                 Error::FailedPrecondition(format!(
                     "volume {} is replicated but this node plugin has no --tls-ca/--tls-cert/--tls-key",
                     rec.id
                 ))
             })?;
-            let listen = me.address.ok_or_else(|| {
+            let listen = listen.ok_or_else(|| {
                 Error::Internal(format!("volume {}: no replication address", rec.id))
             })?;
             Some(ReplicationToml {
@@ -284,28 +358,24 @@ impl Agent {
                 role: "secondary".into(),
                 protocol: rec.params.protocol.as_str().to_string(),
                 allow_two_primaries: rec.allow_two_primaries,
-                peers: rec
-                    .replicas
-                    .iter()
-                    .filter(|r| r.node != self.cfg.node_id)
-                    .map(|r| PeerToml {
-                        name: r.node.clone(),
-                        address: r.address.map(|a| a.to_string()).unwrap_or_default(),
-                    })
-                    .collect(),
+                peers,
+                // A client takes no part in the witness's arbitration: it
+                // completes a write only once every replica has it.
                 witness: rec
                     .witness
                     .as_ref()
                     .zip(rec.witness_address)
+                    .filter(|_| !client)
                     .map(|(name, a)| PeerToml {
                         name: name.clone(),
                         address: a.to_string(),
+                        diskless: false,
                     }),
                 // The CO decides where the volume is Primary (NodeStage);
                 // the witness only arbitrates who may write alone. A replica
                 // promoting itself would stay Primary with no stage to
                 // demote it.
-                auto_failover: (rec.witness_address.is_some() && rec.witness.is_some())
+                auto_failover: (!client && rec.witness_address.is_some() && rec.witness.is_some())
                     .then_some(false),
             })
         } else {
@@ -314,7 +384,10 @@ impl Agent {
         let cfg = TandemdToml {
             export: vec![ExportToml {
                 name: rec.id.clone(),
-                backing: self.backing(&rec.id).display().to_string(),
+                backing: (!client).then(|| self.backing(&rec.id).display().to_string()),
+                diskless: client,
+                uuid: client.then(|| rec.uuid.to_string()),
+                size: client.then(|| rec.size.to_string()),
                 replication,
             }],
         };
@@ -414,10 +487,16 @@ impl Agent {
         }
     }
 
-    async fn ensure_locked(&self, rec: &VolumeRecord) -> Result<Running> {
+    /// `staging`: NodeStage asks, nothing is attached to `tandemd` yet.
+    async fn ensure_locked(&self, rec: &VolumeRecord, staging: bool) -> Result<Running> {
         let id = &rec.id;
         let dir = self.replica_dir(id);
         let text = self.config_text(rec)?;
+        if member(rec, &self.cfg.node_id) == Some(Member::Client) {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::internal(format!("creating {}", dir.display()), e))?;
+            return self.run_config(id, &dir, &text, staging).await;
+        }
         let backing = self.backing(id);
         // The replica directory is created before the backing: a backing
         // without it was not made by the agent (e.g. served unreplicated
@@ -462,20 +541,28 @@ impl Agent {
             self.set_size(id, rec.size);
             tracing::info!(volume = %id, size = rec.size, "replica grown (offline)");
         }
+        self.run_config(id, &dir, &text, staging).await
+    }
+
+    /// Writes `text` as the volume's `tandemd.toml` and keeps a `tandemd`
+    /// running on it: started when not running, restarted when the
+    /// configuration changed while no device uses it (the volume is not
+    /// staged here, or NodeStage is about to attach one: `staging`).
+    async fn run_config(&self, id: &str, dir: &Path, text: &str, staging: bool) -> Result<Running> {
         let conf = dir.join("tandemd.toml");
         let old = std::fs::read_to_string(&conf).ok();
-        if old.as_deref() != Some(text.as_str()) {
-            std::fs::write(&conf, &text)
+        if old.as_deref() != Some(text) {
+            std::fs::write(&conf, text)
                 .map_err(|e| Error::internal(format!("writing {}", conf.display()), e))?;
         }
         if let Some(r) = self.running(id) {
-            if old.is_none() || old.as_deref() == Some(text.as_str()) || self.staged(id) {
+            if old.is_none() || old.as_deref() == Some(text) || (self.staged(id) && !staging) {
                 return Ok(r);
             }
             tracing::info!(volume = %id, "replica configuration changed: restarting tandemd");
             sys::stop_process(r.pid, &dir.display().to_string(), STOP_GRACE).await;
         }
-        self.start(id, &dir).await
+        self.start(id, dir).await
     }
 
     fn set_size(&self, id: &str, size: u64) {
@@ -595,6 +682,10 @@ impl Agent {
     /// UpToDate, a peer already Primary without dual-primary) are retried
     /// for [`PEER_WAIT`] (a dead peer is still "connected" for its peer
     /// timeout), then come back as `FAILED_PRECONDITION` with its reason.
+    ///
+    /// A diskless client (remote attach) is promoted only once every
+    /// replica is connected and UpToDate: it completes a write only when
+    /// every replica has it, so with one missing every write would fail.
     pub async fn promote(
         &self,
         rec: &VolumeRecord,
@@ -602,19 +693,39 @@ impl Agent {
         other_primary: Option<&str>,
     ) -> Result<()> {
         let id = &rec.id;
-        if rec.replicas.len() > 1 {
+        let client = member(rec, &self.cfg.node_id) == Some(Member::Client);
+        if rec.replicas.len() > 1 || !rec.clients.is_empty() || client {
             let deadline = Instant::now() + PEER_WAIT;
             let mut last = serde_json::Value::Null;
             loop {
                 last = self.status(id, r).await.unwrap_or(last);
-                let peers = last["peers"].as_array().cloned().unwrap_or_default();
+                // The record's replicas and clients (a client detached
+                // since tandemd started is not waited for).
+                let peers: Vec<serde_json::Value> = last["peers"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|p| {
+                        let name = p["name"].as_str().unwrap_or_default();
+                        rec.replicas.iter().any(|r| r.node == name)
+                            || rec.clients.iter().any(|c| c.node == name)
+                    })
+                    .collect();
                 let connected =
                     !peers.is_empty() && peers.iter().all(|p| p["connection"] == "Connected");
                 let in_sync = last["disk"] == "UpToDate"
                     && peers
                         .iter()
                         .all(|p| p["disk"] == "UpToDate" && p["replication"] == "Established");
-                let ok = connected && (other_primary.is_none() || in_sync);
+                let replicas_ready = connected
+                    && peers.len() == rec.replicas.len()
+                    && peers.iter().all(|p| p["disk"] == "UpToDate");
+                let ok = if client {
+                    replicas_ready
+                } else {
+                    connected && (other_primary.is_none() || in_sync)
+                };
                 if ok {
                     break;
                 }
@@ -632,6 +743,12 @@ impl Agent {
                         })
                         .collect::<Vec<_>>()
                         .join(", ");
+                    if client {
+                        return Err(Error::FailedPrecondition(format!(
+                            "volume {id}: this node holds no replica and uses the volume through \
+                             every replica, but not all are connected and UpToDate: {describe}"
+                        )));
+                    }
                     if let Some(o) = other_primary {
                         return Err(Error::FailedPrecondition(format!(
                             "volume {id}: dual-primary needs the other primary {o} connected and \
@@ -741,6 +858,7 @@ mod tests {
             initialized_on: None,
             allow_two_primaries: true,
             witness_address: None,
+            clients: vec![],
         }
     }
 

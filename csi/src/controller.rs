@@ -23,7 +23,9 @@ use crate::inflight::InFlight;
 use crate::inventory::Inventory;
 use crate::params::{size_fits, size_for, Access, Capability, VolumeParams, SIZE_ALIGN};
 use crate::placement::{self, Segment, NODE_TOPOLOGY_KEY};
-use crate::store::{Attachment, Replica, VolumeRecord, VolumeState, VolumeStore, RECORD_VERSION};
+use crate::store::{
+    Attachment, Client, Replica, VolumeRecord, VolumeState, VolumeStore, RECORD_VERSION,
+};
 
 /// Volume-context key: the volume UUID.
 pub const CTX_UUID: &str = "tandem.io/uuid";
@@ -89,6 +91,10 @@ pub struct ControllerService {
     ports: std::ops::RangeInclusive<u16>,
 }
 
+/// Most nodes in a volume, replicas and diskless clients together (each
+/// replica's metadata has a slot per other node, `tandem_core::meta::SLOTS`).
+pub const MAX_MEMBERS: usize = 4;
+
 /// The default `--replication-ports`.
 pub const DEFAULT_REPLICATION_PORTS: std::ops::RangeInclusive<u16> = 7800..=8799;
 
@@ -114,16 +120,22 @@ fn segment_of(t: &csi::Topology) -> Segment {
         .collect()
 }
 
+/// Where the volume is accessible from. A replicated volume: every node of
+/// its replicas' zones (a node without a replica attaches as a diskless
+/// client). Otherwise only the replica nodes themselves.
 fn topology_of(rec: &VolumeRecord) -> Vec<csi::Topology> {
-    rec.replicas
-        .iter()
-        .map(|r| csi::Topology {
-            segments: HashMap::from([
-                (rec.params.topology_key.clone(), r.zone.clone()),
-                (NODE_TOPOLOGY_KEY.to_string(), r.node.clone()),
-            ]),
-        })
-        .collect()
+    let mut out: Vec<csi::Topology> = Vec::new();
+    for r in &rec.replicas {
+        let mut segments = HashMap::from([(rec.params.topology_key.clone(), r.zone.clone())]);
+        if !rec.replicated() {
+            segments.insert(NODE_TOPOLOGY_KEY.to_string(), r.node.clone());
+        }
+        let t = csi::Topology { segments };
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    out
 }
 
 fn volume_context(rec: &VolumeRecord) -> HashMap<String, String> {
@@ -228,6 +240,7 @@ impl ControllerService {
                     .iter()
                     .filter_map(|rep| rep.address)
                     .chain(r.witness_address)
+                    .chain(r.clients.iter().map(|c| c.address))
             })
             .collect();
         let mut out = Vec::new();
@@ -392,6 +405,7 @@ impl ControllerService {
             initialized_on: None,
             allow_two_primaries,
             witness_address,
+            clients: Vec::new(),
         };
         self.store.put(&rec)?;
         if self.hooks.crash_after_creating {
@@ -465,15 +479,54 @@ impl ControllerService {
             }
             return Ok(publish_context(&rec, node));
         }
-        if !rec.replicas.iter().any(|r| r.node == node) {
+        let replica_nodes = || {
+            rec.replicas
+                .iter()
+                .map(|r| r.node.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let remote = !rec.replicas.iter().any(|r| r.node == node);
+        if remote {
+            // Remote attach: the node uses the volume through the replicas
+            // as a diskless client (R28), the only user of the volume.
+            if !rec.replicated() {
+                return Err(Error::FailedPrecondition(format!(
+                    "node {node} holds no replica of volume {id} (replicas: {}), and the volume \
+                     is not replicated by the driver (a replica node has no address in the \
+                     inventory), so it cannot be attached remotely",
+                    replica_nodes()
+                )));
+            }
+            if self.inventory.node(node).and_then(|n| n.address).is_none() {
+                return Err(Error::FailedPrecondition(format!(
+                    "node {node} holds no replica of volume {id} (replicas: {}) and has no \
+                     address in the inventory, which attaching it remotely needs",
+                    replica_nodes()
+                )));
+            }
+            if let Some(other) = rec.attachments.first() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is published to node {}; node {node} holds no replica and \
+                     attaches remotely only while the volume is attached nowhere else (a live \
+                     migration needs a replica on both nodes: {})",
+                    other.node,
+                    replica_nodes()
+                )));
+            }
+            if rec.replicas.len() + rec.clients.len() >= MAX_MEMBERS {
+                return Err(Error::ResourceExhausted(format!(
+                    "volume {id} has {} replicas and {} remote attachments; a volume has at most \
+                     {MAX_MEMBERS} members",
+                    rec.replicas.len(),
+                    rec.clients.len()
+                )));
+            }
+        } else if let Some(c) = rec.clients.first() {
             return Err(Error::FailedPrecondition(format!(
-                "node {node} holds no replica of volume {id} (replicas: {}); remote attach is not \
-                 supported yet",
-                rec.replicas
-                    .iter()
-                    .map(|r| r.node.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "volume {id} is attached remotely to node {} (which holds no replica); a \
+                 second attachment is refused until it detaches",
+                c.node
             )));
         }
         match rec.attachments.as_slice() {
@@ -505,6 +558,24 @@ impl ControllerService {
             )))
             }
         }
+        let _alloc;
+        if remote {
+            // Persisted with the attachment: the replicas' agents add the
+            // client as a peer, the client node's agent starts its tandemd.
+            _alloc = self.alloc.lock().await;
+            let records = self.store.list()?;
+            let address = self
+                .replication_addresses(&[node], &records)?
+                .and_then(|a| a.first().copied())
+                .ok_or_else(|| {
+                    Error::FailedPrecondition(format!("node {node} has no inventory address"))
+                })?;
+            rec.clients.push(Client {
+                node: node.to_string(),
+                address,
+            });
+            tracing::info!(volume = %id, node, %address, "remote attach: diskless client");
+        }
         rec.attachments.push(Attachment {
             node: node.to_string(),
             readonly: req.readonly,
@@ -524,13 +595,15 @@ impl ControllerService {
         let Some(mut rec) = self.store.get(id)? else {
             return Ok(());
         };
-        let before = rec.attachments.len();
+        let before = (rec.attachments.len(), rec.clients.len());
         if req.node_id.is_empty() {
             rec.attachments.clear();
+            rec.clients.clear();
         } else {
             rec.attachments.retain(|a| a.node != req.node_id);
+            rec.clients.retain(|c| c.node != req.node_id);
         }
-        if rec.attachments.len() != before {
+        if (rec.attachments.len(), rec.clients.len()) != before {
             self.store.put(&rec)?;
             if let [remaining] = rec.attachments.as_slice() {
                 tracing::info!(volume = %id, primary = %remaining.node, "back to a single primary");

@@ -36,7 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::params::VolumeParams;
-use crate::store::{Attachment, Replica, VolumeRecord, VolumeState, VolumeStore, RECORD_VERSION};
+use crate::store::{
+    Attachment, Client, Replica, VolumeRecord, VolumeState, VolumeStore, RECORD_VERSION,
+};
 
 /// The custom resource's API group.
 pub const GROUP: &str = "tandem.io";
@@ -134,6 +136,10 @@ pub struct VolumeStatus {
     /// The node the volume was first published to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initialized_on: Option<String>,
+    /// Published nodes without a replica (diskless clients) and their
+    /// replication addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<Client>,
 }
 
 /// Whether `name` is a valid Kubernetes object name (DNS-1123 subdomain).
@@ -170,6 +176,7 @@ pub fn to_resource(rec: &VolumeRecord) -> Result<TandemVolume> {
         state: rec.state,
         attachments: rec.attachments.clone(),
         initialized_on: rec.initialized_on.clone(),
+        clients: rec.clients.clone(),
     };
     let enc = |e| Error::internal(format!("encoding TandemVolume {}", rec.id), e);
     Ok(TandemVolume {
@@ -228,6 +235,7 @@ pub fn from_resource(tv: &TandemVolume) -> Result<VolumeRecord> {
         state: VolumeState::Creating,
         attachments: Vec::new(),
         initialized_on: None,
+        clients: Vec::new(),
     });
     Ok(VolumeRecord {
         version: spec.version,
@@ -243,6 +251,7 @@ pub fn from_resource(tv: &TandemVolume) -> Result<VolumeRecord> {
         initialized_on: status.initialized_on,
         allow_two_primaries: spec.allow_two_primaries,
         witness_address: spec.witness_address,
+        clients: status.clients,
     })
 }
 
@@ -556,6 +565,10 @@ mod tests {
             initialized_on: Some("a1".into()),
             allow_two_primaries: true,
             witness_address: Some("10.0.0.3:7802".parse().unwrap()),
+            clients: vec![Client {
+                node: "d1".into(),
+                address: "10.0.0.4:7803".parse().unwrap(),
+            }],
         }
     }
 
@@ -566,6 +579,7 @@ mod tests {
         minimal.witness = None;
         minimal.witness_address = None;
         minimal.attachments.clear();
+        minimal.clients.clear();
         minimal.initialized_on = None;
         minimal.allow_two_primaries = false;
         minimal.state = VolumeState::Creating;

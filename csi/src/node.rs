@@ -42,7 +42,7 @@ use bpfman_csi::v1::node_service_capability::{rpc::Type as RpcType, Rpc, Type as
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-use crate::agent::{Agent, TlsFiles};
+use crate::agent::{Agent, Member, TlsFiles};
 use crate::controller::{
     reply, CTX_REPLICAS, CTX_SIZE, CTX_UUID, PUB_DATA_ON, PUB_OTHER, PUB_ROLE, PUB_SIZE,
 };
@@ -255,29 +255,42 @@ impl NodeService {
             Some(a) => a.replicated_record(id)?,
             None => None,
         };
+        let dual = req.publish_context.get(PUB_ROLE).map(String::as_str) == Some("dual-primary");
         if let Some(rec) = &record {
-            if !rec.replicas.iter().any(|r| r.node == self.cfg.node_id) {
-                return Err(Error::FailedPrecondition(format!(
-                    "node {} holds no replica of {id} (replicas: {}); remote attach is not \
-                     supported yet",
-                    self.cfg.node_id,
-                    rec.replicas
-                        .iter()
-                        .map(|r| r.node.as_str())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )));
+            match crate::agent::member(rec, &self.cfg.node_id) {
+                Some(Member::Replica) => {}
+                // Remote attach: this node's diskless client (R28).
+                Some(Member::Client) if !dual => {}
+                Some(Member::Client) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "node {} holds no replica of {id}: it attaches remotely only as the \
+                         volume's single user, not as one of two primaries",
+                        self.cfg.node_id
+                    )))
+                }
+                None => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "node {} holds no replica of {id} (replicas: {}) and the volume is not \
+                         published to it (ControllerPublishVolume attaches it remotely)",
+                        self.cfg.node_id,
+                        rec.replicas
+                            .iter()
+                            .map(|r| r.node.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )))
+                }
             }
         } else if let Some(replicas) = ctx.get(CTX_REPLICAS) {
             if !replicas.split(',').any(|n| n == self.cfg.node_id) {
                 return Err(Error::FailedPrecondition(format!(
-                    "node {} holds no replica of {id} (replicas: {replicas}); remote attach is \
-                     not supported yet",
+                    "node {} holds no replica of {id} (replicas: {replicas}); remote attach \
+                     needs a volume the replica agents replicate (node plugins with --store and \
+                     node addresses in the controller's inventory)",
                     self.cfg.node_id
                 )));
             }
         }
-        let dual = req.publish_context.get(PUB_ROLE).map(String::as_str) == Some("dual-primary");
         if dual && record.is_none() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is published to two nodes (dual-primary, live migration), but this \

@@ -47,6 +47,18 @@ pub struct Replica {
     pub address: Option<std::net::SocketAddr>,
 }
 
+/// A node without a replica that uses the volume through the replicas
+/// (remote attach): its `tandemd` is a diskless client (R28), every write
+/// on every replica before it completes, reads forwarded to a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Client {
+    /// Node the volume is attached to.
+    pub node: String,
+    /// Where the client's `tandemd` listens for the replicas (QUIC, UDP),
+    /// allocated like a replica's address.
+    pub address: std::net::SocketAddr,
+}
+
 /// A node a volume is published (attached) to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
@@ -95,6 +107,10 @@ pub struct VolumeRecord {
     /// when the volume has a witness and is replicated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub witness_address: Option<std::net::SocketAddr>,
+    /// Diskless clients: published nodes that hold no replica (remote
+    /// attach). The replicas list them as `diskless` peers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<Client>,
 }
 
 impl VolumeRecord {
@@ -292,6 +308,7 @@ mod tests {
             initialized_on: None,
             allow_two_primaries: false,
             witness_address: None,
+            clients: vec![],
         }
     }
 

@@ -1462,3 +1462,144 @@ address = "10.9.9.9"
         );
     });
 }
+
+/// Remote attach: a replicated volume is accessible from every node of its
+/// replicas' zones; publishing it to a node without a replica records that
+/// node as a diskless client with its own replication address (persisted
+/// with the attachment, idempotent), only while the volume is attached
+/// nowhere else; a node without an inventory address cannot be a client;
+/// unpublishing removes the client.
+#[test]
+fn a_node_without_a_replica_is_published_as_a_diskless_client_with_its_own_address() {
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-csi-")
+        .tempdir()
+        .expect("temp dir");
+    let inv = dir.path().join("nodes.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            r#"
+[[node]]
+name = "a"
+capacity_bytes = 10737418240
+topology = {{ "{ZONE}" = "room-a" }}
+address = "127.0.0.1"
+[[node]]
+name = "b"
+capacity_bytes = 10737418240
+topology = {{ "{ZONE}" = "room-b" }}
+address = "127.0.0.1"
+[[node]]
+name = "c"
+capacity_bytes = 0
+topology = {{ "{ZONE}" = "room-c" }}
+address = "127.0.0.2"
+[[node]]
+name = "d"
+capacity_bytes = 0
+topology = {{ "{ZONE}" = "room-c" }}
+"#
+        ),
+    )
+    .unwrap();
+    let volumes = dir.path().join("volumes");
+    let args = vec![
+        "controller".to_string(),
+        "--state-dir".into(),
+        volumes.display().to_string(),
+        "--nodes".into(),
+        inv.display().to_string(),
+        "--replication-ports".into(),
+        "9000-9010".into(),
+    ];
+    let d = Driver::start_with(dir, args, &[]);
+    let record = |id: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(volumes.join(format!("{id}.json"))).unwrap())
+            .unwrap()
+    };
+    block_on(async {
+        let mut c = d.controller_client().await;
+        let v = c
+            .create_volume(create_req("remote", GIB, vec![rwo_block()], &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let id = v.volume_id.clone();
+        // Zones only: any node of room-a or room-b may use it.
+        assert_eq!(
+            zones(&v),
+            BTreeSet::from(["room-a".to_string(), "room-b".to_string()])
+        );
+        assert!(
+            v.accessible_topology
+                .iter()
+                .all(|t| !t.segments.contains_key(NODE)),
+            "{v:?}"
+        );
+        assert_eq!(v.volume_context["tandem.io/replicas"], "a,b");
+
+        let ctx = c
+            .controller_publish_volume(publish(&id, "c", rwo_block(), false))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+        assert_eq!(ctx["tandem.io/role"], "primary");
+        let clients = record(&id)["clients"].clone();
+        assert_eq!(
+            clients,
+            serde_json::json!([{ "node": "c", "address": "127.0.0.2:9000" }])
+        );
+        // Idempotent.
+        c.controller_publish_volume(publish(&id, "c", rwo_block(), false))
+            .await
+            .unwrap();
+        assert_eq!(record(&id)["clients"], clients);
+        // No second attachment while a client uses it, replica or not.
+        let m = expect_code(
+            c.controller_publish_volume(publish(&id, "a", rwo_block(), false))
+                .await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("attached remotely to node c"), "{m}");
+        // A node without an inventory address cannot be a client.
+        let m = expect_code(
+            c.controller_publish_volume(publish(&id, "d", rwo_block(), false))
+                .await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("no address in the inventory"), "{m}");
+        // A volume that cannot be deleted while a client uses it.
+        expect_code(
+            c.delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await,
+            Code::FailedPrecondition,
+        );
+        c.controller_unpublish_volume(unpublish(&id, "c"))
+            .await
+            .unwrap();
+        assert!(record(&id).get("clients").is_none(), "{}", record(&id));
+        assert_eq!(record(&id)["attachments"], serde_json::json!([]));
+
+        // While a replica node uses it, no client attaches (a live
+        // migration needs a replica on both nodes).
+        c.controller_publish_volume(publish(&id, "a", rwo_block(), false))
+            .await
+            .unwrap();
+        let m = expect_code(
+            c.controller_publish_volume(publish(&id, "c", rwo_block(), false))
+                .await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("attached nowhere else"), "{m}");
+        c.controller_unpublish_volume(unpublish(&id, "a"))
+            .await
+            .unwrap();
+    });
+}

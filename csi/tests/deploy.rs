@@ -102,6 +102,7 @@ fn crd_mirrors_the_volume_record_fields() {
         "witness_address:",
         "multi_node:",
         "readonly:",
+        "clients:",
     ] {
         assert!(crd.contains(field), "crds.yaml lacks {field}");
     }
@@ -151,6 +152,10 @@ fn records() -> [VolumeRecord; 2] {
         initialized_on: Some("a1".into()),
         allow_two_primaries: true,
         witness_address: Some("10.0.0.3:7801".parse().unwrap()),
+        clients: vec![tandem_csi::store::Client {
+            node: "d1".into(),
+            address: "10.0.0.4:7802".parse().unwrap(),
+        }],
     };
     let mut minimal = full.clone();
     minimal.replicas.iter_mut().for_each(|r| r.address = None);
@@ -159,6 +164,7 @@ fn records() -> [VolumeRecord; 2] {
     minimal.attachments.clear();
     minimal.initialized_on = None;
     minimal.allow_two_primaries = false;
+    minimal.clients.clear();
     minimal.state = VolumeState::Creating;
     [full, minimal]
 }

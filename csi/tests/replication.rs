@@ -595,10 +595,9 @@ fn create_with(
 }
 
 fn replica_nodes(v: &csi::Volume) -> Vec<String> {
-    let mut n: Vec<String> = v
-        .accessible_topology
-        .iter()
-        .map(|t| t.segments[NODE].clone())
+    let mut n: Vec<String> = v.volume_context["tandem.io/replicas"]
+        .split(',')
+        .map(str::to_string)
         .collect();
     n.sort();
     n
@@ -1032,4 +1031,87 @@ fn an_expanded_replicated_volume_grows_on_both_replicas_with_its_data() {
         assert!(a == b, "both backings hold the same data");
         cl.delete_and_wait_removed(&id).await;
     });
+}
+
+/// Remote attach: node c holds no replica; ControllerPublish records it as
+/// the volume's diskless client, the replicas' agents add it as a peer
+/// (restarting their Secondary `tandemd`s), c's agent runs its diskless
+/// `tandemd` (R28) and NodeStage promotes it once both replicas are
+/// connected. fio writes and verifies through c's device; nothing is
+/// stored on c; after c detaches its client is removed and the replicas
+/// drop it; b then reads every block c wrote; both backings are identical.
+#[test]
+fn a_node_without_a_replica_attaches_remotely_through_both_replicas() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices() {
+        return;
+    }
+    let _serial = heavy_lock();
+    let cl = Cluster::start_with(bins, true);
+    let _cleanup = cl.cleanup();
+    let v = create(&cl, "pvc-remote", rwo_block());
+    assert_eq!(replica_nodes(&v), ["a", "b"]);
+    let id = v.volume_id.clone();
+    cl.wait_connected(&id);
+    let conf = |n: &str| {
+        std::fs::read_to_string(
+            cl.node(n)
+                .path()
+                .join("state/rep")
+                .join(&id)
+                .join("tandemd.toml"),
+        )
+        .unwrap_or_default()
+    };
+    block_on(async {
+        let t = Instant::now();
+        let dev = attach(&cl, "c", &v, rwo_block())
+            .await
+            .expect("remote attach on c");
+        eprintln!("publish + stage on c (remote attach): {:?}", t.elapsed());
+        let s = cl.status("c", &id);
+        assert_eq!(s["role"], "Primary", "{s}");
+        assert_eq!(s["disk"], "Diskless", "{s}");
+        for n in ["a", "b"] {
+            assert!(conf(n).contains("diskless = true"), "{n}: {}", conf(n));
+            assert_eq!(cl.status(n, &id)["role"], "Secondary");
+        }
+        fio(&dev, 21, false);
+        fio(&dev, 21, true);
+        assert!(
+            !cl.backing("c", &id).exists(),
+            "a diskless client stored the volume on its node"
+        );
+        detach(&cl, "c", &id).await;
+        let rep_c = cl.c.as_ref().expect("c").path().join("state/rep").join(&id);
+        cl.wait(
+            &id,
+            "c's agent to remove the client",
+            Duration::from_secs(30),
+            || !rep_c.exists() && processes_under(&rep_c).is_empty(),
+        );
+        cl.wait(
+            &id,
+            "the replicas to drop the client",
+            Duration::from_secs(30),
+            || ["a", "b"].iter().all(|n| !conf(n).contains("diskless")),
+        );
+        cl.wait_connected(&id);
+
+        let dev = attach(&cl, "b", &v, rwo_block()).await.expect("attach b");
+        // Every block c wrote through the replicas reads back on b.
+        fio(&dev, 21, true);
+        detach(&cl, "b", &id).await;
+    });
+    let (da, db) = (cl.data_area("a", &id), cl.data_area("b", &id));
+    assert!(
+        da.iter().any(|b| *b != 0),
+        "fio wrote nothing to a's backing"
+    );
+    assert_eq!(
+        da.iter().zip(&db).position(|(x, y)| x != y),
+        None,
+        "the two replicas' data areas differ"
+    );
+    block_on(cl.delete_and_wait_removed(&id));
 }

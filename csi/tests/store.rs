@@ -30,7 +30,7 @@ use tandem_csi::error::{Error, Result};
 use tandem_csi::inventory::Inventory;
 use tandem_csi::kube_store::KubeStore;
 use tandem_csi::store::{
-    Attachment, FileStore, Replica, VolumeRecord, VolumeState, VolumeStore, RECORD_VERSION,
+    Attachment, Client, FileStore, Replica, VolumeRecord, VolumeState, VolumeStore, RECORD_VERSION,
 };
 
 // ---------------------------------------------------------------------------
@@ -445,6 +445,10 @@ async fn contract(store: Arc<dyn VolumeStore>) {
     full.initialized_on = Some(full.replicas[0].node.clone());
     full.allow_two_primaries = true;
     full.witness_address = Some("10.0.0.3:7802".parse().expect("addr"));
+    full.clients = vec![Client {
+        node: "c1".into(),
+        address: "10.0.0.4:7803".parse().expect("addr"),
+    }];
     full.replicas = vec![
         Replica {
             node: "a1".into(),
@@ -542,6 +546,7 @@ fn record(id: &str) -> VolumeRecord {
         initialized_on: None,
         allow_two_primaries: false,
         witness_address: None,
+        clients: vec![],
     }
 }
 
