@@ -19,6 +19,7 @@ pub mod identity;
 pub mod inflight;
 pub mod inventory;
 pub mod kube_store;
+pub mod nbd_kernel;
 pub mod node;
 pub mod params;
 pub mod placement;

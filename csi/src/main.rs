@@ -89,6 +89,11 @@ enum Mode {
         /// This node's private key.
         #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
         tls_key: Option<PathBuf>,
+        /// How a staged volume becomes a block device: the kernel nbd driver
+        /// over netlink (`nbd`), nbdfuse + a loop device (`nbdfuse`), or the
+        /// kernel driver where it exists and nbdfuse otherwise (`auto`).
+        #[arg(long, value_enum, default_value = "auto")]
+        attacher: tandem_csi::node::Attacher,
     },
 }
 
@@ -157,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tls_ca,
                 tls_cert,
                 tls_key,
+                attacher,
             } => {
                 if !valid_node_name(&node_id) {
                     anyhow::bail!("--node-id {node_id:?}: expected 1 to 253 of a-z A-Z 0-9 - _ .");
@@ -211,6 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
                         _ => None,
                     },
+                    attacher,
                 })?;
                 if store_set && !tls_set {
                     tracing::warn!("--store without --tls-ca/--tls-cert/--tls-key: volumes with more than one replica cannot be replicated on this node");

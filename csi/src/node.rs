@@ -10,9 +10,10 @@
 //! 2. a `tandemd` serving that one export runs in `STATE/run/<id>/` (its own
 //!    NBD and admin sockets, its own process group, so it outlives a plugin
 //!    restart);
-//! 3. the attacher turns the NBD export into a block device: `nbdfuse`
-//!    exposes it as a file and `losetup` makes a loop device of it (the
-//!    kernel `nbd` attacher is future work);
+//! 3. the attacher turns the NBD export into a block device: the kernel
+//!    `nbd` driver over netlink where it exists ([`crate::nbd_kernel`],
+//!    `/dev/nbdN`), otherwise `nbdfuse` exposes it as a file and `losetup`
+//!    makes a loop device of it (`--attacher`);
 //! 4. for a filesystem volume, the device is formatted when blank (`blkid`
 //!    finds nothing) and mounted on the staging path.
 //!
@@ -78,6 +79,23 @@ pub struct NodeConfig {
     pub store: Option<StoreKind>,
     /// The node certificate replicated volumes authenticate with.
     pub tls: Option<TlsFiles>,
+    /// How staged volumes become block devices.
+    pub attacher: Attacher,
+}
+
+/// How a staged volume's NBD export becomes a block device (`--attacher`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Attacher {
+    /// The kernel nbd driver where it exists (its netlink family resolves,
+    /// after `modprobe nbd`), nbdfuse + loop otherwise; a failed kernel
+    /// attach falls back to nbdfuse + loop.
+    #[default]
+    Auto,
+    /// The kernel nbd driver over netlink (`/dev/nbdN`); the plugin refuses
+    /// to start without it. Grows online.
+    Nbd,
+    /// `nbdfuse` + a loop device with direct I/O.
+    Nbdfuse,
 }
 
 /// Version of the staged-volume record format.
@@ -96,6 +114,9 @@ struct Staged {
     tandemd_pid: Option<u32>,
     nbdfuse_pid: Option<u32>,
     loop_dev: Option<String>,
+    /// The kernel nbd device index when the kernel attacher made the device.
+    #[serde(default)]
+    nbd_index: Option<u32>,
     mounted: bool,
     complete: bool,
     /// Target paths the volume is published at.
@@ -112,6 +133,14 @@ impl Staged {
         self.run_dir.join("fuse")
     }
 
+    /// The block device a pod gets.
+    fn device(&self) -> Option<String> {
+        match self.nbd_index {
+            Some(i) => Some(crate::nbd_kernel::device_path(i).display().to_string()),
+            None => self.loop_dev.clone(),
+        }
+    }
+
     fn nbd_socket(&self) -> PathBuf {
         self.replica_dir
             .as_ref()
@@ -125,6 +154,8 @@ pub struct NodeService {
     cfg: Arc<NodeConfig>,
     inflight: InFlight,
     agent: Option<Arc<Agent>>,
+    /// Whether devices are made by the kernel nbd driver.
+    kernel_nbd: bool,
 }
 
 impl NodeService {
@@ -149,9 +180,29 @@ impl NodeService {
             std::fs::create_dir_all(&d)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", d.display()))?;
         }
-        if Path::new("/sys/module/nbd").exists() {
-            tracing::info!("kernel nbd is loaded, but the nbd attacher is not implemented yet; using nbdfuse + loop");
-        }
+        let kernel_nbd = match cfg.attacher {
+            Attacher::Nbdfuse => false,
+            Attacher::Nbd => {
+                crate::nbd_kernel::Nbd::open()
+                    .map_err(|e| anyhow::anyhow!("--attacher nbd: {e:#}"))?;
+                true
+            }
+            Attacher::Auto => match crate::nbd_kernel::Nbd::open() {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::info!("no kernel nbd ({e:#}): attaching with nbdfuse + loop");
+                    false
+                }
+            },
+        };
+        tracing::info!(
+            attacher = if kernel_nbd {
+                "kernel nbd (netlink)"
+            } else {
+                "nbdfuse + loop"
+            },
+            "block devices"
+        );
         let agent = match &cfg.store {
             Some(kind) => {
                 let store = kind
@@ -175,6 +226,7 @@ impl NodeService {
             cfg: Arc::new(cfg),
             inflight: InFlight::default(),
             agent,
+            kernel_nbd,
         })
     }
 
@@ -352,6 +404,7 @@ impl NodeService {
             tandemd_pid: None,
             nbdfuse_pid: None,
             loop_dev: None,
+            nbd_index: None,
             mounted: false,
             complete: false,
             targets: Vec::new(),
@@ -395,7 +448,7 @@ impl NodeService {
             Ok(()) => {
                 s.complete = true;
                 self.save(&s)?;
-                tracing::info!(volume = %id, device = ?s.loop_dev, staging = %staging.display(), "staged");
+                tracing::info!(volume = %id, device = ?s.device(), staging = %staging.display(), "staged");
                 Ok(())
             }
             Err(e) => {
@@ -513,11 +566,70 @@ impl NodeService {
         self.attach(s, read_only, flags).await
     }
 
-    /// Steps 3 and 4: the NBD export as a loop device, formatted and
+    /// Steps 3 and 4: the NBD export as a block device, formatted and
     /// mounted for a filesystem volume.
     async fn attach(&self, s: &mut Staged, read_only: bool, flags: &[String]) -> Result<()> {
+        // 3. The block device.
+        let dev = match self.attach_kernel(s).await {
+            Some(dev) => dev?,
+            None => self.attach_fuse(s).await?,
+        };
+        self.format_and_mount(s, &dev, read_only, flags).await
+    }
+
+    /// Step 3 with the kernel nbd driver; `None` when it is not used (not
+    /// available, or `auto` and the kernel attach failed: nothing is left
+    /// attached, nbdfuse + loop takes over).
+    async fn attach_kernel(&self, s: &mut Staged) -> Option<Result<String>> {
+        if !self.kernel_nbd {
+            return None;
+        }
         let id = s.volume_id.clone();
-        // 3. nbdfuse + loop.
+        let socket = s.nbd_socket();
+        let conns = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let name = id.clone();
+        let attached =
+            tokio::task::spawn_blocking(move || crate::nbd_kernel::attach(&socket, &name, conns))
+                .await
+                .map_err(|e| anyhow::anyhow!("kernel nbd attach task: {e}"))
+                .and_then(|r| r);
+        let index = match attached {
+            Ok((index, export)) => {
+                tracing::info!(volume = %id, device = index, size = export.size, "kernel nbd attached");
+                index
+            }
+            Err(e) if self.cfg.attacher == Attacher::Auto => {
+                tracing::warn!(volume = %id, "kernel nbd attach failed, using nbdfuse + loop: {e:#}");
+                return None;
+            }
+            Err(e) => {
+                return Some(Err(Error::Internal(format!(
+                    "volume {id}: kernel nbd attach: {e:#}"
+                ))))
+            }
+        };
+        s.nbd_index = Some(index);
+        if let Err(e) = self.save(s) {
+            return Some(Err(e));
+        }
+        // The device node appears through devtmpfs/udev.
+        let dev = crate::nbd_kernel::device_path(index);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !dev.exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !dev.exists() {
+            return Some(Err(Error::Internal(format!(
+                "volume {id}: {} did not appear",
+                dev.display()
+            ))));
+        }
+        Some(Ok(dev.display().to_string()))
+    }
+
+    /// Step 3 with `nbdfuse` + a loop device.
+    async fn attach_fuse(&self, s: &mut Staged) -> Result<String> {
+        let id = s.volume_id.clone();
         let fuse = s.fuse_dir();
         std::fs::create_dir_all(&fuse)
             .map_err(|e| Error::internal(format!("creating {}", fuse.display()), e))?;
@@ -560,8 +672,19 @@ impl NodeService {
         }
         s.loop_dev = Some(dev.clone());
         self.save(s)?;
+        Ok(dev)
+    }
 
-        // 4. Filesystem.
+    /// Step 4: format a blank filesystem volume and mount it.
+    async fn format_and_mount(
+        &self,
+        s: &mut Staged,
+        dev: &str,
+        read_only: bool,
+        flags: &[String],
+    ) -> Result<()> {
+        let id = s.volume_id.clone();
+        let dev = dev.to_string();
         if let Some(fs) = s.fs_type.clone() {
             let found = sys::output("blkid", &["-p", "-o", "value", "-s", "TYPE", &dev]).await?;
             let existing = String::from_utf8_lossy(&found.stdout).trim().to_string();
@@ -683,13 +806,32 @@ impl NodeService {
             )));
         }
         let dev = s
-            .loop_dev
-            .clone()
+            .device()
             .ok_or_else(|| Error::Internal(format!("volume {id}: staged without a device")))?;
-        let have = sys::size_of(Path::new(&dev))?;
+        let mut have = sys::size_of(Path::new(&dev))?;
         if let Some(want) = want.filter(|w| *w > have) {
             if self.tandemd_size(&s).await? < want {
                 self.tandemd_grow(&s, want).await?;
+            }
+            if let Some(index) = s.nbd_index {
+                // The kernel device grows online.
+                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    crate::nbd_kernel::Nbd::open()?.resize(index, want)
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("kernel nbd resize task: {e}")))?
+                .map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "volume {id}: its replica is grown to {want} bytes, but growing {dev} \
+                         failed: {e:#}; unstage and stage it again"
+                    ))
+                })?;
+                have = sys::size_of(Path::new(&dev))?;
+                tracing::info!(volume = %id, device = %dev, size = have, "kernel nbd device grown online");
+                if let Some(fs) = &s.fs_type {
+                    grow_fs(id, fs, &dev, &s.staging_path, true).await?;
+                }
+                return Ok(have);
             }
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is in use as {dev} of {have} bytes: its replica is grown to {want} \
@@ -709,6 +851,30 @@ impl NodeService {
         let id = s.volume_id.clone();
         if s.mounted || s.fs_type.is_some() {
             sys::unmount_all(&s.staging_path).await?;
+        }
+        // Kernel nbd devices of this volume: the recorded one, and any a
+        // crash left before its index was recorded (they name the volume as
+        // their backend).
+        let mut nbd: Vec<u32> = s.nbd_index.into_iter().collect();
+        nbd.extend(crate::nbd_kernel::devices_serving(&id));
+        nbd.sort_unstable();
+        nbd.dedup();
+        for index in nbd {
+            if crate::nbd_kernel::serves(index, &id) {
+                let v = id.clone();
+                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    crate::nbd_kernel::Nbd::open()?.disconnect(index)?;
+                    crate::nbd_kernel::wait_disconnected(index, &v, Duration::from_secs(10))
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("kernel nbd disconnect task: {e}")))?
+                .map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "volume {id}: disconnecting /dev/nbd{index}: {e:#}; retry NodeUnstageVolume"
+                    ))
+                })?;
+                tracing::info!(volume = %id, device = index, "kernel nbd disconnected");
+            }
         }
         if let Some(dev) = &s.loop_dev {
             if sys::loop_backing_file(dev).is_some_and(|b| b == s.fuse_dir().join("nbd")) {
@@ -826,8 +992,7 @@ impl NodeService {
         }
         let source = if s.block {
             let dev = s
-                .loop_dev
-                .clone()
+                .device()
                 .ok_or_else(|| Error::Internal(format!("volume {id}: staged without a device")))?;
             if let Some(parent) = target.parent() {
                 std::fs::create_dir_all(parent)
@@ -1008,16 +1173,24 @@ fn problems(s: &Staged) -> Result<Vec<String>> {
     {
         p.push("tandemd is not running".to_string());
     }
-    if !s
-        .nbdfuse_pid
-        .is_some_and(|pid| sys::process_matches(pid, "nbdfuse"))
-    {
-        p.push("nbdfuse is not running".to_string());
-    }
-    match &s.loop_dev {
-        Some(dev) if sys::loop_backing_file(dev) == Some(s.fuse_dir().join("nbd")) => {}
-        Some(dev) => p.push(format!("{dev} is no longer attached to the volume")),
-        None => p.push("no loop device".to_string()),
+    if let Some(index) = s.nbd_index {
+        if !crate::nbd_kernel::serves(index, &s.volume_id) {
+            p.push(format!(
+                "/dev/nbd{index} is no longer connected to the volume"
+            ));
+        }
+    } else {
+        if !s
+            .nbdfuse_pid
+            .is_some_and(|pid| sys::process_matches(pid, "nbdfuse"))
+        {
+            p.push("nbdfuse is not running".to_string());
+        }
+        match &s.loop_dev {
+            Some(dev) if sys::loop_backing_file(dev) == Some(s.fuse_dir().join("nbd")) => {}
+            Some(dev) => p.push(format!("{dev} is no longer attached to the volume")),
+            None => p.push("no loop device".to_string()),
+        }
     }
     if s.fs_type.is_some() && !sys::is_mount_point(&s.staging_path)? {
         p.push(format!("{} is not mounted", s.staging_path.display()));

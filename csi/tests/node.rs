@@ -210,6 +210,11 @@ fn assert_nothing_left(d: &Driver) {
 }
 
 fn node_driver(bins: Option<(PathBuf, PathBuf)>) -> Driver {
+    node_driver_with(bins, "nbdfuse")
+}
+
+/// A node plugin with `--attacher attacher`.
+fn node_driver_with(bins: Option<(PathBuf, PathBuf)>, attacher: &str) -> Driver {
     let dir = tempfile::Builder::new()
         .prefix("tandem-csi-node-")
         .tempdir_in("/var/tmp")
@@ -234,6 +239,8 @@ fn node_driver(bins: Option<(PathBuf, PathBuf)>) -> Driver {
         tandemd.display().to_string(),
         "--tandemctl".into(),
         tandemctl.display().to_string(),
+        "--attacher".into(),
+        attacher.into(),
     ];
     Driver::start_with(dir, args, &[])
 }
@@ -1124,4 +1131,228 @@ fn expanding_a_staged_volume_grows_replica_device_and_filesystem() {
         n.node_unstage_volume(unstage_req(&d, bid)).await.unwrap();
     });
     assert_nothing_left(&d);
+}
+
+/// Starts a `tandemd` serving a fresh 64 MiB export `name` on
+/// `DIR/nbd.sock`; returns the process.
+fn tandemd_export(bins: &(PathBuf, PathBuf), dir: &Path, name: &str) -> std::process::Child {
+    let img = dir.join(format!("{name}.img"));
+    let out = Command::new(&bins.1)
+        .args(["create"])
+        .arg(&img)
+        .args(["--size", &VOL.to_string(), "--name", name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let sock = dir.join("nbd.sock");
+    let mut child = Command::new(&bins.0)
+        .arg("run")
+        .arg("--export")
+        .arg(format!("{name}={}", img.display()))
+        .arg("--nbd-unix")
+        .arg(&sock)
+        .arg("--admin-socket")
+        .arg(dir.join("admin.sock"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..500 {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("tandemd did not listen on {}", sock.display());
+}
+
+/// One simple-reply NBD request on a socket in the transmission phase, as
+/// the kernel driver sends them; returns the reply's error and data.
+fn nbd_simple(
+    s: &mut std::os::unix::net::UnixStream,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    payload: &[u8],
+) -> (u32, Vec<u8>) {
+    let mut req = Vec::new();
+    req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&kind.to_be_bytes());
+    req.extend_from_slice(&cookie.to_be_bytes());
+    req.extend_from_slice(&offset.to_be_bytes());
+    req.extend_from_slice(&len.to_be_bytes());
+    req.extend_from_slice(payload);
+    s.write_all(&req).unwrap();
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(h[0..4], 0x6744_6698u32.to_be_bytes(), "not a simple reply");
+    assert_eq!(h[8..16], cookie.to_be_bytes());
+    let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+    let mut data = vec![
+        0u8;
+        if kind == 0 && err == 0 {
+            len as usize
+        } else {
+            0
+        }
+    ];
+    s.read_exact(&mut data).unwrap();
+    (err, data)
+}
+
+/// What the kernel attacher hands the kernel: connections to tandemd that
+/// finished the handshake without structured replies, in the transmission
+/// phase, each taking simple-reply requests, and seeing each other's writes.
+#[test]
+fn kernel_nbd_handshake_leaves_tandemd_connections_in_the_transmission_phase() {
+    let Some(bins) = tandem_bins() else { return };
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-csi-hs-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut child = tandemd_export(&bins, dir.path(), "tdm-hs");
+    let sock = dir.path().join("nbd.sock");
+    let (mut conns, export) =
+        tandem_csi::nbd_kernel::handshake(&sock, "tdm-hs", 2, Duration::from_secs(5)).unwrap();
+    assert_eq!(conns.len(), 2);
+    assert_eq!(export.size, VOL);
+    assert_ne!(export.flags & 1, 0, "NBD_FLAG_HAS_FLAGS");
+    assert_ne!(export.flags & (1 << 2), 0, "NBD_FLAG_SEND_FLUSH");
+    assert!(export.min_block >= 1 && export.min_block <= 4096);
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    let (a, b) = conns.split_at_mut(1);
+    // WRITE on the first connection, FLUSH, READ it back on the second.
+    assert_eq!(nbd_simple(&mut a[0], 1, 1, 1 << 20, 4096, &data).0, 0);
+    assert_eq!(nbd_simple(&mut a[0], 3, 2, 0, 0, &[]).0, 0);
+    let (err, back) = nbd_simple(&mut b[0], 0, 3, 1 << 20, 4096, &[]);
+    assert_eq!(err, 0);
+    assert!(back == data, "read back differs");
+    // Out of range: an error reply, the connection stays usable.
+    let (err, _) = nbd_simple(&mut b[0], 0, 4, VOL, 4096, &[]);
+    assert_ne!(err, 0, "a read past the end succeeded");
+    assert_eq!(nbd_simple(&mut b[0], 0, 5, 0, 512, &[]).0, 0);
+    drop(conns);
+    // A wrong export name: a clear error naming it.
+    let e = tandem_csi::nbd_kernel::handshake(&sock, "tdm-nope", 1, Duration::from_secs(5))
+        .expect_err("unknown export accepted");
+    assert!(format!("{e:#}").contains("tdm-nope"), "{e:#}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `--attacher nbd` on a kernel without the nbd driver: the plugin refuses
+/// to start and says why; `auto` starts (with nbdfuse + loop).
+#[test]
+fn attacher_nbd_without_the_kernel_driver_refuses_to_start() {
+    if tandem_csi::nbd_kernel::available() {
+        eprintln!("skipping: this kernel has the nbd driver (see the kernel nbd test)");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-csi-att-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem-csi"))
+        .args(["--endpoint"])
+        .arg(format!("unix://{}", dir.path().join("csi.sock").display()))
+        .args(["node", "--node-id", "n1", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--attacher", "nbd"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tandem-csi node --attacher nbd started without a kernel nbd driver");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("--attacher nbd") && err.contains("no nbd driver"),
+        "{err}"
+    );
+}
+
+/// With the kernel nbd driver: a block volume staged as `/dev/nbdN`
+/// (netlink), written and read through a pod's bind mount, grown online by
+/// NodeExpandVolume with its data, and gone after unstage.
+#[test]
+fn block_volume_through_the_kernel_nbd_attacher_grows_online() {
+    let Some(bins) = tandem_bins() else { return };
+    if !tandem_csi::nbd_kernel::available() {
+        eprintln!(
+            "skipping: no kernel nbd module (the nbd generic netlink family is not registered)"
+        );
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: kernel nbd devices need root");
+        return;
+    }
+    let _serial = heavy_lock();
+    let d = node_driver_with(Some(bins), "nbd");
+    let _cleanup = Cleanup(d.path().to_path_buf());
+    let id = "tdm-knbd";
+    let t1 = d.path().join("pods/p1/dev");
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    block_on(async {
+        let mut n = d.node_client().await;
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+        n.node_publish_volume(publish_req(&d, id, &t1, rwo_block(), false))
+            .await
+            .unwrap();
+        assert!(loops_under(d.path()).is_empty(), "a loop device was used");
+        let meta = std::fs::metadata(&t1).unwrap();
+        assert!(meta.file_type().is_block_device());
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(libc::major(meta.rdev()), 43, "not an nbd device");
+        write_read_block(&t1, 5 << 20, &data);
+        assert_eq!(sys_size(&t1), VOL);
+        // Online growth.
+        n.node_expand_volume(expand_req(id, &t1, 2 * VOL))
+            .await
+            .unwrap();
+        assert_eq!(sys_size(&t1), 2 * VOL);
+        assert!(read_block(&t1, 5 << 20, data.len()) == data);
+        write_read_block(&t1, VOL + (1 << 20), &data);
+        n.node_unpublish_volume(unpublish_req(id, &t1))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
+    });
+    assert!(
+        tandem_csi::nbd_kernel::devices_serving(id).is_empty(),
+        "an nbd device still serves {id}"
+    );
+    assert_nothing_left(&d);
+}
+
+/// The size of a block device.
+fn sys_size(dev: &Path) -> u64 {
+    let mut f = std::fs::File::open(dev).unwrap();
+    f.seek(SeekFrom::End(0)).unwrap()
 }

@@ -242,6 +242,8 @@ address = "127.0.0.1"
                 .expect("temp dir");
             let args = vec![
                 "node".to_string(),
+                "--attacher".into(),
+                "nbdfuse".into(),
                 "--node-id".into(),
                 id.into(),
                 "--topology".into(),
