@@ -120,14 +120,18 @@ fn segment_of(t: &csi::Topology) -> Segment {
         .collect()
 }
 
-/// Where the volume is accessible from. A replicated volume: every node of
-/// its replicas' zones (a node without a replica attaches as a diskless
-/// client). Otherwise only the replica nodes themselves.
+/// Where the volume is accessible from. A replicated single-primary
+/// volume: every node of its replicas' zones (a node without a replica
+/// attaches as a diskless client). A volume for live migration
+/// (`allow_two_primaries`) or one the driver does not replicate: only the
+/// replica nodes themselves — a migration's target must hold a replica
+/// (remote attach is single-node), so the scheduler must not pick another.
 fn topology_of(rec: &VolumeRecord) -> Vec<csi::Topology> {
     let mut out: Vec<csi::Topology> = Vec::new();
+    let per_node = !rec.replicated() || rec.allow_two_primaries;
     for r in &rec.replicas {
         let mut segments = HashMap::from([(rec.params.topology_key.clone(), r.zone.clone())]);
-        if !rec.replicated() {
+        if per_node {
             segments.insert(NODE_TOPOLOGY_KEY.to_string(), r.node.clone());
         }
         let t = csi::Topology { segments };

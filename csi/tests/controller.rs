@@ -1401,6 +1401,21 @@ address = "10.9.9.9"
         );
         assert_eq!(record(&rwo.volume_id)["allow_two_primaries"], false);
         assert_eq!(record(&rwx.volume_id)["allow_two_primaries"], true);
+        // A single-primary replicated volume is accessible from its zones
+        // (remote attach); a live-migration volume only from its replica
+        // nodes, so a migration target always holds a replica.
+        let nodes = |v: &csi::Volume| -> BTreeSet<Option<String>> {
+            v.accessible_topology
+                .iter()
+                .map(|t| t.segments.get(NODE).cloned())
+                .collect()
+        };
+        assert_eq!(nodes(&rwo), BTreeSet::from([None]), "{rwo:?}");
+        assert_eq!(
+            nodes(&rwx),
+            BTreeSet::from([Some("a".to_string()), Some("b".to_string())]),
+            "{rwx:?}"
+        );
         // The range is used up on 127.0.0.1.
         let msg = expect_code(
             c.create_volume(create("third", rwo_block())).await,
