@@ -175,19 +175,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .ok_or_else(|| anyhow::anyhow!("--topology {t:?}: expected KEY=VALUE"))?;
                     labels.insert(k.to_string(), v.to_string());
                 }
+                let mut required_programs: Vec<PathBuf> = vec![
+                    tandemd.clone(),
+                    tandemctl.clone(),
+                    "mount".into(),
+                    "umount".into(),
+                    "blkid".into(),
+                ];
+                let mut required_devices: Vec<PathBuf> = Vec::new();
+                // The kernel nbd attacher needs neither FUSE nor loop
+                // devices; `auto` may fall back to them.
+                if attacher != tandem_csi::node::Attacher::Nbd {
+                    required_programs.extend(["nbdfuse", "fusermount3", "losetup"].map(PathBuf::from));
+                    required_devices.extend(["/dev/fuse", "/dev/loop-control"].map(PathBuf::from));
+                }
                 let identity = IdentityService {
-                    required_programs: [
-                        tandemd.clone(),
-                        tandemctl.clone(),
-                        "nbdfuse".into(),
-                        "fusermount3".into(),
-                        "losetup".into(),
-                        "mount".into(),
-                        "umount".into(),
-                        "blkid".into(),
-                    ]
-                    .into(),
-                    required_devices: ["/dev/fuse".into(), "/dev/loop-control".into()].into(),
+                    required_programs,
+                    required_devices,
                 };
                 for m in identity.missing() {
                     tracing::warn!("missing {m}: Probe reports not ready until it is installed");
