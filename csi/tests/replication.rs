@@ -1049,23 +1049,29 @@ fn a_node_without_a_replica_attaches_remotely_through_both_replicas() {
         return;
     }
     let _serial = heavy_lock();
-    let cl = Cluster::start_with(bins, true);
+    let mut cl = Cluster::start_with(bins, true);
     let _cleanup = cl.cleanup();
     let v = create(&cl, "pvc-remote", rwo_block());
     assert_eq!(replica_nodes(&v), ["a", "b"]);
     let id = v.volume_id.clone();
     cl.wait_connected(&id);
+    let dirs: Vec<(&str, PathBuf)> = ["a", "b"]
+        .iter()
+        .map(|n| (*n, cl.node(n).path().to_path_buf()))
+        .collect();
     let conf = |n: &str| {
         std::fs::read_to_string(
-            cl.node(n)
-                .path()
+            dirs.iter()
+                .find(|(m, _)| *m == n)
+                .map(|(_, p)| p.clone())
+                .unwrap_or_default()
                 .join("state/rep")
                 .join(&id)
                 .join("tandemd.toml"),
         )
         .unwrap_or_default()
     };
-    block_on(async {
+    let dev = block_on(async {
         let t = Instant::now();
         let dev = attach(&cl, "c", &v, rwo_block())
             .await
@@ -1084,6 +1090,34 @@ fn a_node_without_a_replica_attaches_remotely_through_both_replicas() {
             !cl.backing("c", &id).exists(),
             "a diskless client stored the volume on its node"
         );
+        dev
+    });
+    // A plugin restart on c keeps the client's tandemd (same pid, still
+    // Primary) and its device: the data reads back through it.
+    let client_pid = |cl: &Cluster| {
+        std::fs::read_to_string(
+            cl.node("c")
+                .path()
+                .join("state/rep")
+                .join(&id)
+                .join("tandemd.pid"),
+        )
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .unwrap_or(0)
+    };
+    let before = client_pid(&cl);
+    assert!(before > 0);
+    {
+        let c = cl.c.as_mut().expect("c");
+        c.stop();
+        c.start();
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // a reconcile pass
+    assert_eq!(client_pid(&cl), before, "the agent restarted the client");
+    assert_eq!(cl.status("c", &id)["role"], "Primary");
+    fio(&dev, 21, true);
+    block_on(async {
         detach(&cl, "c", &id).await;
         let rep_c = cl.c.as_ref().expect("c").path().join("state/rep").join(&id);
         cl.wait(
