@@ -272,6 +272,9 @@ where
     buf
 }
 
+/// How long a netlink request may wait for the kernel's answer.
+const NETLINK_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A generic netlink socket.
 struct Genl {
     sock: Socket,
@@ -283,6 +286,24 @@ impl Genl {
         let mut sock = Socket::new(NETLINK_GENERIC)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
+        // A kernel that never answers must not hang a CSI call forever.
+        let tv = libc::timeval {
+            tv_sec: NETLINK_TIMEOUT.as_secs() as libc::time_t,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt on a socket we own, with a valid timeval.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(Genl { sock, seq: 0 })
     }
 
