@@ -298,21 +298,8 @@ impl Agent {
 
     fn config_text(&self, rec: &VolumeRecord) -> Result<String> {
         let node = &self.cfg.node_id;
-        let (member, listen) = match member(rec, node) {
-            Some(Member::Replica) => (
-                Member::Replica,
-                rec.replicas
-                    .iter()
-                    .find(|r| &r.node == node)
-                    .and_then(|r| r.address),
-            ),
-            Some(Member::Client) => (
-                Member::Client,
-                rec.clients
-                    .iter()
-                    .find(|c| &c.node == node)
-                    .map(|c| c.address),
-            ),
+        let client = match member(rec, node) {
+            Some(m) => m == Member::Client,
             None => {
                 return Err(Error::FailedPrecondition(format!(
                     "node {node} holds no replica of {} and is not its client",
@@ -320,7 +307,17 @@ impl Agent {
                 )))
             }
         };
-        let client = member == Member::Client;
+        let listen = if client {
+            rec.clients
+                .iter()
+                .find(|c| &c.node == node)
+                .map(|c| c.address)
+        } else {
+            rec.replicas
+                .iter()
+                .find(|r| &r.node == node)
+                .and_then(|r| r.address)
+        };
         // Every replica but this node, then (on a replica) the clients.
         let mut peers: Vec<PeerToml> = rec
             .replicas
@@ -694,7 +691,7 @@ impl Agent {
     ) -> Result<()> {
         let id = &rec.id;
         let client = member(rec, &self.cfg.node_id) == Some(Member::Client);
-        if rec.replicas.len() > 1 || !rec.clients.is_empty() || client {
+        if rec.replicas.len() > 1 || !rec.clients.is_empty() {
             let deadline = Instant::now() + PEER_WAIT;
             let mut last = serde_json::Value::Null;
             loop {

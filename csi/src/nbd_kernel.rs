@@ -37,9 +37,9 @@ use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
 use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
 use tandem_core::nbd::{
-    decode_option_reply_header, encode_info_request, encode_option, info, opt, rep, tflag,
-    CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, GREETING_LEN, IHAVEOPT, NBDMAGIC,
-    OPTION_REPLY_HEADER_LEN,
+    decode_info_reply, decode_option_reply_header, encode_info_request, encode_option, info, opt,
+    rep, tflag, InfoReply, CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, GREETING_LEN,
+    IHAVEOPT, NBDMAGIC, OPTION_REPLY_HEADER_LEN,
 };
 
 /// The generic netlink family of the kernel's nbd driver.
@@ -570,15 +570,11 @@ fn handshake_one(
         let d = read_exact(&mut s, h.length as usize)?;
         match h.reply {
             rep::ACK => break,
-            rep::INFO if d.len() >= 2 => {
-                let kind = u16::from_be_bytes([d[0], d[1]]);
-                if kind == info::EXPORT && d.len() == 12 {
-                    let size = u64::from_be_bytes(d[2..10].try_into()?);
-                    size_flags = Some((size, u16::from_be_bytes([d[10], d[11]])));
-                } else if kind == info::BLOCK_SIZE && d.len() == 14 {
-                    min_block = u32::from_be_bytes(d[2..6].try_into()?);
-                }
-            }
+            rep::INFO => match decode_info_reply(&d) {
+                InfoReply::Export { size, flags } => size_flags = Some((size, flags)),
+                InfoReply::BlockSize(b) => min_block = b.minimum,
+                InfoReply::Other => {}
+            },
             r if r & (1 << 31) != 0 => bail!(
                 "NBD server refused export {name:?}: {}",
                 String::from_utf8_lossy(&d)
@@ -607,14 +603,19 @@ fn handshake_one(
 /// returns the device index and the export.
 pub fn attach(socket: &Path, name: &str, connections: usize) -> anyhow::Result<(u32, Export)> {
     let mut nbd = Nbd::open()?;
-    let (_probe, e) = handshake(socket, name, 1, Duration::from_secs(10))?;
-    let n = if e.flags & tflag::CAN_MULTI_CONN != 0 {
-        connections.max(1)
-    } else {
-        1
-    };
-    drop(_probe);
-    let (socks, export) = handshake(socket, name, n, Duration::from_secs(10))?;
+    let timeout = Duration::from_secs(10);
+    let (mut socks, export) = handshake(socket, name, 1, timeout)?;
+    // More connections only where the export allows them (multi-conn).
+    if export.flags & tflag::CAN_MULTI_CONN != 0 && connections > 1 {
+        let (more, again) = handshake(socket, name, connections - 1, timeout)?;
+        if again != export {
+            bail!(
+                "NBD server at {}: connections disagree on the export",
+                socket.display()
+            );
+        }
+        socks.extend(more);
+    }
     let req = ConnectRequest {
         size: export.size,
         block_size: u64::from(export.min_block.clamp(512, 4096)),

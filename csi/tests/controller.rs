@@ -1296,6 +1296,28 @@ fn a_broken_inventory_stops_startup_naming_file_and_field() {
     );
 }
 
+/// A controller on `inventory` with `--replication-ports ports`, its record
+/// directory next to it.
+fn replicating_controller(inventory: &str, ports: &str) -> (Driver, std::path::PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-csi-")
+        .tempdir()
+        .expect("temp dir");
+    let inv = dir.path().join("nodes.toml");
+    std::fs::write(&inv, inventory).unwrap();
+    let volumes = dir.path().join("volumes");
+    let args = vec![
+        "controller".to_string(),
+        "--state-dir".into(),
+        volumes.display().to_string(),
+        "--nodes".into(),
+        inv.display().to_string(),
+        "--replication-ports".into(),
+        ports.into(),
+    ];
+    (Driver::start_with(dir, args, &[]), volumes)
+}
+
 /// Replication addresses: each replica gets its node's inventory address and
 /// the lowest free port of `--replication-ports` on that address, persisted
 /// in the record; an exhausted range is `RESOURCE_EXHAUSTED`; a deleted
@@ -1304,14 +1326,8 @@ fn a_broken_inventory_stops_startup_naming_file_and_field() {
 /// `FAILED_PRECONDITION`).
 #[test]
 fn replicated_volumes_get_distinct_persisted_addresses_and_only_rwx_two_primaries() {
-    let dir = tempfile::Builder::new()
-        .prefix("tandem-csi-")
-        .tempdir()
-        .expect("temp dir");
-    let inv = dir.path().join("nodes.toml");
-    std::fs::write(
-        &inv,
-        format!(
+    let (d, volumes) = replicating_controller(
+        &format!(
             r#"
 [[node]]
 name = "a"
@@ -1330,19 +1346,8 @@ topology = {{ "{ZONE}" = "room-c" }}
 address = "10.9.9.9"
 "#
         ),
-    )
-    .unwrap();
-    let volumes = dir.path().join("volumes");
-    let args = vec![
-        "controller".to_string(),
-        "--state-dir".into(),
-        volumes.display().to_string(),
-        "--nodes".into(),
-        inv.display().to_string(),
-        "--replication-ports".into(),
-        "9000-9003".into(),
-    ];
-    let d = Driver::start_with(dir, args, &[]);
+        "9000-9003",
+    );
     let record = |id: &str| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(volumes.join(format!("{id}.json"))).unwrap())
             .unwrap()
@@ -1486,14 +1491,8 @@ address = "10.9.9.9"
 /// unpublishing removes the client.
 #[test]
 fn a_node_without_a_replica_is_published_as_a_diskless_client_with_its_own_address() {
-    let dir = tempfile::Builder::new()
-        .prefix("tandem-csi-")
-        .tempdir()
-        .expect("temp dir");
-    let inv = dir.path().join("nodes.toml");
-    std::fs::write(
-        &inv,
-        format!(
+    let (d, volumes) = replicating_controller(
+        &format!(
             r#"
 [[node]]
 name = "a"
@@ -1516,19 +1515,8 @@ capacity_bytes = 0
 topology = {{ "{ZONE}" = "room-c" }}
 "#
         ),
-    )
-    .unwrap();
-    let volumes = dir.path().join("volumes");
-    let args = vec![
-        "controller".to_string(),
-        "--state-dir".into(),
-        volumes.display().to_string(),
-        "--nodes".into(),
-        inv.display().to_string(),
-        "--replication-ports".into(),
-        "9000-9010".into(),
-    ];
-    let d = Driver::start_with(dir, args, &[]);
+        "9000-9010",
+    );
     let record = |id: &str| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(volumes.join(format!("{id}.json"))).unwrap())
             .unwrap()

@@ -152,6 +152,14 @@ struct Cluster {
     tandemctl: PathBuf,
 }
 
+/// The pid in a pid file, 0 when there is none.
+fn pid(file: &Path) -> u32 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn");
     assert!(
@@ -625,12 +633,6 @@ fn replicated_volume_moves_between_nodes_with_its_data_and_delete_removes_both_r
     assert_eq!(cl.status("b", &id)["role"], "Secondary");
     // The agent keeps its replica running: kill -9 b's tandemd, it comes back.
     let pidfile = cl.b.path().join("state/rep").join(&id).join("tandemd.pid");
-    let pid = |f: &Path| -> u32 {
-        std::fs::read_to_string(f)
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0)
-    };
     let old = pid(&pidfile);
     assert!(old > 0);
     // SAFETY: kill(2) on the tandemd the agent started for this test.
@@ -1094,19 +1096,13 @@ fn a_node_without_a_replica_attaches_remotely_through_both_replicas() {
     });
     // A plugin restart on c keeps the client's tandemd (same pid, still
     // Primary) and its device: the data reads back through it.
-    let client_pid = |cl: &Cluster| {
-        std::fs::read_to_string(
-            cl.node("c")
-                .path()
-                .join("state/rep")
-                .join(&id)
-                .join("tandemd.pid"),
-        )
-        .ok()
-        .and_then(|t| t.trim().parse::<u32>().ok())
-        .unwrap_or(0)
-    };
-    let before = client_pid(&cl);
+    let pidfile_c = cl
+        .node("c")
+        .path()
+        .join("state/rep")
+        .join(&id)
+        .join("tandemd.pid");
+    let before = pid(&pidfile_c);
     assert!(before > 0);
     {
         let c = cl.c.as_mut().expect("c");
@@ -1114,7 +1110,7 @@ fn a_node_without_a_replica_attaches_remotely_through_both_replicas() {
         c.start();
     }
     std::thread::sleep(Duration::from_millis(1500)); // a reconcile pass
-    assert_eq!(client_pid(&cl), before, "the agent restarted the client");
+    assert_eq!(pid(&pidfile_c), before, "the agent restarted the client");
     assert_eq!(cl.status("c", &id)["role"], "Primary");
     fio(&dev, 21, true);
     block_on(async {

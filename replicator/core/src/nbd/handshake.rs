@@ -110,6 +110,42 @@ pub struct BlockSizes {
     pub maximum: u32,
 }
 
+/// One `NBD_REP_INFO` reply as a client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InfoReply {
+    /// `NBD_INFO_EXPORT`: size and transmission flags.
+    Export {
+        /// Size in bytes.
+        size: u64,
+        /// Transmission flags (see [`tflag`]).
+        flags: u16,
+    },
+    /// `NBD_INFO_BLOCK_SIZE`.
+    BlockSize(BlockSizes),
+    /// Another information type, or one of the wrong length.
+    Other,
+}
+
+/// Decodes the data of an `NBD_REP_INFO` option reply (client side).
+pub fn decode_info_reply(data: &[u8]) -> InfoReply {
+    let u32_at = |i: usize| u32::from_be_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
+    match (
+        data.get(..2).map(|k| u16::from_be_bytes([k[0], k[1]])),
+        data.len(),
+    ) {
+        (Some(info::EXPORT), 12) => InfoReply::Export {
+            size: u64::from_be_bytes(data[2..10].try_into().expect("8 bytes")),
+            flags: u16::from_be_bytes([data[10], data[11]]),
+        },
+        (Some(info::BLOCK_SIZE), 14) => InfoReply::BlockSize(BlockSizes {
+            minimum: u32_at(2),
+            preferred: u32_at(6),
+            maximum: u32_at(10),
+        }),
+        _ => InfoReply::Other,
+    }
+}
+
 /// What the server tells a client about one export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportInfo {
@@ -491,6 +527,21 @@ mod tests {
         let types: Vec<u32> = r.iter().map(|x| x.0).collect();
         assert_eq!(types, vec![rep::INFO, rep::INFO, rep::INFO, rep::ACK]);
         assert_eq!(&r[1].1[..2], &info::BLOCK_SIZE.to_be_bytes());
+        // What a client decodes from them.
+        let decoded: Vec<InfoReply> = r[..3].iter().map(|x| decode_info_reply(&x.1)).collect();
+        assert!(decoded.contains(&InfoReply::Export {
+            size: 1 << 20,
+            flags: tflag::HAS_FLAGS | tflag::SEND_FLUSH,
+        }));
+        assert!(decoded.contains(&InfoReply::BlockSize(BlockSizes {
+            minimum: 512,
+            preferred: 4096,
+            maximum: 1 << 25,
+        })));
+        assert!(decoded.contains(&InfoReply::Other)); // NBD_INFO_NAME
+                                                      // Truncated or unknown data is not misread.
+        assert_eq!(decode_info_reply(&r[0].1[..5]), InfoReply::Other);
+        assert_eq!(decode_info_reply(&[]), InfoReply::Other);
     }
 
     #[test]

@@ -6,9 +6,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use tandem_core::nbd::{
-    self, chunk, cmdflag, decode_option_reply_header, decode_reply_header, encode_info_request,
-    encode_option, info, opt, rep, reply_header_len, BlockSizes, Command, ReplyHeader, Request,
-    CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, GREETING_LEN, OPTION_REPLY_HEADER_LEN,
+    self, chunk, cmdflag, decode_info_reply, decode_option_reply_header, decode_reply_header,
+    encode_info_request, encode_option, info, opt, rep, reply_header_len, BlockSizes, Command,
+    InfoReply, ReplyHeader, Request, CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES,
+    GREETING_LEN, OPTION_REPLY_HEADER_LEN,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufStream};
 use tokio::net::UnixStream;
@@ -69,23 +70,11 @@ impl Client {
             let (reply, data) = read_option_reply(&mut s).await?;
             match reply {
                 rep::ACK => break,
-                rep::INFO if data.len() >= 2 => {
-                    let kind = u16::from_be_bytes([data[0], data[1]]);
-                    if kind == info::EXPORT && data.len() == 12 {
-                        let size = u64::from_be_bytes(data[2..10].try_into()?);
-                        let flags = u16::from_be_bytes([data[10], data[11]]);
-                        size_flags = Some((size, flags));
-                    } else if kind == info::BLOCK_SIZE && data.len() == 14 {
-                        let g = |i: usize| {
-                            u32::from_be_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]])
-                        };
-                        block_sizes = Some(BlockSizes {
-                            minimum: g(2),
-                            preferred: g(6),
-                            maximum: g(10),
-                        });
-                    }
-                }
+                rep::INFO => match decode_info_reply(&data) {
+                    InfoReply::Export { size, flags } => size_flags = Some((size, flags)),
+                    InfoReply::BlockSize(b) => block_sizes = Some(b),
+                    InfoReply::Other => {}
+                },
                 r if r & (1 << 31) != 0 => {
                     bail!(
                         "server refused export {export:?}: {}",
