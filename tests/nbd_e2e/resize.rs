@@ -127,11 +127,11 @@ fn resize_grows_a_live_volume_keeping_data_and_zeroing_the_new_area() {
     });
 }
 
-/// A replicated volume is grown offline, one replica at a time: online
-/// growth is refused with the way to do it; while the sizes differ the
-/// replicas refuse to connect (nothing diverges); once both are grown they
-/// connect, the old data is intact on both and writes to the new area are
-/// replicated (both backings' data areas byte-identical).
+/// A replicated volume is grown offline, one replica at a time: while the
+/// sizes differ the replicas refuse to connect (nothing diverges); once
+/// both are grown they connect, the old data is intact on both and writes
+/// to the new area are replicated (both backings' data areas
+/// byte-identical).
 #[test]
 fn a_replicated_volume_grows_offline_one_replica_at_a_time() {
     use crate::repl_common::{
@@ -147,16 +147,6 @@ fn a_replicated_volume_grows_offline_one_replica_at_a_time() {
         c.disconnect().await.expect("disconnect");
     });
     assert_same_data(&a, &b, "before growing");
-
-    let out = run(Command::new(tandemctl())
-        .args(["resize", "vol", &big.to_string(), "--admin-socket"])
-        .arg(a.admin_socket()));
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("is replicated") && err.contains("--offline"),
-        "{err}"
-    );
 
     let offline = |d: &Daemon| {
         run_ok(
@@ -212,4 +202,84 @@ fn a_replicated_volume_grows_offline_one_replica_at_a_time() {
     assert!(da == db, "data areas differ after growth");
     assert_eq!(&da[(big - MIB) as usize..], &tail[..]);
     assert_eq!(&da[(SIZE - MIB) as usize..SIZE as usize], &old[..]);
+}
+
+/// R29: a replicated volume grows online, coordinated by its Primary, while
+/// fio (`verify=crc32c`) writes through the Primary's export: the Secondary
+/// grows first, then the Primary; the replicas stay connected; fio verifies
+/// every block it wrote; new NBD connections see the new size, a write to
+/// the new area lands on both backings, and both data areas are
+/// byte-identical. The Secondary refuses to coordinate while the Primary
+/// is connected; shrinking is refused.
+#[test]
+fn a_replicated_volume_grows_online_while_fio_writes() {
+    use crate::repl_common::{
+        connected_loopback_pair, data_area, fio, fio_cmd, peer_connected, SIZE,
+    };
+    let _heavy = tandem_tests::heavy_lock();
+    let (_certs, a, b) = connected_loopback_pair();
+    // 64 MiB to 192 MiB: the bitmap slots move on disk (all clear).
+    let big = 3 * SIZE;
+    let grow = |d: &Daemon, size: u64| {
+        run(Command::new(tandemctl())
+            .args(["resize", "vol", &size.to_string(), "--admin-socket"])
+            .arg(d.admin_socket()))
+    };
+    let out = grow(&b, big);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("peer alpha is Primary"), "{err}");
+
+    let mut writer = fio_cmd(&a.uri("vol"), false, &["--loops=4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio");
+    std::thread::sleep(Duration::from_millis(700));
+    let out = grow(&a, big);
+    assert!(
+        out.status.success(),
+        "online resize failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("grown from"));
+    assert!(
+        writer.try_wait().expect("fio").is_none(),
+        "fio finished before the growth did: it did not overlap"
+    );
+    let done = writer.wait_with_output().expect("fio");
+    assert!(
+        done.status.success(),
+        "fio during the growth: {}{}",
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(!grow(&a, SIZE).status.success(), "shrinking");
+    for d in [&a, &b] {
+        assert_eq!(d.export_status("vol")["size"], big);
+        assert_eq!(inspect(d.backing("vol"))["size"], big);
+    }
+    assert!(
+        peer_connected(&a) && peer_connected(&b),
+        "replicas stayed connected"
+    );
+    assert!(!a.log().contains("size mismatch") && !b.log().contains("size mismatch"));
+
+    let tail = Rng::new(9).bytes(MIB as usize);
+    block_on(async {
+        let mut c = a.client("vol").await;
+        assert_eq!(c.export.size, big);
+        let mut got = vec![0; MIB as usize];
+        c.read(SIZE, &mut got).await.expect("read new area");
+        assert!(got.iter().all(|&x| x == 0), "new area not zero");
+        c.write(big - MIB, &tail, true)
+            .await
+            .expect("write new area");
+        c.disconnect().await.expect("disconnect");
+    });
+    fio(&a.uri("vol"), true);
+    let (da, db) = (data_area(&a, big), data_area(&b, big));
+    let first_diff = da.iter().zip(&db).position(|(x, y)| x != y);
+    assert_eq!(first_diff, None, "data areas differ after online growth");
+    assert_eq!(&da[(big - MIB) as usize..], &tail[..]);
 }

@@ -418,6 +418,18 @@ impl Bitmap {
         }
     }
 
+    /// Grows the bitmap to cover `size` bytes (the volume grew): the new
+    /// bits are clear, the old ones keep their value. A smaller `size` is
+    /// ignored.
+    pub fn grow(&mut self, size: u64) {
+        if size <= self.size {
+            return;
+        }
+        self.size = size;
+        self.nbits = size.div_ceil(self.chunk);
+        self.words.resize(self.nbits.div_ceil(64) as usize, 0);
+    }
+
     /// A bitmap read from disk: `bytes` holds the slot's pages (at least
     /// `ceil(nbits / 8)` bytes; bits past the end of the volume are ignored).
     pub fn from_bytes(size: u64, chunk: u32, bytes: &[u8]) -> Bitmap {

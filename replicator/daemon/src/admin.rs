@@ -212,12 +212,37 @@ async fn resize(exports: &Exports, name: &str, size: u64) -> AdminResponse {
     let Some(export) = exports.get(name).filter(|_| !name.is_empty()) else {
         return failure(format!("no export named {name:?}"));
     };
-    if export.replicator.is_some() {
-        // The replica state machine, its bitmaps and the peers' sizes are
-        // fixed at start; online growth of a replicated volume is not built.
-        return failure(format!(
-            "export {name:?} is replicated: online growth of replicated volumes is not supported yet; grow every replica offline (stop tandemd, `tandemctl resize --offline BACKING SIZE`, start)"
-        ));
+    if let Some(r) = &export.replicator {
+        // R29: this node coordinates; every connected replica grows first.
+        if let Err(e) = export.volume.check_grow(size).await {
+            return failure(format!("resize refused: {e}"));
+        }
+        return match r.grow(size).await {
+            Ok(Ok(rep)) => {
+                let mut resp = AdminResponse {
+                    ok: true,
+                    error: None,
+                    status: None,
+                    peers: None,
+                    previous_size: Some(rep.from),
+                };
+                if !rep.failed.is_empty() {
+                    let names: Vec<String> = rep
+                        .failed
+                        .iter()
+                        .map(|(p, why)| format!("{p}: {why}"))
+                        .collect();
+                    resp.error = Some(format!(
+                        "grown, but these peers did not grow and are disconnected until grown to {size} bytes: {}",
+                        names.join("; ")
+                    ));
+                }
+                tracing::info!(export = %name, from = rep.from, to = size, "replicated export grown by admin request");
+                resp
+            }
+            Ok(Err(e)) => failure(format!("resize refused: {e}")),
+            Err(_) => failure(format!("export {name:?}: replication driver stopped")),
+        };
     }
     match export.volume.grow(size).await {
         Ok(before) => {

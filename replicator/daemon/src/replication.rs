@@ -126,6 +126,27 @@ enum Msg {
         mark: bool,
         reply: oneshot::Sender<Result<(), VerifyError>>,
     },
+    /// Online growth asked by the operator (R29).
+    Grow {
+        size: u64,
+        reply: oneshot::Sender<Result<GrowReport, String>>,
+    },
+    /// The local disk finished growing ([`Output::Grow`]).
+    Grown {
+        size: u64,
+        result: Result<(), String>,
+    },
+}
+
+/// The outcome of a growth this node coordinated (R29).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrowReport {
+    /// The size before.
+    pub from: u64,
+    /// The size now.
+    pub size: u64,
+    /// Peers that did not grow (name, why): disconnected until grown too.
+    pub failed: Vec<(String, String)>,
 }
 
 /// A handle to a running replication driver. Cheap to clone.
@@ -204,6 +225,7 @@ impl Replicator {
             metrics: metrics.clone(),
             ready: Vec::new(),
             quorum,
+            grow_reply: None,
         };
         tokio::spawn(driver.run(rx));
         Replicator {
@@ -325,6 +347,16 @@ impl Replicator {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Verify { peer, mark, reply })
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Grows the volume online on this node and every connected replica
+    /// (R29); answers once done. `Err` names why it was refused or failed.
+    pub async fn grow(&self, size: u64) -> Result<Result<GrowReport, String>, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Grow { size, reply })
             .map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
     }
@@ -590,6 +622,8 @@ struct Driver {
     /// Frontend reads in the replica (R23).
     reads: HashMap<ReqId, oneshot::Sender<Result<bytes::Bytes, i32>>>,
     detached: Arc<AtomicBool>,
+    /// The operator waiting for a growth this node coordinates.
+    grow_reply: Option<oneshot::Sender<Result<GrowReport, String>>>,
 }
 
 impl Driver {
@@ -747,6 +781,40 @@ impl Driver {
                 }
                 let _ = reply.send(res);
             }
+            Msg::Grow { size, reply } => {
+                if self.grow_reply.is_some() {
+                    let _ =
+                        reply.send(Err("a growth is in progress; retry when it finished".into()));
+                    return;
+                }
+                let from = self.replica.size();
+                match self.replica.grow(now, size) {
+                    Ok(true) => self.grow_reply = Some(reply),
+                    Ok(false) => {
+                        let _ = reply.send(Ok(GrowReport {
+                            from,
+                            size,
+                            failed: Vec::new(),
+                        }));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+            Msg::Grown { size, result } => {
+                if result.is_ok() {
+                    // Bitmap pages go where the new size puts them.
+                    match self
+                        .volume
+                        .bitmap_layout(self.replica.config().bitmap_chunk)
+                    {
+                        Ok(l) => self.layout = l,
+                        Err(e) => warn!(error = %e, "bitmap layout after growth"),
+                    }
+                }
+                self.replica.grown(now, size, result);
+            }
             Msg::Status(reply) => {
                 let ids: Vec<PeerId> = (0..self.replica.config().peers.len())
                     .filter_map(|i| u8::try_from(i).ok())
@@ -848,9 +916,42 @@ impl Driver {
                         let _ = tx.send(Msg::ReadDone { io, result });
                     });
                 }
+                Output::Grow { size } => {
+                    let volume = self.volume.clone();
+                    let tx = self.tx.clone();
+                    let diskless = self.replica.config().diskless;
+                    tokio::spawn(async move {
+                        let result = if diskless {
+                            volume.grow_diskless(size)
+                        } else {
+                            volume
+                                .grow(size)
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        };
+                        let _ = tx.send(Msg::Grown { size, result });
+                    });
+                }
                 Output::Event(e) => {
                     if let Event::Detached { .. } = e {
                         self.detached.store(true, Ordering::Release);
+                    }
+                    if let Event::GrowFinished {
+                        from,
+                        size,
+                        coordinator: true,
+                        result,
+                        failed,
+                    } = &e
+                    {
+                        if let Some(reply) = self.grow_reply.take() {
+                            let _ = reply.send(result.clone().map(|()| GrowReport {
+                                from: *from,
+                                size: *size,
+                                failed: failed.clone(),
+                            }));
+                        }
                     }
                     self.metrics.event(&e);
                     log_event(&e);
@@ -884,6 +985,26 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 fn log_event(e: &Event) {
     match e {
+        Event::GrowFinished {
+            from,
+            size,
+            coordinator,
+            result: Ok(()),
+            failed,
+        } => {
+            info!(from, to = size, coordinator, "replicated volume grown");
+            for (peer, why) in failed {
+                warn!(%peer, %why, "peer did not grow: disconnected until it is grown to the same size");
+            }
+        }
+        Event::GrowFinished {
+            from,
+            size,
+            result: Err(why),
+            ..
+        } => {
+            warn!(size = from, to = size, %why, "growing the replica failed; it keeps its size");
+        }
         Event::ActivityLogRecovered { extents, bytes } => {
             warn!(
                 extents,

@@ -114,6 +114,8 @@ pub struct Volume {
     read_only: bool,
     /// One growth at a time.
     grow_lock: tokio::sync::Mutex<()>,
+    /// A diskless client's volume (no backing).
+    diskless: bool,
 }
 
 /// Why a volume cannot grow.
@@ -250,6 +252,7 @@ impl Volume {
             engine,
             read_only: false,
             grow_lock: tokio::sync::Mutex::new(()),
+            diskless: true,
         })
     }
 
@@ -336,6 +339,7 @@ impl Volume {
             engine,
             read_only,
             grow_lock: tokio::sync::Mutex::new(()),
+            diskless: false,
         })
     }
 
@@ -346,6 +350,43 @@ impl Volume {
             .unwrap_or_else(|e| e.into_inner())
             .0
             .clone()
+    }
+
+    /// Checks that the superblock allows growing to `new_size` (not
+    /// smaller, block-aligned, within what the metadata area holds) without
+    /// changing anything; [`Volume::grow`] checks again.
+    pub async fn check_grow(&self, new_size: u64) -> Result<(), GrowError> {
+        if self.diskless {
+            return Ok(());
+        }
+        let p = self.path.display().to_string();
+        if self.read_only {
+            return Err(GrowError::ReadOnly(p));
+        }
+        let chunk = self.meta_chunk().await?;
+        self.superblock()
+            .grown(new_size, chunk)
+            .map(|_| ())
+            .map_err(|source| GrowError::Refused { path: p, source })
+    }
+
+    /// The bitmap granularity: the replica record's, or the default for a
+    /// volume never replicated.
+    async fn meta_chunk(&self) -> Result<u32, GrowError> {
+        let io = |why: String| GrowError::Io {
+            path: self.path.display().to_string(),
+            why,
+        };
+        let rec = self
+            .read_meta(meta::RECORD_OFFSETS[0], 2 * meta::RECORD_SIZE)
+            .await
+            .map_err(|e| io(format!("reading the replica metadata: {e}")))?;
+        let (a, b) = rec.split_at(meta::RECORD_SIZE);
+        match meta::select(a, b) {
+            Ok(Some((r, _))) => Ok(r.chunk),
+            Ok(None) => Ok(meta::DEFAULT_CHUNK),
+            Err(e) => Err(io(e)),
+        }
     }
 
     /// Grows the data area online to `new_size` bytes (`docs/operations.md`,
@@ -374,18 +415,7 @@ impl Volume {
         if new_size == cur.size {
             return Ok(cur.size);
         }
-        // The bitmap granularity: the replica record's, or the default for
-        // a volume never replicated.
-        let rec = self
-            .read_meta(meta::RECORD_OFFSETS[0], 2 * meta::RECORD_SIZE)
-            .await
-            .map_err(|e| io(format!("reading the replica metadata: {e}")))?;
-        let (a, b) = rec.split_at(meta::RECORD_SIZE);
-        let chunk = match meta::select(a, b) {
-            Ok(Some((r, _))) => r.chunk,
-            Ok(None) => meta::DEFAULT_CHUNK,
-            Err(e) => return Err(io(e)),
-        };
+        let chunk = self.meta_chunk().await?;
         let new = cur
             .grown(new_size, chunk)
             .map_err(|source| GrowError::Refused {
@@ -463,6 +493,18 @@ impl Volume {
         self.size.store(new_size, Ordering::Release);
         tracing::info!(path = %p, from = cur.size, to = new_size, "volume grown");
         Ok(cur.size)
+    }
+
+    /// A diskless client's volume (R28) takes the size its replicas grew
+    /// to (R29): nothing is on disk.
+    pub fn grow_diskless(&self, new_size: u64) -> Result<(), String> {
+        let mut sb = self.superblock.lock().unwrap_or_else(|e| e.into_inner());
+        if new_size < sb.0.size {
+            return Err(format!("cannot shrink from {} to {new_size}", sb.0.size));
+        }
+        sb.0.size = new_size;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     /// Backing path.

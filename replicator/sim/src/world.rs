@@ -1307,6 +1307,9 @@ impl World {
             Output::Complete { req, result } => self.on_complete(i, req, result)?,
             // The simulator issues no FrontendRead.
             Output::ReadComplete { .. } => {}
+            // The simulator never asks a replica to grow (R29 is tested in
+            // the core's unit tests and end to end).
+            Output::Grow { size } => return Err(format!("n{i}: unexpected growth to {size}")),
             Output::Disconnect { peer, .. } => {
                 let j = node_of(i, peer);
                 self.break_link(i, j);

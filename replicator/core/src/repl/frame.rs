@@ -113,6 +113,10 @@ pub enum Kind {
     ResyncDigestRequest = 21,
     /// [`Frame::ResyncDigestReply`].
     ResyncDigestReply = 22,
+    /// [`Frame::Grow`].
+    Grow = 23,
+    /// [`Frame::GrowReply`].
+    GrowReply = 24,
 }
 
 impl Kind {
@@ -142,6 +146,8 @@ impl Kind {
             20 => ReadReply,
             21 => ResyncDigestRequest,
             22 => ResyncDigestReply,
+            23 => Grow,
+            24 => GrowReply,
             _ => return None,
         })
     }
@@ -449,6 +455,22 @@ pub enum Frame {
         /// The digests (at most [`MAX_VERIFY_DIGESTS`]).
         digests: Vec<u64>,
     },
+    /// Online growth (`docs/replication.md`, R29): the coordinator (the
+    /// Primary) asks the receiver to grow its replica to `size` bytes
+    /// before the coordinator grows its own.
+    Grow {
+        /// The new volume size in bytes (not zero).
+        size: u64,
+    },
+    /// The answer to a [`Frame::Grow`]: the receiver's size is now `size`
+    /// (`error` empty), or it could not grow (`error` says why, at most
+    /// [`MAX_REASON`] bytes of UTF-8).
+    GrowReply {
+        /// The size asked for.
+        size: u64,
+        /// Empty on success.
+        error: String,
+    },
 }
 
 /// Why bytes are not a valid frame. Any of these ends the connection.
@@ -521,6 +543,8 @@ impl Frame {
             Frame::ReadReply { .. } => Kind::ReadReply,
             Frame::ResyncDigestRequest { .. } => Kind::ResyncDigestRequest,
             Frame::ResyncDigestReply { .. } => Kind::ResyncDigestReply,
+            Frame::Grow { .. } => Kind::Grow,
+            Frame::GrowReply { .. } => Kind::GrowReply,
         }
     }
 
@@ -664,6 +688,14 @@ impl Frame {
             }
             Frame::ReadReply { id, status, data } => {
                 (*id, 0, status.to_be_bytes().to_vec(), &data[..])
+            }
+            Frame::Grow { size } => (0, 0, size.to_be_bytes().to_vec(), &[]),
+            Frame::GrowReply { size, error } => {
+                let e = truncate_utf8(error, MAX_REASON);
+                let mut p = Vec::with_capacity(8 + e.len());
+                p.put_u64(*size);
+                p.put_slice(e.as_bytes());
+                (0, 0, p, &[])
             }
         }
     }
@@ -1108,6 +1140,27 @@ fn parse(kind: Kind, fl: u16, id: u64, mut p: &[u8]) -> Result<Parsed, FrameErro
             }
             return Ok(Parsed::ReadReply { id, status });
         }
+        Kind::Grow => {
+            exact(p, 8)?;
+            let size = p.get_u64();
+            if size == 0 {
+                return Err(bad("zero size"));
+            }
+            Frame::Grow { size }
+        }
+        Kind::GrowReply => {
+            if p.len() < 8 {
+                return Err(bad("payload too short"));
+            }
+            let size = p.get_u64();
+            if p.len() > MAX_REASON {
+                return Err(bad("reason too long"));
+            }
+            let error = std::str::from_utf8(p)
+                .map_err(|_| bad("reason is not UTF-8"))?
+                .to_owned();
+            Frame::GrowReply { size, error }
+        }
     };
     Ok(Parsed::Done(f))
 }
@@ -1284,6 +1337,8 @@ mod tests {
                 status,
                 digests: Vec::new()
             }),
+            (1u64..).prop_map(|size| Frame::Grow { size }),
+            (any::<u64>(), ".{0,100}").prop_map(|(size, error)| Frame::GrowReply { size, error }),
         ]
     }
 
@@ -1531,6 +1586,45 @@ mod tests {
         malformed(reply(0, u32::MAX, 0), "too many digests");
         malformed(reply(5, 1, 1), "digests with an error status");
         malformed(raw(Kind::VerifyReply, 2, &[0; 7]), "payload too short");
+    }
+
+    #[test]
+    fn grow_frames_round_trip_and_reject_malformed_payloads() {
+        for f in [
+            Frame::Grow { size: 192 << 20 },
+            Frame::GrowReply {
+                size: 192 << 20,
+                error: String::new(),
+            },
+            Frame::GrowReply {
+                size: 1,
+                error: "no space left on device".into(),
+            },
+        ] {
+            assert_eq!(Frame::decode(&mut enc(&f)), Ok(Some(f.clone())));
+        }
+        let malformed = |mut b: BytesMut, why: &str| match Frame::decode(&mut b) {
+            Err(FrameError::Malformed {
+                why: w,
+                kind: Kind::Grow | Kind::GrowReply,
+            }) => assert_eq!(w, why),
+            other => panic!("expected {why:?}, got {other:?}"),
+        };
+        malformed(raw(Kind::Grow, 0, &[0; 8]), "zero size");
+        malformed(raw(Kind::Grow, 0, &[0; 9]), "wrong payload length");
+        malformed(raw(Kind::GrowReply, 0, &[0; 7]), "payload too short");
+        malformed(
+            raw(Kind::GrowReply, 0, &[0, 0, 0, 0, 0, 0, 0, 1, 0xff]),
+            "reason is not UTF-8",
+        );
+        malformed(
+            raw(Kind::GrowReply, 0, &vec![b'x'; 8 + MAX_REASON + 1]),
+            "reason too long",
+        );
+        malformed(
+            raw(Kind::Grow, 5, &1u64.to_be_bytes()),
+            "non-zero id on a frame without one",
+        );
     }
 
     #[test]

@@ -103,6 +103,8 @@ impl Replica {
                 status,
                 digests,
             } => self.on_resync_digest_reply(peer, id, status, digests),
+            Frame::Grow { size } => self.on_grow_request(peer, size),
+            Frame::GrowReply { size, error } => self.on_grow_reply(peer, size, error),
         }
     }
 
@@ -154,10 +156,14 @@ impl Replica {
                 "unexpected node name {:?} (expected {expected:?})",
                 h.node_name
             ))
+        } else if let Some(why) = self.grow_refuses_handshake() {
+            Some(why)
         } else if h.volume_size != cfg.size {
             Some(format!(
-                "volume size mismatch: peer {} bytes, this node {}",
-                h.volume_size, cfg.size
+                "volume size mismatch: peer {} bytes, this node {}; grow the smaller replica to {} bytes (`tandemctl resize`)",
+                h.volume_size,
+                cfg.size,
+                h.volume_size.max(cfg.size)
             ))
         } else if h.block_size != cfg.block_size {
             Some(format!(

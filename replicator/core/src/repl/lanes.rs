@@ -10,7 +10,8 @@
 //! receiver's [`Reorder`] hands frames to the replica in an order the rules
 //! allow:
 //!
-//! - **Barriers** — `Hello`, `HelloRefused`, `StateUpdate` and `Flush` — are
+//! - **Barriers** — `Hello`, `HelloRefused`, `StateUpdate`, `Flush` and the
+//!   resync and growth control frames — are
 //!   delivered only after every frame sent before them was delivered, and
 //!   every frame sent after a barrier waits for it. Handshakes, role and
 //!   disk-state changes and the flush barrier (R5) therefore see exactly the
@@ -129,6 +130,8 @@ pub fn is_barrier(frame: &Frame) -> bool {
             | Frame::SyncBits { .. }
             | Frame::SyncDone { .. }
             | Frame::Generation { .. }
+            | Frame::Grow { .. }
+            | Frame::GrowReply { .. }
     )
 }
 

@@ -25,6 +25,7 @@
 mod config;
 mod detach;
 pub mod frame;
+mod grow;
 mod handshake;
 pub mod lanes;
 mod peer;
@@ -42,6 +43,7 @@ pub use config::{
     DEFAULT_KEEPALIVE, DEFAULT_PEER_TIMEOUT, MAX_PEERS,
 };
 pub use frame::{Frame, FrameError, Hello, HelloGens, SplitBrainPolicy};
+pub use grow::GrowError;
 pub use peer::{PeerStatus, SyncProgress};
 pub use replica::{Quorum, Replica, RoleError};
 pub use state::{ConnState, DiskState, Protocol, ReplState, Role};
@@ -294,6 +296,13 @@ pub enum Output {
         /// The data (exactly the length asked for) or `Err(errno)`.
         result: Result<Bytes, i32>,
     },
+    /// Grow the local disk's data area to `size` bytes (R29: backing
+    /// extended, new area zeroed, new size durable), then call
+    /// [`Replica::grown`]. Metadata writes are held back meanwhile.
+    Grow {
+        /// New data-area size in bytes.
+        size: u64,
+    },
     /// Something worth logging or counting.
     Event(Event),
 }
@@ -454,6 +463,20 @@ pub enum Event {
         marked: bool,
         /// Why it stopped early (`None`: it compared the whole volume).
         aborted: Option<String>,
+    },
+    /// A growth (R29) finished on this node.
+    GrowFinished {
+        /// The size before.
+        from: u64,
+        /// The size asked for.
+        size: u64,
+        /// This node coordinated it (answer the operator).
+        coordinator: bool,
+        /// `Err`: the local disk could not grow (the size stays `from`).
+        result: Result<(), String>,
+        /// Coordinator: peers lost before they answered (name, why): they
+        /// connect again only once they have the same size.
+        failed: Vec<(String, String)>,
     },
     /// The peer broke the protocol (e.g. data frames from a non-Primary).
     ProtocolViolation {

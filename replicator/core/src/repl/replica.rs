@@ -109,6 +109,8 @@ pub struct Replica {
     /// The driver granted this Primary the right to complete writes a peer
     /// did not get (R25; always true without `solo_needs_grant`).
     pub(crate) solo_granted: bool,
+    /// Online growth in progress (R29).
+    pub(crate) growth: Option<super::grow::Growth>,
 }
 
 /// Whether a Primary may complete writes (R25), from [`Replica::quorum`].
@@ -235,6 +237,7 @@ impl Replica {
             wall_ms: 0,
             primary_since: 0,
             solo_granted: !cfg.solo_needs_grant,
+            growth: None,
             dt: Default::default(),
             cfg,
             peers,
@@ -686,6 +689,7 @@ impl Replica {
         self.peers[i].sync = PeerSync::None;
         self.peers[i].pending_gen = None;
         self.verify_peer_lost(peer);
+        self.grow_peer_lost(peer);
         self.event(Event::PeerConnState {
             peer,
             state: ConnState::StandAlone,

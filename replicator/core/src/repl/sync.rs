@@ -459,6 +459,13 @@ impl MetaTracker {
         any
     }
 
+    /// A bitmap page write is in flight.
+    pub(crate) fn page_in_flight(&self) -> bool {
+        self.keys
+            .iter()
+            .any(|(key, k)| matches!(key, MetaKey::Page { .. }) && k.in_flight.is_some())
+    }
+
     /// Nothing waits to be written or is being written.
     pub(crate) fn is_idle(&self) -> bool {
         self.keys.is_empty()
@@ -555,6 +562,10 @@ impl Replica {
             return false;
         }
         let mut keys = self.mt.to_write();
+        if self.grow_holds_pages() {
+            // R29: a growth may move the bitmap slots on disk.
+            keys.retain(|k| !matches!(k, MetaKey::Page { .. }));
+        }
         if !self.mt.durable_except(self.al_guard, MetaKey::Al) {
             // Crash recovery marked the old log's extents in the bitmaps:
             // the log is rewritten only once those bits are durable.

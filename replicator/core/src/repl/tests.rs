@@ -21,6 +21,8 @@ enum NodeIo {
     Op(Op),
     Meta(MetaAt, Bytes),
     Read(u64, u64),
+    /// Grow the disk (R29).
+    Grow(u64),
 }
 
 impl PartialEq<Op> for NodeIo {
@@ -222,6 +224,7 @@ impl Cluster {
                     let j = node_of(i, peer);
                     self.links[i][j].closing = true;
                 }
+                Output::Grow { size } => self.nodes[i].io.push_back((IoId(0), NodeIo::Grow(size))),
                 Output::Event(e) => self.nodes[i].events.push(e),
             }
         }
@@ -261,6 +264,17 @@ impl Cluster {
                 }
                 n.meta.insert(at, data);
                 n.r.handle(now, Input::LocalDone { io, result: Ok(()) });
+                return true;
+            }
+            NodeIo::Grow(size) => {
+                let result = match n.fail_io.take() {
+                    Some(e) => Err(format!("errno {e}")),
+                    None => {
+                        n.disk.resize(size as usize, 0);
+                        Ok(())
+                    }
+                };
+                n.r.grown(now, size, result);
                 return true;
             }
             NodeIo::Read(offset, len) => {
@@ -2767,4 +2781,194 @@ fn r28_a_diskless_client_fails_io_with_eio_when_a_replica_is_missing() {
         c.nodes[1].r.current_generation()
     );
     assert!(c.nodes[2].meta.is_empty() && c.nodes[2].log.is_empty());
+}
+
+fn grew(n: &Node) -> Vec<&Event> {
+    n.events
+        .iter()
+        .filter(|e| matches!(e, Event::GrowFinished { .. }))
+        .collect()
+}
+
+#[test]
+fn r29_online_growth_grows_every_connected_peer_before_the_coordinator() {
+    let new = SIZE * 2;
+    let mut c = Cluster::connected(3, |_, _| {});
+    c.submit(0, 1, w(0, 0x11, 4, true));
+    c.run();
+    // Peer b's disk is slow: the Primary must not take the new size yet.
+    c.nodes[1].hold_io = true;
+    assert_eq!(c.nodes[0].r.grow(c.now, new), Ok(true));
+    c.run();
+    assert_eq!(c.nodes[0].r.growing(), Some(new));
+    assert!(c.nodes[0]
+        .io
+        .iter()
+        .all(|(_, x)| !matches!(x, NodeIo::Grow(_))));
+    assert_eq!(c.nodes[0].r.size(), SIZE);
+    assert_eq!(c.nodes[2].r.size(), new, "c grew while b is still growing");
+    assert_eq!(c.nodes[1].r.size(), SIZE);
+    c.submit(0, 2, w(SIZE, 0x22, 1, false));
+    c.run();
+    assert!(
+        matches!(c.nodes[0].done.last(), Some((ReqId(2), Err(_)))),
+        "a write past the old end before the growth finished: {:?}",
+        c.nodes[0].done
+    );
+    c.nodes[1].hold_io = false;
+    c.run();
+    for i in 0..3 {
+        assert_eq!(c.nodes[i].r.size(), new, "node {i}");
+        assert_eq!(c.nodes[i].r.growing(), None);
+        assert_eq!(c.nodes[i].disk.len() as u64, new);
+    }
+    match grew(&c.nodes[0])[..] {
+        [Event::GrowFinished {
+            from,
+            size,
+            coordinator: true,
+            result: Ok(()),
+            failed,
+        }] => {
+            assert_eq!((*from, *size), (SIZE, new));
+            assert!(failed.is_empty());
+        }
+        ref e => panic!("{e:?}"),
+    }
+    assert!(matches!(
+        grew(&c.nodes[1])[..],
+        [Event::GrowFinished {
+            coordinator: false,
+            result: Ok(()),
+            ..
+        }]
+    ));
+    // The new area takes writes, replicated to both peers; the old data
+    // is intact everywhere; everybody is still connected.
+    c.submit(0, 3, w(SIZE + 512, 0x33, 2, true));
+    c.run();
+    assert_eq!(c.nodes[0].done.last(), Some(&(ReqId(3), Ok(()))));
+    for i in 0..3 {
+        let d = &c.nodes[i].disk;
+        assert!(d[..4 * BS as usize].iter().all(|b| *b == 0x11), "node {i}");
+        let at = (SIZE + 512) as usize;
+        assert!(d[at..at + 1024].iter().all(|b| *b == 0x33), "node {i}");
+        assert!(d[SIZE as usize..at].iter().all(|b| *b == 0), "node {i}");
+        for j in 0..3 {
+            if i != j {
+                assert_eq!(c.status(i, j).conn, ConnState::Connected, "{i}->{j}");
+            }
+        }
+    }
+    assert!(c.nodes.iter().all(|n| n.disconnects.is_empty()));
+}
+
+#[test]
+fn r29_a_peer_that_cannot_grow_stops_the_growth_and_a_retry_completes_it() {
+    let new = SIZE + 64 * 1024;
+    let mut c = Cluster::connected(2, |_, _| {});
+    c.nodes[1].fail_io = Some(errno::EIO);
+    assert_eq!(c.nodes[0].r.grow(c.now, new), Ok(true));
+    c.run();
+    match grew(&c.nodes[0])[..] {
+        [Event::GrowFinished {
+            coordinator: true,
+            result: Err(why),
+            ..
+        }] => assert!(why.contains("peer b could not grow"), "{why}"),
+        ref e => panic!("{e:?}"),
+    }
+    assert_eq!((c.nodes[0].r.size(), c.nodes[1].r.size()), (SIZE, SIZE));
+    assert_eq!(c.status(0, 1).conn, ConnState::Connected);
+    // Refused before anything is asked: shrinking, unaligned, a Secondary
+    // while the Primary is connected.
+    assert!(matches!(
+        c.nodes[0].r.grow(c.now, SIZE - 512),
+        Err(GrowError::Shrink { .. })
+    ));
+    assert!(matches!(
+        c.nodes[0].r.grow(c.now, SIZE + 1),
+        Err(GrowError::Unaligned { .. })
+    ));
+    assert_eq!(
+        c.nodes[1].r.grow(c.now, new),
+        Err(GrowError::PeerIsPrimary("a".into()))
+    );
+    assert_eq!(c.nodes[0].r.grow(c.now, new), Ok(true));
+    c.run();
+    assert_eq!((c.nodes[0].r.size(), c.nodes[1].r.size()), (new, new));
+    assert_eq!(c.status(0, 1).conn, ConnState::Connected);
+}
+
+#[test]
+fn r29_replicas_of_different_sizes_do_not_connect_and_none_while_growing() {
+    let new = SIZE * 4;
+    let mut c = Cluster::new(2, |_, _| {});
+    // Grown alone (no peer connected), and a handshake during the growth.
+    c.nodes[0].hold_io = true;
+    assert_eq!(c.nodes[0].r.grow(c.now, new), Ok(true));
+    c.run();
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).conn, ConnState::StandAlone);
+    assert!(c.nodes[0].events.iter().any(
+        |e| matches!(e, Event::HandshakeRefused { reason, by_us: true, .. } if reason.contains("growing"))
+    ));
+    c.nodes[0].hold_io = false;
+    c.run();
+    assert_eq!(c.nodes[0].r.size(), new);
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).conn, ConnState::StandAlone);
+    assert!(c.nodes[1].events.iter().any(|e| matches!(
+        e,
+        Event::HandshakeRefused { reason, .. }
+            if reason.contains("size mismatch") && reason.contains("grow the smaller replica")
+    )));
+    // The Secondary grows alone too (no Primary connected): they connect.
+    assert_eq!(c.nodes[1].r.grow(c.now, new), Ok(true));
+    c.run();
+    c.connect(0, 1);
+    c.run();
+    assert_eq!(c.status(0, 1).conn, ConnState::Connected);
+    assert_eq!(
+        c.nodes[0].r.grow(c.now, new),
+        Ok(false),
+        "same size: nothing to do"
+    );
+}
+
+#[test]
+fn r29_growth_that_moves_bitmap_slots_waits_for_a_clear_bitmap() {
+    // 512 bytes per bit: one bitmap page covers 16 MiB.
+    let mut c = Cluster::connected(2, |_, cfg| cfg.bitmap_chunk = 512);
+    c.break_link(0, 1);
+    c.submit(0, 1, w(0, 0x44, 1, true));
+    c.run();
+    assert_eq!(c.nodes[0].done.last(), Some(&(ReqId(1), Ok(()))));
+    match c.nodes[0].r.grow(c.now, 32 << 20) {
+        Err(GrowError::BitmapInUse {
+            peer,
+            max_same_layout,
+            ..
+        }) => {
+            assert_eq!(peer, "b");
+            assert_eq!(max_same_layout, 16 << 20);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Within the same layout it grows; pages marked meanwhile are written
+    // once it is done.
+    c.nodes[0].hold_io = true;
+    assert_eq!(c.nodes[0].r.grow(c.now, 16 << 20), Ok(true));
+    c.run();
+    let before = c.nodes[0].meta.len();
+    c.nodes[0].hold_io = false;
+    c.run();
+    assert_eq!(c.nodes[0].r.size(), 16 << 20);
+    assert!(c.nodes[0].meta.len() >= before);
+    c.submit(0, 2, w((16 << 20) - 512, 0x55, 1, true));
+    c.run();
+    assert_eq!(c.nodes[0].done.last(), Some(&(ReqId(2), Ok(()))));
+    assert_eq!(c.status(0, 1).out_of_sync_bytes, 1024);
 }

@@ -800,6 +800,7 @@ impl Replica {
             changed |= self.pump_verify();
             changed |= self.finish_target();
             changed |= self.detached_progress();
+            changed |= self.grow_progress();
             changed |= self.meta_flush();
 
             if !changed {

@@ -440,6 +440,9 @@ async fn real_main(cli: Cli) -> Result<()> {
                 }
                 _ => println!("{export}: already {size} bytes"),
             }
+            if let Some(warning) = resp.error {
+                eprintln!("warning: {warning}");
+            }
         }
         Cmd::Resolve {
             export,
