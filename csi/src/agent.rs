@@ -522,12 +522,34 @@ impl Agent {
             tracing::info!(volume = %id, backing = %b, "replica created");
             self.set_size(id, rec.size);
         }
-        // An expanded volume (ControllerExpandVolume is refused while it is
-        // published) grows here, offline, while no pod uses this replica
+        // An expanded volume that is not published grows here, offline
         // (R27): every replica's agent does the same, and the replicas,
         // which refuse to connect while their sizes differ, connect again
         // once all are grown.
+        let attached = !rec.attachments.is_empty();
         if !self.staged(id) && self.backing_size(id, &backing).await? < rec.size {
+            if let (true, Some(r)) = (attached, self.running(id)) {
+                // Published (online expansion, R29): the Primary grows
+                // every replica connected to it (NodeExpandVolume). This
+                // replica asks its own tandemd: a no-op once the Primary
+                // grew it, refused while it is connected to the Primary
+                // and not yet grown (wait), and a growth of its own when
+                // it is connected to no Primary (it was down: it connects
+                // again once both have the size).
+                let tandemctl = self.cfg.tandemctl.display().to_string();
+                let admin = r.admin_socket().display().to_string();
+                let size = rec.size.to_string();
+                match sys::run(&tandemctl, &["resize", id, &size, "--admin-socket", &admin]).await {
+                    Ok(_) => {
+                        self.set_size(id, rec.size);
+                        tracing::info!(volume = %id, size = rec.size, "replica has the expanded size (online)");
+                    }
+                    Err(e) => {
+                        tracing::debug!(volume = %id, "replica not grown yet (the Primary grows it): {e}")
+                    }
+                }
+                return self.run_config(id, &dir, &text, staging).await;
+            }
             if let Some(r) = self.running(id) {
                 sys::stop_process(r.pid, &dir.display().to_string(), STOP_GRACE).await;
             }

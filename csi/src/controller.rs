@@ -749,29 +749,11 @@ impl ControllerService {
         self.test_delay().await;
         let _alloc = self.alloc.lock().await;
         let mut rec = self.existing(id)?;
-        let block = matches!(
-            req.volume_capability
-                .as_ref()
-                .map(Capability::parse)
-                .transpose()?
-                .map(|c| c.access),
-            Some(Access::Block)
-        );
         if new_size > rec.size {
-            if !rec.attachments.is_empty() {
-                // Expansion is OFFLINE (the node's nbdfuse + loop device
-                // cannot change size under a user): the CO unpublishes
-                // first; the next publication carries the new size.
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {id} is published to {}: it can only be expanded while not \
-                     published (offline expansion)",
-                    rec.attachments
-                        .iter()
-                        .map(|a| a.node.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
+            // Published or not: a published volume grows online when the
+            // CO calls NodeExpandVolume on its node (R29 grows every
+            // replica from the Primary); an unpublished one when it is
+            // next staged (and its replica agents grow it meanwhile).
             let grow = new_size - rec.size;
             let nodes = self.inventory.candidates(&self.store.list()?);
             for r in &rec.replicas {
@@ -792,7 +774,9 @@ impl ControllerService {
         }
         Ok(csi::ControllerExpandVolumeResponse {
             capacity_bytes: rec.size as i64,
-            node_expansion_required: !block,
+            // The node grows the device (and the filesystem): the staged
+            // one online, or checks it at the next stage.
+            node_expansion_required: true,
         })
     }
 }

@@ -82,9 +82,10 @@ impl Identity for IdentityService {
                 csi::PluginCapability {
                     r#type: Some(plugin_capability::Type::VolumeExpansion(
                         plugin_capability::VolumeExpansion {
-                            // Offline: the nbdfuse + loop device of a staged
-                            // volume cannot grow under its user (docs/csi.md).
-                            r#type: volume_expansion::Type::Offline as i32,
+                            // Online: the Primary grows every replica (R29),
+                            // the node its device (kernel nbd, or the
+                            // built-in FUSE file + loop; docs/csi.md).
+                            r#type: volume_expansion::Type::Online as i32,
                         },
                     )),
                 },

@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod controller;
 pub mod error;
+pub mod fuse_nbd;
 pub mod identity;
 pub mod inflight;
 pub mod inventory;

@@ -90,10 +90,29 @@ enum Mode {
         #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
         tls_key: Option<PathBuf>,
         /// How a staged volume becomes a block device: the kernel nbd driver
-        /// over netlink (`nbd`), nbdfuse + a loop device (`nbdfuse`), or the
-        /// kernel driver where it exists and nbdfuse otherwise (`auto`).
+        /// over netlink (`nbd`), the built-in FUSE client + a loop device
+        /// (`fuse`), nbdfuse + a loop device (`nbdfuse`: no online
+        /// growth), or the kernel driver where it exists and the built-in
+        /// FUSE client otherwise (`auto`).
         #[arg(long, value_enum, default_value = "auto")]
         attacher: tandem_csi::node::Attacher,
+    },
+    /// Serve an NBD export as the file MOUNTPOINT/nbd through FUSE (the
+    /// node plugin runs this for each staged volume; a loop device makes
+    /// it a block device). The file grows online when truncated to a size
+    /// the export has. Runs until unmounted.
+    FuseNbd {
+        /// The NBD server's unix socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The export name.
+        #[arg(long)]
+        export: String,
+        /// Written with this process's pid once mounted.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// An empty directory to mount on.
+        mountpoint: PathBuf,
     },
 }
 
@@ -114,6 +133,15 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Mode::FuseNbd {
+        socket,
+        export,
+        pidfile,
+        mountpoint,
+    } = &cli.mode
+    {
+        return tandem_csi::fuse_nbd::run(socket, export, mountpoint, pidfile.as_deref());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -185,8 +213,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let mut required_devices: Vec<PathBuf> = Vec::new();
                 // The kernel nbd attacher needs neither FUSE nor loop
                 // devices; `auto` may fall back to them.
+                if attacher == tandem_csi::node::Attacher::Nbdfuse {
+                    required_programs.push("nbdfuse".into());
+                }
                 if attacher != tandem_csi::node::Attacher::Nbd {
-                    required_programs.extend(["nbdfuse", "fusermount3", "losetup"].map(PathBuf::from));
+                    required_programs.extend(["fusermount3", "losetup"].map(PathBuf::from));
                     required_devices.extend(["/dev/fuse", "/dev/loop-control"].map(PathBuf::from));
                 }
                 let identity = IdentityService {
@@ -238,6 +269,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .add_service(IdentityServer::new(identity))
                     .add_service(NodeServer::new(node))
             }
+            Mode::FuseNbd { .. } => unreachable!("served above"),
         };
         let listener = server::bind(&path)?;
         server::serve(router, listener, &path).await

@@ -87,15 +87,26 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Attacher {
     /// The kernel nbd driver where it exists (its netlink family resolves,
-    /// after `modprobe nbd`), nbdfuse + loop otherwise; a failed kernel
-    /// attach falls back to nbdfuse + loop.
+    /// after `modprobe nbd`), the built-in FUSE client + loop otherwise; a
+    /// failed kernel attach falls back to FUSE + loop.
     #[default]
     Auto,
     /// The kernel nbd driver over netlink (`/dev/nbdN`); the plugin refuses
     /// to start without it. Grows online.
     Nbd,
-    /// `nbdfuse` + a loop device with direct I/O.
+    /// The built-in FUSE NBD client (`tandem-csi fuse-nbd`) + a loop device
+    /// with direct I/O. Grows online.
+    Fuse,
+    /// `nbdfuse` + a loop device with direct I/O. Does not grow online
+    /// (nbdfuse cannot change the file's size): expansion needs a restage.
     Nbdfuse,
+}
+
+impl Attacher {
+    /// Whether a staged device of this attacher grows online.
+    pub fn grows_online(self) -> bool {
+        self != Attacher::Nbdfuse
+    }
 }
 
 /// Version of the staged-volume record format.
@@ -112,6 +123,8 @@ struct Staged {
     backing: PathBuf,
     run_dir: PathBuf,
     tandemd_pid: Option<u32>,
+    /// The FUSE NBD client's pid (built-in `tandem-csi fuse-nbd` or
+    /// `nbdfuse`; the field keeps its first name for old records).
     nbdfuse_pid: Option<u32>,
     loop_dev: Option<String>,
     /// The kernel nbd device index when the kernel attacher made the device.
@@ -147,6 +160,15 @@ impl Staged {
             .unwrap_or(&self.run_dir)
             .join("nbd.sock")
     }
+
+    /// The admin socket of the `tandemd` serving the volume (the replica
+    /// agent's for a replicated volume).
+    fn admin_socket(&self) -> PathBuf {
+        self.replica_dir
+            .as_ref()
+            .unwrap_or(&self.run_dir)
+            .join("admin.sock")
+    }
 }
 
 /// The node service.
@@ -181,7 +203,7 @@ impl NodeService {
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", d.display()))?;
         }
         let kernel_nbd = match cfg.attacher {
-            Attacher::Nbdfuse => false,
+            Attacher::Nbdfuse | Attacher::Fuse => false,
             Attacher::Nbd => {
                 crate::nbd_kernel::Nbd::open()
                     .map_err(|e| anyhow::anyhow!("--attacher nbd: {e:#}"))?;
@@ -190,7 +212,7 @@ impl NodeService {
             Attacher::Auto => match crate::nbd_kernel::Nbd::open() {
                 Ok(_) => true,
                 Err(e) => {
-                    tracing::info!("no kernel nbd ({e:#}): attaching with nbdfuse + loop");
+                    tracing::info!("no kernel nbd ({e:#}): attaching with FUSE + loop");
                     false
                 }
             },
@@ -198,8 +220,10 @@ impl NodeService {
         tracing::info!(
             attacher = if kernel_nbd {
                 "kernel nbd (netlink)"
-            } else {
+            } else if cfg.attacher == Attacher::Nbdfuse {
                 "nbdfuse + loop"
+            } else {
+                "built-in FUSE + loop"
             },
             "block devices"
         );
@@ -599,7 +623,7 @@ impl NodeService {
                 index
             }
             Err(e) if self.cfg.attacher == Attacher::Auto => {
-                tracing::warn!(volume = %id, "kernel nbd attach failed, using nbdfuse + loop: {e:#}");
+                tracing::warn!(volume = %id, "kernel nbd attach failed, using FUSE + loop: {e:#}");
                 return None;
             }
             Err(e) => {
@@ -627,40 +651,60 @@ impl NodeService {
         Some(Ok(dev.display().to_string()))
     }
 
-    /// Step 3 with `nbdfuse` + a loop device.
+    /// Step 3 with a FUSE NBD client (built in, or `nbdfuse`) + a loop
+    /// device.
     async fn attach_fuse(&self, s: &mut Staged) -> Result<String> {
         let id = s.volume_id.clone();
         let fuse = s.fuse_dir();
         std::fs::create_dir_all(&fuse)
             .map_err(|e| Error::internal(format!("creating {}", fuse.display()), e))?;
-        let pidfile = s.run_dir.join("nbdfuse.pid");
-        let flog_path = s.run_dir.join("nbdfuse.log");
+        let pidfile = s.run_dir.join("fuse.pid");
+        let flog_path = s.run_dir.join("fuse.log");
         let flog = std::fs::File::create(&flog_path)
             .map_err(|e| Error::internal(flog_path.display(), e))?;
         let ferr = flog
             .try_clone()
             .map_err(|e| Error::internal(flog_path.display(), e))?;
-        let uri = format!("nbd+unix:///{id}?socket={}", s.nbd_socket().display());
-        let child = std::process::Command::new("nbdfuse")
-            .arg("-P")
-            .arg(&pidfile)
-            .arg(&fuse)
-            .arg(&uri)
+        let mut cmd = if self.cfg.attacher == Attacher::Nbdfuse {
+            let uri = format!("nbd+unix:///{id}?socket={}", s.nbd_socket().display());
+            let mut c = std::process::Command::new("nbdfuse");
+            c.arg("-P").arg(&pidfile).arg(&fuse).arg(&uri);
+            c
+        } else {
+            let exe = std::env::current_exe()
+                .map_err(|e| Error::internal("locating the tandem-csi binary", e))?;
+            let mut c = std::process::Command::new(exe);
+            c.arg("fuse-nbd")
+                .arg("--socket")
+                .arg(s.nbd_socket())
+                .arg("--export")
+                .arg(&id)
+                .arg("--pidfile")
+                .arg(&pidfile)
+                .arg(&fuse);
+            c
+        };
+        let what = if self.cfg.attacher == Attacher::Nbdfuse {
+            "nbdfuse"
+        } else {
+            "tandem-csi fuse-nbd"
+        };
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(flog)
             .stderr(ferr)
             .process_group(0)
             .spawn()
-            .map_err(|e| Error::internal("starting nbdfuse (apt-get install nbdfuse)", e))?;
+            .map_err(|e| Error::internal(format!("starting {what}"), e))?;
         s.nbdfuse_pid = Some(child.id());
         self.save(s)?;
         let file = fuse.join("nbd");
-        wait_ready(child.id(), &flog_path, "nbdfuse", || {
+        wait_ready(child.id(), &flog_path, what, || {
             pidfile.exists() && file.exists()
         })
         .await?;
         let file_s = file.display().to_string();
-        // --direct-io: the loop device reads and writes the nbdfuse file
+        // --direct-io: the loop device reads and writes the FUSE file
         // with O_DIRECT, past the page cache, so a block another Primary
         // wrote (dual-primary) is never served stale from this node's cache.
         let dev = sys::run("losetup", &["--find", "--show", "--direct-io=on", &file_s])
@@ -744,7 +788,7 @@ impl NodeService {
 
     /// The size the volume's `tandemd` serves (`tandemctl status`).
     async fn tandemd_size(&self, s: &Staged) -> Result<u64> {
-        let admin = s.run_dir.join("admin.sock").display().to_string();
+        let admin = s.admin_socket().display().to_string();
         let out = sys::run(
             &self.cfg.tandemctl.display().to_string(),
             &["status", "--json", "--admin-socket", &admin],
@@ -766,7 +810,7 @@ impl NodeService {
 
     /// Grows the volume's `tandemd` online (`tandemctl resize`).
     async fn tandemd_grow(&self, s: &Staged, size: u64) -> Result<()> {
-        let admin = s.run_dir.join("admin.sock").display().to_string();
+        let admin = s.admin_socket().display().to_string();
         let size_s = size.to_string();
         sys::run(
             &self.cfg.tandemctl.display().to_string(),
@@ -833,11 +877,46 @@ impl NodeService {
                 }
                 return Ok(have);
             }
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is in use as {dev} of {have} bytes: its replica is grown to {want} \
-                 bytes, but the nbdfuse + loop device cannot change size while staged; \
-                 unstage and stage it again (expansion is offline)"
-            )));
+            let builtin = s
+                .nbdfuse_pid
+                .is_some_and(|pid| sys::process_matches(pid, "fuse-nbd"));
+            if !builtin {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is in use as {dev} of {have} bytes: its replica is grown to \
+                     {want} bytes, but the nbdfuse + loop device cannot change size while \
+                     staged; unstage and stage it again (or run the node plugin with \
+                     --attacher auto or fuse, whose devices grow online)"
+                )));
+            }
+            // The built-in FUSE file takes the export's new size on
+            // truncate, then the loop device re-reads it.
+            let file = s.fuse_dir().join(crate::fuse_nbd::FILE_NAME);
+            tokio::task::spawn_blocking(move || {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&file)
+                    .and_then(|f| f.set_len(want))
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("growing the FUSE file: {e}")))?
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "volume {id}: its replica is grown to {want} bytes, but growing the FUSE \
+                     file failed: {e}; unstage and stage it again"
+                ))
+            })?;
+            sys::run("losetup", &["-c", &dev]).await?;
+            have = sys::size_of(Path::new(&dev))?;
+            if have < want {
+                return Err(Error::Internal(format!(
+                    "volume {id}: {dev} is {have} bytes after growing to {want}"
+                )));
+            }
+            tracing::info!(volume = %id, device = %dev, size = have, "loop device grown online");
+            if let Some(fs) = &s.fs_type {
+                grow_fs(id, fs, &dev, &s.staging_path, true).await?;
+            }
+            return Ok(have);
         }
         if let Some(fs) = &s.fs_type {
             grow_fs(id, fs, &dev, &s.staging_path, true).await?;
@@ -903,7 +982,9 @@ impl NodeService {
             }
         }
         if let Some(pid) = s.nbdfuse_pid {
-            sys::stop_process(pid, "nbdfuse", Duration::from_secs(5)).await;
+            // Either FUSE server has the mount point on its command line.
+            let needle = fuse.display().to_string();
+            sys::stop_process(pid, &needle, Duration::from_secs(5)).await;
             sys::reap(pid as libc::pid_t); // if it had died already
         }
         if s.replica_dir.is_some() {
@@ -1180,11 +1261,12 @@ fn problems(s: &Staged) -> Result<Vec<String>> {
             ));
         }
     } else {
+        let fuse = s.fuse_dir().display().to_string();
         if !s
             .nbdfuse_pid
-            .is_some_and(|pid| sys::process_matches(pid, "nbdfuse"))
+            .is_some_and(|pid| sys::process_matches(pid, &fuse))
         {
-            p.push("nbdfuse is not running".to_string());
+            p.push("the FUSE NBD client is not running".to_string());
         }
         match &s.loop_dev {
             Some(dev) if sys::loop_backing_file(dev) == Some(s.fuse_dir().join("nbd")) => {}

@@ -63,7 +63,7 @@ fn identity_reports_name_capabilities_and_readiness() {
         assert!(
             caps.capabilities
                 .iter()
-                .any(|c| matches!(&c.r#type, Some(Type::VolumeExpansion(e)) if e.r#type == csi::plugin_capability::volume_expansion::Type::Offline as i32)),
+                .any(|c| matches!(&c.r#type, Some(Type::VolumeExpansion(e)) if e.r#type == csi::plugin_capability::volume_expansion::Type::Online as i32)),
             "{dbg}"
         );
         let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
@@ -1038,9 +1038,10 @@ fn controller_expand_volume_grows_within_free_space() {
             c.controller_expand_volume(req(20 * GIB, None)).await,
             Code::ResourceExhausted,
         );
-        // Expansion is offline: refused while published; a publication
-        // carries the current size (the volume context keeps the old one),
-        // which NodeStageVolume grows the local replica to.
+        // Expansion is online: accepted while published (the node grows
+        // replica and device in NodeExpandVolume); a publication carries
+        // the current size (the volume context keeps the old one), which
+        // NodeStageVolume grows the local replica to.
         let node = nodes(&v)[0].clone();
         let ctx = c
             .controller_publish_volume(publish(&v.volume_id, &node, rwo_block(), false))
@@ -1050,19 +1051,19 @@ fn controller_expand_volume_grows_within_free_space() {
             .publish_context;
         assert_eq!(ctx["tandem.io/size"], (3 * GIB).to_string());
         assert_eq!(v.volume_context["tandem.io/size"], GIB.to_string());
-        expect_code(
-            c.controller_expand_volume(req(4 * GIB, None)).await,
-            Code::FailedPrecondition,
-        );
-        c.controller_unpublish_volume(unpublish(&v.volume_id, &node))
-            .await
-            .unwrap();
         let r = c
-            .controller_expand_volume(req(4 * GIB, None))
+            .controller_expand_volume(req(4 * GIB, Some(rwo_block())))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(r.capacity_bytes, 4 * GIB);
+        assert!(
+            r.node_expansion_required,
+            "a published block device is grown on the node"
+        );
+        c.controller_unpublish_volume(unpublish(&v.volume_id, &node))
+            .await
+            .unwrap();
         expect_code(
             c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
                 volume_id: "tdm-nope".into(),

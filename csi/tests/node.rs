@@ -1,5 +1,5 @@
 //! CSI conformance, Node: the real `tandem-csi node` on a temporary unix
-//! socket, staging volumes with a real `tandemd`, `nbdfuse` and a loop
+//! socket, staging volumes with a real `tandemd`, a FUSE NBD client and a loop
 //! device, publishing with bind mounts, and leaving nothing behind.
 //!
 //! Tests that need root, FUSE, loop devices or tools print `skipping:
@@ -65,7 +65,6 @@ fn tandem_bins() -> Option<(PathBuf, PathBuf)> {
 /// Root, /dev/fuse, /dev/loop-control and the tools a real stage needs.
 fn require_devices(fs: bool) -> bool {
     let mut tools = vec![
-        ("nbdfuse", "nbdfuse"),
         ("fusermount3", "fuse3"),
         ("losetup", "mount"),
         ("mount", "mount"),
@@ -210,7 +209,7 @@ fn assert_nothing_left(d: &Driver) {
 }
 
 fn node_driver(bins: Option<(PathBuf, PathBuf)>) -> Driver {
-    node_driver_with(bins, "nbdfuse")
+    node_driver_with(bins, "fuse")
 }
 
 /// A node plugin with `--attacher attacher`.
@@ -986,28 +985,51 @@ fn expand_req(id: &str, path: &Path, bytes: u64) -> csi::NodeExpandVolumeRequest
     }
 }
 
-/// Offline expansion as Kubernetes drives it: the replica of a staged
-/// volume grows, the next stage (whose publish context carries the grown
-/// size) attaches a device of the new size, and NodeExpandVolume grows the
-/// filesystem; data written before is intact and the new space is usable.
+/// The total bytes NodeGetVolumeStats reports for a mounted volume.
+async fn fs_total(
+    n: &mut tandem_csi::csi::node_client::NodeClient<tonic::transport::Channel>,
+    id: &str,
+    path: &Path,
+) -> u64 {
+    let stats = n
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: path.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stats.usage[0].total as u64
+}
+
+/// Expansion as Kubernetes drives it. Online (the default attacher, the
+/// built-in FUSE file + loop): NodeExpandVolume on a published xfs volume
+/// grows the replica, the device and the mounted filesystem in place
+/// (`xfs_growfs`; an ext4 one would need `CAP_SYS_RESOURCE` for an online
+/// `resize2fs`, which these machines lack), data written before is intact
+/// and the new space takes writes; a published block device has the new
+/// size at once, old data intact, the new area zero. Offline: a stage
+/// whose publish context carries a grown size attaches a device of that
+/// size and grows an ext4 filesystem before mounting it. With `--attacher
+/// nbdfuse` the device cannot grow while staged: FAILED_PRECONDITION, the
+/// replica grown.
 #[test]
 fn expanding_a_staged_volume_grows_replica_device_and_filesystem() {
     let Some(bins) = tandem_bins() else { return };
     if !require_devices(true) {
         return;
     }
-    if !on_path("resize2fs") {
-        skip("resize2fs not installed (apt-get install e2fsprogs)");
-        return;
+    for (tool, package) in [("resize2fs", "e2fsprogs"), ("mkfs.xfs", "xfsprogs")] {
+        if !on_path(tool) {
+            skip(&format!("{tool} not installed (apt-get install {package})"));
+            return;
+        }
     }
     let _serial = heavy_lock();
     let d = node_driver(Some(bins));
     let _cleanup = Cleanup(d.path().to_path_buf());
     let big: u64 = 160 << 20;
-    let fs = cap(Mode::SingleNodeWriter, false, "ext4");
-    let id = "tdm-grow";
-    let staging = d.path().join("staging").join(id);
-    let t1 = d.path().join("pods/p1/mount");
     let payload: Vec<u8> = (0..(3u32 << 20))
         .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
         .collect();
@@ -1021,6 +1043,61 @@ fn expanding_a_staged_volume_grows_replica_device_and_filesystem() {
     };
     block_on(async {
         let mut n = d.node_client().await;
+
+        // Online, xfs (at least 300 MiB): grown while mounted and in use.
+        let xid = "tdm-grow-xfs";
+        let (x_old, x_new): (u64, u64) = (320 << 20, 480 << 20);
+        let xfs = cap(Mode::SingleNodeWriter, false, "xfs");
+        let mut req = stage_req(&d, xid, xfs.clone());
+        req.volume_context = vol_ctx(x_old);
+        n.node_stage_volume(req).await.unwrap();
+        let tx = d.path().join("pods/px/mount");
+        n.node_publish_volume(publish_req(&d, xid, &tx, xfs.clone(), false))
+            .await
+            .unwrap();
+        std::fs::write(tx.join("data.bin"), &payload).unwrap();
+        let before = fs_total(&mut n, xid, &tx).await;
+        let r = n
+            .node_expand_volume(expand_req(xid, &tx, x_new))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.capacity_bytes, x_new as i64, "device of the new size");
+        let backing = d.path().join("data").join(format!("{xid}.img"));
+        let len = std::fs::metadata(&backing).unwrap().len();
+        assert!(len >= x_new, "backing not grown: {len} bytes");
+        assert!(
+            std::fs::read(tx.join("data.bin")).unwrap() == payload,
+            "data changed"
+        );
+        let after = fs_total(&mut n, xid, &tx).await;
+        assert!(
+            after >= before + (120 << 20),
+            "filesystem not grown online: {before} -> {after} bytes"
+        );
+        // More than the free space before the growth fits now.
+        let more = vec![0x5Au8; (before as usize).saturating_sub(8 << 20).max(1 << 20)];
+        std::fs::write(tx.join("more.bin"), &more).unwrap();
+        // A request the device already satisfies changes nothing and
+        // reports the device size.
+        let r = n
+            .node_expand_volume(expand_req(xid, &tx, x_old))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.capacity_bytes, x_new as i64);
+        n.node_unpublish_volume(unpublish_req(xid, &tx))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, xid)).await.unwrap();
+
+        // Offline, ext4: the replica is grown before the next stage (as
+        // the agent does for a replicated volume), which attaches the
+        // grown device and grows the filesystem before mounting it.
+        let id = "tdm-grow";
+        let fs = cap(Mode::SingleNodeWriter, false, "ext4");
+        let staging = d.path().join("staging").join(id);
+        let t1 = d.path().join("pods/p1/mount");
         n.node_stage_volume(stage_req(&d, id, fs.clone()))
             .await
             .unwrap();
@@ -1028,30 +1105,10 @@ fn expanding_a_staged_volume_grows_replica_device_and_filesystem() {
             .await
             .unwrap();
         std::fs::write(t1.join("data.bin"), &payload).unwrap();
-        // While staged the device cannot grow: FAILED_PRECONDITION, but
-        // the replica (tandemd and its backing) is grown already.
-        let m = expect_code(
-            n.node_expand_volume(expand_req(id, &t1, big)).await,
-            Code::FailedPrecondition,
-        );
-        assert!(m.contains("stage it again"), "{m}");
-        let backing = d.path().join("data").join(format!("{id}.img"));
-        let len = std::fs::metadata(&backing).unwrap().len();
-        assert!(len >= big, "backing not grown: {len} bytes");
-        // A request the device already satisfies grows the filesystem only
-        // (nothing to do here) and reports the device size.
-        let r = n
-            .node_expand_volume(expand_req(id, &t1, VOL))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.capacity_bytes, VOL as i64);
         n.node_unpublish_volume(unpublish_req(id, &t1))
             .await
             .unwrap();
         n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
-
-        // Staged again with the grown size in the publish context.
         n.node_stage_volume(grown_stage(fs.clone(), id))
             .await
             .unwrap();
@@ -1068,18 +1125,8 @@ fn expanding_a_staged_volume_grows_replica_device_and_filesystem() {
             std::fs::read(t1.join("data.bin")).unwrap() == payload,
             "data changed"
         );
-        let stats = n
-            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-                volume_id: id.into(),
-                volume_path: t1.display().to_string(),
-                staging_target_path: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let total = stats.usage[0].total as u64;
+        let total = fs_total(&mut n, id, &t1).await;
         assert!(total > 128 << 20, "filesystem not grown: {total} bytes");
-        // More than the old volume could hold fits now.
         let more = vec![0x5Au8; 100 << 20];
         std::fs::write(t1.join("more.bin"), &more).unwrap();
         assert_eq!(
@@ -1125,10 +1172,57 @@ fn expanding_a_staged_volume_grows_replica_device_and_filesystem() {
         );
         write_read_block(&t2, big - 4096, &[7; 4096]);
         assert_eq!(read_block(&t2, big - 4096, 4096), vec![7; 4096]);
+        // Online, published: the block device grows under its user.
+        let bigger = big + (32 << 20);
+        let r = n
+            .node_expand_volume(expand_req(bid, &t2, bigger))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.capacity_bytes, bigger as i64);
+        let size = std::fs::File::open(&t2)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .unwrap();
+        assert_eq!(size, bigger, "published block device grown online");
+        assert_eq!(read_block(&t2, big - 4096, 4096), vec![7; 4096]);
+        assert!(read_block(&t2, big, 1 << 20).iter().all(|&b| b == 0));
+        write_read_block(&t2, bigger - 4096, &[9; 4096]);
         n.node_unpublish_volume(unpublish_req(bid, &t2))
             .await
             .unwrap();
         n.node_unstage_volume(unstage_req(&d, bid)).await.unwrap();
+    });
+    assert_nothing_left(&d);
+    // nbdfuse cannot change its file's size: the replica grows, the device
+    // does not, and the caller is told to stage again.
+    if !on_path("nbdfuse") {
+        skip("nbdfuse not installed (apt-get install nbdfuse)");
+        return;
+    }
+    let d = node_driver_with(tandem_bins(), "nbdfuse");
+    let _cleanup = Cleanup(d.path().to_path_buf());
+    block_on(async {
+        let mut n = d.node_client().await;
+        let id = "tdm-grow-nbdfuse";
+        n.node_stage_volume(stage_req(&d, id, rwo_block()))
+            .await
+            .unwrap();
+        let t = d.path().join("pods/p3/dev");
+        n.node_publish_volume(publish_req(&d, id, &t, rwo_block(), false))
+            .await
+            .unwrap();
+        let m = expect_code(
+            n.node_expand_volume(expand_req(id, &t, big)).await,
+            Code::FailedPrecondition,
+        );
+        assert!(m.contains("stage it again"), "{m}");
+        let backing = d.path().join("data").join(format!("{id}.img"));
+        let len = std::fs::metadata(&backing).unwrap().len();
+        assert!(len >= big, "backing not grown: {len} bytes");
+        n.node_unpublish_volume(unpublish_req(id, &t))
+            .await
+            .unwrap();
+        n.node_unstage_volume(unstage_req(&d, id)).await.unwrap();
     });
     assert_nothing_left(&d);
 }
@@ -1355,4 +1449,116 @@ fn block_volume_through_the_kernel_nbd_attacher_grows_online() {
 fn sys_size(dev: &Path) -> u64 {
     let mut f = std::fs::File::open(dev).unwrap();
     f.seek(SeekFrom::End(0)).unwrap()
+}
+
+/// The built-in FUSE attacher (`tandem-csi fuse-nbd`) on its own: the file
+/// has the export's size, carries reads and writes to `tandemd` (a write
+/// through the file reads back through a fresh NBD client's view: the
+/// backing), refuses to shrink and to grow past the export (ENOSPC), grows
+/// to the export's new size after `tandemctl resize`, and exits when
+/// unmounted.
+#[test]
+fn the_fuse_file_grows_only_to_the_exports_size() {
+    let Some(bins) = tandem_bins() else { return };
+    if !require_devices(false) {
+        return;
+    }
+    let _serial = heavy_lock();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let mut tandemd = tandemd_export(&bins, dir.path(), "tdm-fuse");
+    let mnt = dir.path().join("fuse");
+    std::fs::create_dir(&mnt).unwrap();
+    let pidfile = dir.path().join("fuse.pid");
+    let mut fuse = Command::new(env!("CARGO_BIN_EXE_tandem-csi"))
+        .arg("fuse-nbd")
+        .arg("--socket")
+        .arg(dir.path().join("nbd.sock"))
+        .args(["--export", "tdm-fuse", "--pidfile"])
+        .arg(&pidfile)
+        .arg(&mnt)
+        .spawn()
+        .unwrap();
+    let file = mnt.join("nbd");
+    for _ in 0..500 {
+        if pidfile.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let result = std::panic::catch_unwind(|| {
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), VOL);
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        // 1 MiB from an unaligned buffer: the kernel sends unaligned
+        // pieces, which the client aligns (read-modify-write at the edges).
+        let put = |at: u64| f.write_all_at(&data, at).unwrap();
+        put(VOL - (1 << 20));
+        f.sync_all().unwrap();
+        let mut back = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut back, VOL - (1 << 20)).unwrap();
+        assert!(back == data, "read back through the file");
+        // Past the end: refused, nothing written.
+        assert!(f.write_all_at(&[1; 4096], VOL).is_err());
+        let e = f.set_len(VOL + (1 << 20)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        let e = f.set_len(VOL - (1 << 20)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), VOL);
+        let out = Command::new(&bins.1)
+            .args([
+                "resize",
+                "tdm-fuse",
+                &(2 * VOL).to_string(),
+                "--admin-socket",
+            ])
+            .arg(dir.path().join("admin.sock"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        f.set_len(2 * VOL).unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 2 * VOL);
+        put(2 * VOL - (1 << 20));
+        f.read_exact_at(&mut back, 2 * VOL - (1 << 20)).unwrap();
+        assert!(back == data, "read back in the grown area");
+        f.read_exact_at(&mut back, VOL - (1 << 20)).unwrap();
+        assert!(back == data, "old data after growing");
+        drop(f);
+        // The backing holds what was written through the file.
+        let img = dir.path().join("tdm-fuse.img");
+        let inspect = Command::new(&bins.1)
+            .arg("inspect")
+            .arg(&img)
+            .arg("--json")
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+        let off = v["data_offset"].as_u64().unwrap();
+        let raw = std::fs::read(&img).unwrap();
+        let at = (off + VOL - (1 << 20)) as usize;
+        assert!(raw[at..at + (1 << 20)] == data[..], "backing content");
+    });
+    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+    let mut exited = false;
+    for _ in 0..500 {
+        if fuse.try_wait().unwrap().is_some() {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !exited {
+        let _ = fuse.kill();
+        let _ = fuse.wait();
+    }
+    let _ = tandemd.kill();
+    let _ = tandemd.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    assert!(exited, "tandem-csi fuse-nbd did not exit once unmounted");
 }

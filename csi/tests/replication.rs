@@ -6,7 +6,7 @@
 //! demotes; fio writes through one node's loop device and verifies through
 //! the other's; the backing files of both sites hold the same data.
 //!
-//! Needs root, FUSE, loop devices, `nbdfuse` and `fio`; otherwise prints
+//! Needs root, FUSE, loop devices and `fio`; otherwise prints
 //! `skipping: <reason>` (a failure under `TANDEM_REQUIRE_ALL=1`).
 
 mod common;
@@ -54,7 +54,6 @@ fn tandem_bins() -> Option<(PathBuf, PathBuf)> {
 
 fn require_devices() -> bool {
     for (t, p) in [
-        ("nbdfuse", "nbdfuse"),
         ("fusermount3", "fuse3"),
         ("losetup", "mount"),
         ("fio", "fio"),
@@ -251,7 +250,7 @@ address = "127.0.0.1"
             let args = vec![
                 "node".to_string(),
                 "--attacher".into(),
-                "nbdfuse".into(),
+                "fuse".into(),
                 "--node-id".into(),
                 id.into(),
                 "--topology".into(),
@@ -951,12 +950,15 @@ fn room_loss(witness: bool) {
     block_on(cl.delete_and_wait_removed(&id));
 }
 
-/// ControllerExpandVolume of a replicated volume (refused while published)
-/// grows both replicas: each node's agent stops its replica's `tandemd`,
-/// grows the backing offline (R27) and starts it again; the replicas connect
-/// once both are grown, the next stage gets a device of the new size with
-/// every block written before intact, and a write to the new area lands on
-/// both backings.
+/// ControllerExpandVolume of a replicated volume, online and offline.
+/// Online (published on a): the controller accepts it, NodeExpandVolume on
+/// a grows both replicas from the Primary (R29) and the loop device under
+/// its user; the replicas stay connected, both superblocks have the new
+/// size, fio verifies every block written before, a write to the new area
+/// is replicated. Offline (published nowhere): each node's agent grows its
+/// replica offline (R27), the replicas connect once both are grown, and
+/// the next stage, on b, gets a device of the new size with every block
+/// intact. Both backings end byte-identical.
 #[test]
 fn an_expanded_replicated_volume_grows_on_both_replicas_with_its_data() {
     let Some(bins) = tandem_bins() else { return };
@@ -969,6 +971,20 @@ fn an_expanded_replicated_volume_grows_on_both_replicas_with_its_data() {
     let v = create(&cl, "pvc-growing", rwo_block());
     let id = v.volume_id.clone();
     cl.wait_connected(&id);
+    let sizes = |want: u64| {
+        ["a", "b"].iter().all(|n| {
+            let out = Command::new(&cl.tandemctl)
+                .arg("inspect")
+                .arg(cl.backing(n, &id))
+                .arg("--json")
+                .output()
+                .expect("tandemctl");
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v["size"].as_u64())
+                == Some(want)
+        })
+    };
     block_on(async {
         let dev = attach(&cl, "a", &v, rwo_block()).await.expect("attach a");
         fio(&dev, 11, false);
@@ -982,56 +998,78 @@ fn an_expanded_replicated_volume_grows_on_both_replicas_with_its_data() {
             volume_capability: Some(rwo_block()),
             ..Default::default()
         };
-        expect_code(
-            c.controller_expand_volume(expand(2 * VOL)).await,
-            Code::FailedPrecondition,
-        );
-        detach(&cl, "a", &id).await;
+        // Online, while a uses it.
         let r = c
             .controller_expand_volume(expand(2 * VOL))
             .await
-            .expect("ControllerExpandVolume")
+            .expect("ControllerExpandVolume (published)")
             .into_inner();
         assert_eq!(r.capacity_bytes, (2 * VOL) as i64);
+        assert!(r.node_expansion_required);
+        let t = Instant::now();
+        let target = cl.node("a").path().join("pods/vm/disk");
+        let mut nc = cl.node("a").node_client().await;
+        let r = nc
+            .node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: target.display().to_string(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: (2 * VOL) as i64,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(rwo_block()),
+                ..Default::default()
+            })
+            .await
+            .expect("NodeExpandVolume on a (online)")
+            .into_inner();
+        eprintln!(
+            "online expansion (both replicas, device): {:?}",
+            t.elapsed()
+        );
+        assert_eq!(r.capacity_bytes, (2 * VOL) as i64);
+        let size = run_ok(Command::new("blockdev").arg("--getsize64").arg(&dev));
+        assert_eq!(size.trim(), (2 * VOL).to_string(), "a's device grew online");
+        assert!(sizes(2 * VOL), "both replicas have the new size");
+        assert_eq!(cl.status("a", &id)["peers"][0]["connection"], "Connected");
+        fio(&dev, 11, true);
+        let last = 2 * VOL / 4096 - 1;
+        assert_eq!(dd_read(&dev, last), vec![0u8; 4096], "new area not zero");
+        dd_write(&dev, last, &[0x5a; 4096]);
+        detach(&cl, "a", &id).await;
+
+        // Offline, published nowhere: the agents grow their replicas.
+        let r = c
+            .controller_expand_volume(expand(3 * VOL))
+            .await
+            .expect("ControllerExpandVolume (not published)")
+            .into_inner();
+        assert_eq!(r.capacity_bytes, (3 * VOL) as i64);
         let t = Instant::now();
         cl.wait(&id, "both replicas grown", Duration::from_secs(60), || {
-            ["a", "b"].iter().all(|n| {
-                let out = Command::new(&cl.tandemctl)
-                    .arg("inspect")
-                    .arg(cl.backing(n, &id))
-                    .arg("--json")
-                    .output()
-                    .expect("tandemctl");
-                serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                    .ok()
-                    .and_then(|v| v["size"].as_u64())
-                    == Some(2 * VOL)
-            })
+            sizes(3 * VOL)
         });
         cl.wait_connected(&id);
         eprintln!(
-            "expand to both replicas grown and connected: {:?}",
+            "offline expansion to both replicas grown and connected: {:?}",
             t.elapsed()
         );
         let dev = attach(&cl, "b", &v, rwo_block()).await.expect("attach b");
         let size = run_ok(Command::new("blockdev").arg("--getsize64").arg(&dev));
         assert_eq!(
             size.trim(),
-            (2 * VOL).to_string(),
+            (3 * VOL).to_string(),
             "the device has the new size"
         );
         fio(&dev, 11, true);
-        let last = 2 * VOL / 4096 - 1;
-        assert_eq!(
-            dd_read(&dev, last),
-            vec![0u8; 4096],
-            "the new area reads zeroes"
-        );
-        dd_write(&dev, last, &[0x5a; 4096]);
-        assert_eq!(dd_read(&dev, last), vec![0x5a; 4096]);
+        assert_eq!(dd_read(&dev, last), vec![0x5a; 4096], "online write on b");
+        let end = 3 * VOL / 4096 - 1;
+        assert_eq!(dd_read(&dev, end), vec![0u8; 4096], "new area not zero");
+        dd_write(&dev, end, &[0x6b; 4096]);
+        assert_eq!(dd_read(&dev, end), vec![0x6b; 4096]);
         detach(&cl, "b", &id).await;
         let (a, b) = (cl.data_area("a", &id), cl.data_area("b", &id));
-        assert_eq!(a.len() as u64, 2 * VOL);
+        assert_eq!(a.len() as u64, 3 * VOL);
         assert!(a == b, "both backings hold the same data");
         cl.delete_and_wait_removed(&id).await;
     });

@@ -113,12 +113,12 @@ impl Replica {
         if let Some(g) = &self.growth {
             return Err(GrowError::InProgress(g.size));
         }
-        self.grow_check(size, None)?;
         if size == self.cfg.size {
             // Connected peers have this size too: they had ours at the
             // handshake and grow only when asked by a coordinator.
             return Ok(false);
         }
+        self.grow_check(size, None)?;
         let mut waiting = PeerSet::default();
         for i in 0..self.peers.len() {
             if self.peers[i].conn == ConnState::Connected {
