@@ -8,10 +8,11 @@
 //! the new size when the export has it; `losetup -c` then grows the loop
 //! device (LOOP_SET_CAPACITY reads the file's size). Shrinking is refused.
 //!
-//! Each FUSE worker thread (4) borrows a connection from a pool (simple
+//! Each FUSE worker thread (16) borrows a connection from a pool (simple
 //! replies, one request at a time per connection); a connection that fails
 //! is dropped and the request answered with `EIO`, the next one connects
-//! anew. The file is opened with `FOPEN_DIRECT_IO`: every read and write
+//! anew. The file is
+//! opened with `FOPEN_DIRECT_IO`: every read and write
 //! goes to the server, nothing is cached in this node's page cache (the
 //! loop device uses direct I/O too, so a block the other Primary wrote
 //! during a live migration is never served stale).
@@ -39,7 +40,7 @@ pub const FILE_NAME: &str = "nbd";
 const FILE_INO: INodeNo = INodeNo(2);
 const TTL: Duration = Duration::from_secs(1);
 /// FUSE worker threads (and at most as many NBD connections).
-const THREADS: usize = 4;
+const THREADS: usize = 16;
 /// Largest read or write the kernel sends in one request (it splits
 /// larger ones; a 1 MiB request from an unaligned user buffer is refused by
 /// the kernel's FUSE direct I/O otherwise).
@@ -272,6 +273,13 @@ impl NbdFile {
 impl Filesystem for NbdFile {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
+        // Let the loop device's queue reach the server: many requests in
+        // flight (the kernel default is 12).
+        let _ = config.set_max_background(64);
+        // Not FUSE_ASYNC_DIO: it would triple the IOPS through a loop device
+        // (22k against 4.7k at 4 KiB QD32), but with it `xfs_growfs` right
+        // after an online growth fails with ENOSPC (not understood yet).
+        let _ = config.set_congestion_threshold(48);
         Ok(())
     }
 

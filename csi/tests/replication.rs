@@ -651,7 +651,7 @@ fn replicated_volume_moves_between_nodes_with_its_data_and_delete_removes_both_r
         let t = Instant::now();
         let dev = attach(&cl, "a", &v, rwo_block()).await.expect("attach a");
         eprintln!(
-            "publish + stage (promote, nbdfuse, loop) on a: {:?}",
+            "publish + stage (promote, FUSE client, loop) on a: {:?}",
             t.elapsed()
         );
         assert_eq!(cl.status("a", &id)["role"], "Primary");
