@@ -536,17 +536,14 @@ impl Agent {
                 // and not yet grown (wait), and a growth of its own when
                 // it is connected to no Primary (it was down: it connects
                 // again once both have the size).
-                let tandemctl = self.cfg.tandemctl.display().to_string();
-                let admin = r.admin_socket().display().to_string();
                 let size = rec.size.to_string();
-                match sys::run(&tandemctl, &["resize", id, &size, "--admin-socket", &admin]).await {
-                    Ok(_) => {
-                        self.set_size(id, rec.size);
-                        tracing::info!(volume = %id, size = rec.size, "replica has the expanded size (online)");
-                    }
-                    Err(e) => {
-                        tracing::debug!(volume = %id, "replica not grown yet (the Primary grows it): {e}")
-                    }
+                let out = self.ctl_with("resize", id, &[&size], &r).await?;
+                if out.status.success() {
+                    self.set_size(id, rec.size);
+                    tracing::info!(volume = %id, size = rec.size, "replica has the expanded size (online)");
+                } else {
+                    let why = String::from_utf8_lossy(&out.stderr);
+                    tracing::debug!(volume = %id, "replica not grown yet (the Primary grows it): {}", why.trim());
                 }
                 return self.run_config(id, &dir, &text, staging).await;
             }
@@ -666,8 +663,21 @@ impl Agent {
     }
 
     async fn ctl(&self, verb: &str, id: &str, r: &Running) -> Result<std::process::Output> {
+        self.ctl_with(verb, id, &[], r).await
+    }
+
+    /// `tandemctl VERB ID EXTRA… --admin-socket` of the replica's `tandemd`.
+    async fn ctl_with(
+        &self,
+        verb: &str,
+        id: &str,
+        extra: &[&str],
+        r: &Running,
+    ) -> Result<std::process::Output> {
         let admin = r.admin_socket().display().to_string();
-        let mut args = vec![verb, id, "--admin-socket", admin.as_str()];
+        let mut args = vec![verb, id];
+        args.extend_from_slice(extra);
+        args.extend(["--admin-socket", admin.as_str()]);
         if verb == "status" {
             args.push("--json");
         }

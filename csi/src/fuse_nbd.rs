@@ -63,6 +63,20 @@ struct Conn {
 }
 
 impl Conn {
+    /// Opens a connection to `export` at `socket` in the transmission
+    /// phase (simple replies), tagged `gen`; returns it and the export.
+    fn open(
+        socket: &Path,
+        export: &str,
+        gen: u64,
+    ) -> anyhow::Result<(Conn, crate::nbd_kernel::Export)> {
+        let (mut socks, e) = crate::nbd_kernel::handshake(socket, export, 1, TIMEOUT)?;
+        let s = socks.pop().context("no connection")?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.set_write_timeout(Some(TIMEOUT))?;
+        Ok((Conn { s, cookie: 0, gen }, e))
+    }
+
     /// One request; `data` is the write payload, `out` receives read data.
     fn request(
         &mut self,
@@ -122,10 +136,7 @@ impl NbdFile {
     /// Connects to export `export` of the NBD server at `socket` (to learn
     /// its size and check it is there).
     pub fn connect(socket: &Path, export: &str) -> anyhow::Result<NbdFile> {
-        let (mut socks, e) = crate::nbd_kernel::handshake(socket, export, 1, TIMEOUT)?;
-        let s = socks.pop().context("no connection")?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        s.set_write_timeout(Some(TIMEOUT))?;
+        let (c, e) = Conn::open(socket, export, 0)?;
         Ok(NbdFile {
             socket: socket.to_path_buf(),
             export: export.to_string(),
@@ -133,11 +144,7 @@ impl NbdFile {
             gen: AtomicU64::new(0),
             read_only: e.flags & tandem_core::nbd::tflag::READ_ONLY != 0,
             block: u64::from(e.min_block.max(1)),
-            pool: Mutex::new(vec![Conn {
-                s,
-                cookie: 0,
-                gen: 0,
-            }]),
+            pool: Mutex::new(vec![c]),
             rmw: Mutex::new(()),
         })
     }
@@ -147,11 +154,8 @@ impl NbdFile {
     fn fresh(&self) -> anyhow::Result<(Conn, u64)> {
         // Read before the handshake: a growth meanwhile marks it old.
         let gen = self.gen.load(Ordering::Acquire);
-        let (mut socks, e) = crate::nbd_kernel::handshake(&self.socket, &self.export, 1, TIMEOUT)?;
-        let s = socks.pop().context("no connection")?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        s.set_write_timeout(Some(TIMEOUT))?;
-        Ok((Conn { s, cookie: 0, gen }, e.size))
+        let (c, e) = Conn::open(&self.socket, &self.export, gen)?;
+        Ok((c, e.size))
     }
 
     /// Runs one request on a pooled connection (a new one when none is

@@ -102,13 +102,6 @@ pub enum Attacher {
     Nbdfuse,
 }
 
-impl Attacher {
-    /// Whether a staged device of this attacher grows online.
-    pub fn grows_online(self) -> bool {
-        self != Attacher::Nbdfuse
-    }
-}
-
 /// Version of the staged-volume record format.
 const STAGED_VERSION: u32 = 1;
 
@@ -821,14 +814,13 @@ impl NodeService {
         Ok(())
     }
 
-    /// NodeExpandVolume: grows the replica (`tandemctl resize`), checks the
-    /// device has the size, grows the filesystem (`resize2fs`,
-    /// `xfs_growfs`, both online). The nbdfuse + loop device keeps the size
-    /// it had when staged, so a device smaller than the request is
-    /// `FAILED_PRECONDITION` (the replica is grown regardless; the next
-    /// stage attaches it at the new size). With OFFLINE expansion the CO
-    /// expands before publishing, NodeStageVolume attaches at the new size,
-    /// and this call only grows the filesystem.
+    /// NodeExpandVolume: grows the volume's `tandemd` online (`tandemctl
+    /// resize`; a replicated volume's Primary grows every replica, R29),
+    /// then the device in place ([`NodeService::grow_device`]; an nbdfuse
+    /// device cannot: `FAILED_PRECONDITION`, the replica grown for the next
+    /// stage), then the filesystem (`resize2fs`, `xfs_growfs`, both
+    /// online). A device already large enough (staged after an offline
+    /// expansion) only has its filesystem checked.
     async fn expand(&self, req: csi::NodeExpandVolumeRequest) -> Result<u64> {
         let id = self.volume_id(&req.volume_id)?;
         let path = PathBuf::from(required("volume_path", &req.volume_path)?);
@@ -857,71 +849,65 @@ impl NodeService {
             if self.tandemd_size(&s).await? < want {
                 self.tandemd_grow(&s, want).await?;
             }
-            if let Some(index) = s.nbd_index {
-                // The kernel device grows online.
-                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                    crate::nbd_kernel::Nbd::open()?.resize(index, want)
-                })
-                .await
-                .map_err(|e| Error::Internal(format!("kernel nbd resize task: {e}")))?
-                .map_err(|e| {
-                    Error::FailedPrecondition(format!(
-                        "volume {id}: its replica is grown to {want} bytes, but growing {dev} \
-                         failed: {e:#}; unstage and stage it again"
-                    ))
-                })?;
-                have = sys::size_of(Path::new(&dev))?;
-                tracing::info!(volume = %id, device = %dev, size = have, "kernel nbd device grown online");
-                if let Some(fs) = &s.fs_type {
-                    grow_fs(id, fs, &dev, &s.staging_path, true).await?;
-                }
-                return Ok(have);
-            }
-            let builtin = s
-                .nbdfuse_pid
-                .is_some_and(|pid| sys::process_matches(pid, "fuse-nbd"));
-            if !builtin {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {id} is in use as {dev} of {have} bytes: its replica is grown to \
-                     {want} bytes, but the nbdfuse + loop device cannot change size while \
-                     staged; unstage and stage it again (or run the node plugin with \
-                     --attacher auto or fuse, whose devices grow online)"
-                )));
-            }
-            // The built-in FUSE file takes the export's new size on
-            // truncate, then the loop device re-reads it.
-            let file = s.fuse_dir().join(crate::fuse_nbd::FILE_NAME);
-            tokio::task::spawn_blocking(move || {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&file)
-                    .and_then(|f| f.set_len(want))
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("growing the FUSE file: {e}")))?
-            .map_err(|e| {
-                Error::FailedPrecondition(format!(
-                    "volume {id}: its replica is grown to {want} bytes, but growing the FUSE \
-                     file failed: {e}; unstage and stage it again"
-                ))
-            })?;
-            sys::run("losetup", &["-c", &dev]).await?;
+            self.grow_device(&s, &dev, have, want).await?;
             have = sys::size_of(Path::new(&dev))?;
             if have < want {
                 return Err(Error::Internal(format!(
                     "volume {id}: {dev} is {have} bytes after growing to {want}"
                 )));
             }
-            tracing::info!(volume = %id, device = %dev, size = have, "loop device grown online");
-            if let Some(fs) = &s.fs_type {
-                grow_fs(id, fs, &dev, &s.staging_path, true).await?;
-            }
-            return Ok(have);
+            tracing::info!(volume = %id, device = %dev, size = have, "device grown online");
         }
         if let Some(fs) = &s.fs_type {
             grow_fs(id, fs, &dev, &s.staging_path, true).await?;
         }
         Ok(have)
+    }
+
+    /// Grows the staged device `dev` (of `have` bytes) to `want` bytes in
+    /// place, its `tandemd` already grown: the kernel nbd device with
+    /// `NBD_CMD_RECONFIGURE`; the built-in FUSE file by truncating it (it
+    /// takes the export's new size), then the loop device re-reads it. An
+    /// nbdfuse device cannot grow: `FAILED_PRECONDITION`.
+    async fn grow_device(&self, s: &Staged, dev: &str, have: u64, want: u64) -> Result<()> {
+        let id = &s.volume_id;
+        let failed = |what: String| {
+            Error::FailedPrecondition(format!(
+                "volume {id}: its replica is grown to {want} bytes, but growing {what}; \
+                 unstage and stage it again"
+            ))
+        };
+        if let Some(index) = s.nbd_index {
+            return tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                crate::nbd_kernel::Nbd::open()?.resize(index, want)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("kernel nbd resize task: {e}")))?
+            .map_err(|e| failed(format!("{dev} failed: {e:#}")));
+        }
+        let builtin = s
+            .nbdfuse_pid
+            .is_some_and(|pid| sys::process_matches(pid, "fuse-nbd"));
+        if !builtin {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is in use as {dev} of {have} bytes: its replica is grown to \
+                 {want} bytes, but the nbdfuse + loop device cannot change size while \
+                 staged; unstage and stage it again (or run the node plugin with \
+                 --attacher auto or fuse, whose devices grow online)"
+            )));
+        }
+        let file = s.fuse_dir().join(crate::fuse_nbd::FILE_NAME);
+        tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .and_then(|f| f.set_len(want))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("growing the FUSE file: {e}")))?
+        .map_err(|e| failed(format!("the FUSE file failed: {e}")))?;
+        sys::run("losetup", &["-c", dev]).await?;
+        Ok(())
     }
 
     /// Undoes whatever a staged record says exists, in reverse order, then

@@ -220,11 +220,7 @@ fn a_replicated_volume_grows_online_while_fio_writes() {
     let (_certs, a, b) = connected_loopback_pair();
     // 64 MiB to 192 MiB: the bitmap slots move on disk (all clear).
     let big = 3 * SIZE;
-    let grow = |d: &Daemon, size: u64| {
-        run(Command::new(tandemctl())
-            .args(["resize", "vol", &size.to_string(), "--admin-socket"])
-            .arg(d.admin_socket()))
-    };
+    let grow = |d: &Daemon, size: u64| resize(d, &size.to_string());
     let out = grow(&b, big);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

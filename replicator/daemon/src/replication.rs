@@ -782,11 +782,7 @@ impl Driver {
                 let _ = reply.send(res);
             }
             Msg::Grow { size, reply } => {
-                if self.grow_reply.is_some() {
-                    let _ =
-                        reply.send(Err("a growth is in progress; retry when it finished".into()));
-                    return;
-                }
+                // A growth in progress is refused by the replica itself.
                 let from = self.replica.size();
                 match self.replica.grow(now, size) {
                     Ok(true) => self.grow_reply = Some(reply),
