@@ -182,6 +182,43 @@ fn second_daemon_cannot_open_a_backing_in_use() {
     d.stop();
 }
 
+/// A `tandemd` killed with I/O in flight holds its backing's lock for a
+/// moment after it has been reaped (the kernel closes the file only when its
+/// io_uring has drained). A daemon restarted at once waits for the lock
+/// (up to 5 s) instead of refusing to start; one whose backing stays locked
+/// is still refused (`second_daemon_cannot_open_a_backing_in_use`).
+#[test]
+fn a_backing_lock_released_soon_after_start_is_waited_for() {
+    use std::os::fd::AsRawFd;
+    let mut d = Daemon::builder().volume("vol", VOL).prepare();
+    let holder = std::fs::File::open(d.backing("vol")).expect("open backing");
+    // SAFETY: flock on a descriptor this test owns.
+    let rc = unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(holder);
+    });
+    let t0 = Instant::now();
+    d.start();
+    let waited = t0.elapsed();
+    release.join().expect("release thread");
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "tandemd was ready after {waited:?}, before the lock was released"
+    );
+    assert!(
+        d.log().contains("waiting for it to be released"),
+        "no log line says tandemd waits for the lock:\n{}",
+        d.log()
+    );
+    let mut c = d.raw();
+    c.handshake("vol");
+    c.write_read_check(0, &Rng::new(7).bytes(4096));
+    drop(c);
+    d.stop();
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
     let kb: u64 = s

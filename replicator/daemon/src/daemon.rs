@@ -42,6 +42,12 @@ fn peek_block_size(path: &Path) -> u32 {
         .map_or(512, |s| s.superblock.block_size)
 }
 
+/// How long `tandemd` waits at start-up for a backing locked by another
+/// process (see [`Backing::lock_waiting`]): long enough for a killed
+/// daemon's in-flight I/O to drain, short enough that a second daemon on a
+/// backing in use is refused promptly.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Opens the storage engine for an export.
 pub async fn open_engine(e: &ExportConfig) -> Result<Arc<dyn Engine>> {
     let path = &e.backing;
@@ -49,12 +55,12 @@ pub async fn open_engine(e: &ExportConfig) -> Result<Arc<dyn Engine>> {
     Ok(match e.engine {
         EngineKind::Uring => {
             let b = Backing::open(path, e.direct, e.read_only, min_align)?;
-            b.lock(!e.read_only)?;
+            b.lock_waiting(!e.read_only, LOCK_WAIT).await?;
             Arc::new(UringEngine::new(b, e.queue_depth)?)
         }
         EngineKind::Sync => {
             let b = Backing::open(path, e.direct, e.read_only, min_align)?;
-            b.lock(!e.read_only)?;
+            b.lock_waiting(!e.read_only, LOCK_WAIT).await?;
             Arc::new(SyncEngine::new(b))
         }
         EngineKind::Memory => {

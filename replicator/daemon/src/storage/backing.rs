@@ -71,6 +71,13 @@ fn open_err(path: &Path, e: io::Error) -> IoError {
     IoError::new(Op::Open, 0, 0, with_path(path, e))
 }
 
+fn in_use() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ResourceBusy,
+        "in use: another process (a running tandemd?) holds a lock on this backing",
+    )
+}
+
 /// Whether an error means "this operation is not supported here".
 pub(crate) fn is_unsupported(e: &io::Error) -> bool {
     matches!(
@@ -160,6 +167,44 @@ impl Backing {
     /// one backing. Fails with "in use" when another process holds a
     /// conflicting lock. The lock lives as long as this `Backing`.
     pub fn lock(&self, exclusive: bool) -> IoResult<()> {
+        if self.try_lock(exclusive)? {
+            Ok(())
+        } else {
+            Err(open_err(&self.path, in_use()))
+        }
+    }
+
+    /// Like [`Backing::lock`], but waits up to `wait` (polling) while
+    /// another process holds a conflicting lock.
+    ///
+    /// A `tandemd` killed with I/O in flight keeps its lock for a moment
+    /// after it has exited and been reaped: the kernel tears its io_uring
+    /// down asynchronously, and the backing's file — with its `flock` — is
+    /// closed only when the ring's last request has completed. A daemon
+    /// restarted at once (a supervisor, a failover script) waits that out
+    /// instead of refusing to start.
+    pub async fn lock_waiting(&self, exclusive: bool, wait: std::time::Duration) -> IoResult<()> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut logged = false;
+        loop {
+            if self.try_lock(exclusive)? {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(open_err(&self.path, in_use()));
+            }
+            if !logged {
+                tracing::info!(path = %self.path.display(), wait_s = wait.as_secs(),
+                    "backing locked by another process; waiting for it to be released");
+                logged = true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One non-blocking `flock`: `Ok(false)` when another process holds a
+    /// conflicting lock.
+    fn try_lock(&self, exclusive: bool) -> IoResult<bool> {
         let op = if exclusive {
             libc::LOCK_EX
         } else {
@@ -168,17 +213,12 @@ impl Backing {
         // SAFETY: flock on a descriptor we own; no memory is involved.
         if unsafe { libc::flock(self.fd(), op | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
-            let e = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                io::Error::new(
-                    io::ErrorKind::ResourceBusy,
-                    "in use: another process (a running tandemd?) holds a lock on this backing",
-                )
-            } else {
-                e
-            };
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok(false);
+            }
             return Err(open_err(&self.path, e));
         }
-        Ok(())
+        Ok(true)
     }
 
     fn open_unlocked(
