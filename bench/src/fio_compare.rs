@@ -83,6 +83,14 @@ struct Args {
     /// primary and the secondary, two sites in real life, share this machine.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     repl_worker_threads: Option<u16>,
+    /// Model two hosts on this one machine: fio and the NBD server under
+    /// test (for `tandem-repl`, the primary) run on the first half of the
+    /// CPUs, the `tandem-repl` secondary — the other site — on the second
+    /// half (each command is started under `taskset -c`). Every target gets
+    /// the same CPUs for fio and its server, so the ratios compare a site's
+    /// own CPU; without it the secondary competes with fio and the primary.
+    #[arg(long)]
+    site_cpus: bool,
     /// Testing aid: don't call tandemctl; create a plain file and assume the
     /// data area starts at this byte offset.
     #[arg(long, hide = true)]
@@ -565,9 +573,96 @@ struct Bench {
     repl: Option<ReplSetup>,
     /// Commands in first-use order, deduplicated.
     commands: Vec<(String, String)>,
-    /// CPU seconds per written GiB (primary, secondary) of the last
-    /// `tandem-repl` job, when it wrote anything.
-    last_repl_cpu: Option<[f64; 2]>,
+    /// CPU seconds per written GiB of the last job, when it wrote anything.
+    last_cpu: Option<CpuPerGib>,
+    /// `--site-cpus`: the CPU lists of the local site (fio, the server) and
+    /// of the remote one (the `tandem-repl` secondary).
+    site_cpus: Option<(String, String)>,
+}
+
+/// Which of the two modelled hosts a process runs on (`--site-cpus`).
+#[derive(Debug, Clone, Copy)]
+enum Site {
+    /// fio and the NBD server under test.
+    Local,
+    /// The `tandem-repl` secondary.
+    Remote,
+}
+
+/// The CPU lists for `--site-cpus`: the CPUs this process may use, split
+/// in two halves (local site first).
+fn site_cpu_lists() -> Result<(String, String)> {
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(str::trim)
+        .ok_or_else(|| anyhow!("no Cpus_allowed_list in /proc/self/status"))?;
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
+        cpus.extend(a..=b);
+    }
+    ensure!(
+        cpus.len() >= 2,
+        "--site-cpus needs at least 2 CPUs; this process may use {list}"
+    );
+    let join = |v: &[usize]| {
+        v.iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let half = cpus.len() / 2;
+    Ok((join(&cpus[..half]), join(&cpus[half..])))
+}
+
+/// `cmd` run by `taskset -c CPUS` (which execs it: same pid).
+fn under_taskset(cmd: Command, cpus: &str) -> Command {
+    let mut c = Command::new("taskset");
+    c.arg("-c")
+        .arg(cpus)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        c.current_dir(d);
+    }
+    c
+}
+
+/// CPU seconds per GiB fio wrote, per process of one job.
+#[derive(Debug, Clone, Copy)]
+struct CpuPerGib {
+    /// The NBD server (the primary for `tandem-repl`); `None` for `raw`.
+    server: Option<f64>,
+    /// The `tandem-repl` secondary.
+    secondary: Option<f64>,
+    /// fio itself (from its `usr_cpu` + `sys_cpu` over the job's runtime).
+    fio: f64,
+}
+
+impl CpuPerGib {
+    fn total(&self) -> f64 {
+        self.server.unwrap_or(0.0) + self.secondary.unwrap_or(0.0) + self.fio
+    }
+
+    fn to_json(self) -> Value {
+        let mut v = json!({ "fio": self.fio, "total": self.total() });
+        if let Some(x) = self.server {
+            v["server"] = json!(x);
+        }
+        if let Some(x) = self.secondary {
+            v["secondary"] = json!(x);
+        }
+        v
+    }
 }
 
 impl Bench {
@@ -590,6 +685,25 @@ impl Bench {
     }
 
     fn server_command(&self, target: Target) -> Option<Command> {
+        let c = self.server_command_unpinned(target)?;
+        Some(self.pinned(c, Site::Local))
+    }
+
+    /// With `--site-cpus`, `cmd` under `taskset -c` on `site`'s CPUs.
+    fn pinned(&self, cmd: Command, site: Site) -> Command {
+        match &self.site_cpus {
+            Some((local, remote)) => {
+                let cpus = match site {
+                    Site::Local => local,
+                    Site::Remote => remote,
+                };
+                under_taskset(cmd, cpus)
+            }
+            None => cmd,
+        }
+    }
+
+    fn server_command_unpinned(&self, target: Target) -> Option<Command> {
         let sock = self.socket(target);
         match target {
             Target::Raw => None,
@@ -656,7 +770,7 @@ impl Bench {
             .arg(self.work.join("repl-secondary.sock"))
             .arg("--admin-socket")
             .arg(self.work.join("repl-secondary-admin.sock"));
-        Ok(c)
+        Ok(self.pinned(c, Site::Remote))
     }
 
     /// Waits until the primary reports its peer Connected.
@@ -763,7 +877,7 @@ impl Bench {
                     .arg(format!("--size={}", self.args.size));
             }
         }
-        c
+        self.pinned(c, Site::Local)
     }
 
     fn job_timeout(&self) -> Duration {
@@ -817,23 +931,41 @@ impl Bench {
                 }
             }
         }
-        self.last_repl_cpu = None;
+        self.last_cpu = None;
         let cpu_before =
             [server.as_ref(), secondary.as_ref()].map(|p| p.map_or(0.0, Proc::cpu_secs));
         let result = run_fio(fio, &json_out, &log, self.job_timeout());
-        if target == Target::TandemRepl {
-            let cpu = [server.as_ref(), secondary.as_ref()].map(|p| p.map_or(0.0, Proc::cpu_secs));
-            if let Ok(v) = &result {
-                let written = v["jobs"][0]["write"]["io_bytes"].as_f64().unwrap_or(0.0);
-                if written > 0.0 {
-                    let gib = written / (1u64 << 30) as f64;
-                    let per_gib = [0, 1].map(|i| (cpu[i] - cpu_before[i]) / gib);
-                    println!(
-                        "    tandem-repl CPU per written GiB: primary {:.2} s, secondary {:.2} s",
-                        per_gib[0], per_gib[1]
-                    );
-                    self.last_repl_cpu = Some(per_gib);
+        let cpu = [server.as_ref(), secondary.as_ref()].map(|p| p.map_or(0.0, Proc::cpu_secs));
+        if let Ok(v) = &result {
+            let job = &v["jobs"][0];
+            let written = job["write"]["io_bytes"].as_f64().unwrap_or(0.0);
+            if written > 0.0 {
+                let gib = written / (1u64 << 30) as f64;
+                let per = |i: usize| (cpu[i] - cpu_before[i]) / gib;
+                // fio's figures are percentages of its job runtime (ms).
+                let fio_pct =
+                    job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
+                let runtime_s = job["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0;
+                let c = CpuPerGib {
+                    server: server.as_ref().map(|_| per(0)),
+                    secondary: secondary.as_ref().map(|_| per(1)),
+                    fio: fio_pct / 100.0 * runtime_s / gib,
+                };
+                let mut line = String::from("    CPU s per written GiB:");
+                if let Some(x) = c.server {
+                    let who = if target == Target::TandemRepl {
+                        "primary"
+                    } else {
+                        "server"
+                    };
+                    line += &format!(" {who} {x:.2}");
                 }
+                if let Some(x) = c.secondary {
+                    line += &format!(", secondary {x:.2}");
+                }
+                line += &format!(", fio {:.2}, total {:.2}", c.fio, c.total());
+                println!("{line}");
+                self.last_cpu = Some(c);
             }
         }
         if let Some(mut s) = server {
@@ -1524,6 +1656,13 @@ fn real_main() -> Result<()> {
     }
     // Dropped after every server and before the work directory; when it
     // holds namespaces, dropping it deletes them (on errors and Ctrl-C too).
+    let site_cpus = if args.site_cpus {
+        let (local, remote) = site_cpu_lists()?;
+        println!("site CPUs: fio and the server (tandem-repl primary) on {local}, the tandem-repl secondary on {remote}");
+        Some((local, remote))
+    } else {
+        None
+    };
     let mut bench = Bench {
         args,
         work,
@@ -1533,7 +1672,8 @@ fn real_main() -> Result<()> {
         tandemctl,
         repl,
         commands: create_cmds,
-        last_repl_cpu: None,
+        last_cpu: None,
+        site_cpus,
     };
     bench.fill()?;
     check_interrupted()?;
@@ -1580,9 +1720,9 @@ fn real_main() -> Result<()> {
                     if let Some(r) = &bench.repl {
                         entry["placement"] = json!(r.net.placement());
                     }
-                    if let Some([p, s]) = bench.last_repl_cpu {
-                        entry["cpu_s_per_written_gib"] = json!({"primary": p, "secondary": s});
-                    }
+                }
+                if let Some(c) = bench.last_cpu {
+                    entry["cpu_s_per_written_gib"] = c.to_json();
                 }
                 per_round.push(entry);
                 results.entry((wi, ti)).or_default().push(m);
@@ -1626,6 +1766,12 @@ fn real_main() -> Result<()> {
             table,
             "tandem-repl daemons: {} worker thread(s) each (--repl-worker-threads); tandem: 2",
             repl_worker_threads(&bench.args)
+        );
+    }
+    if let Some((l, r)) = &bench.site_cpus {
+        let _ = writeln!(
+            table,
+            "site CPUs (--site-cpus): fio + server/primary on {l}, tandem-repl secondary on {r}"
         );
     }
     let spread = rounds > 1;
@@ -1738,6 +1884,7 @@ fn real_main() -> Result<()> {
                 "ramp_s": RAMP_SECS,
                 "rounds": rounds,
                 "targets": targets.iter().map(|t| t.name()).collect::<Vec<_>>(),
+                "site_cpus": bench.site_cpus.as_ref().map(|(l, r)| json!({"local": l, "remote": r})),
                 "repl": bench.repl.as_ref().map(|r| {
                     let mut v = r.net.to_json();
                     v["worker_threads"] = json!(repl_worker_threads(&bench.args));

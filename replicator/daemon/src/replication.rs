@@ -63,10 +63,13 @@ pub struct ReplicaStatus {
     pub verify: Vec<Option<VerifyProgress>>,
 }
 
-/// Bytes of queued frames coalesced into one stream write.
 /// How long a demotion waits for peers to flush (R20).
 const DEMOTE_WAIT: Duration = Duration::from_secs(10);
+/// Bytes of queued frames coalesced into one stream write.
 const WRITE_BATCH: usize = 4 << 20;
+/// Most messages the replication driver takes in one batch (one run of the
+/// core's write path, one pass over its outputs).
+const DRIVER_BATCH: usize = 64;
 /// Receive buffer growth step for a peer stream.
 const READ_BUF: usize = 4 << 20;
 
@@ -651,7 +654,19 @@ impl Driver {
                 .map(|t| self.start + Duration::from_nanos(t.as_nanos()));
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some(m) => self.handle(m),
+                    Some(m) => {
+                        // Everything already waiting goes in one batch: the
+                        // write path runs once for it, not once per message.
+                        self.replica.begin_batch();
+                        self.handle(m);
+                        for _ in 1..DRIVER_BATCH {
+                            match rx.try_recv() {
+                                Ok(m) => self.handle(m),
+                                Err(_) => break,
+                            }
+                        }
+                        self.replica.end_batch();
+                    }
                     None => return,
                 },
                 _ = sleep_until(deadline) => {

@@ -1032,20 +1032,47 @@ impl World {
                 }
             }
         }
-        // Local I/O.
+        // Local I/O. Half the time the completions due together reach the
+        // replica in one batch (as tandemd's driver hands over everything
+        // waiting), otherwise one by one.
         for i in 0..self.nodes.len() {
+            let batch = self.rng.chance(1, 2);
+            if batch {
+                if let Some(r) = &mut self.nodes[i].r {
+                    r.begin_batch();
+                }
+            }
             while let Some(k) = (0..self.nodes[i].ios.len())
                 .filter(|k| self.nodes[i].ios[*k].due <= now)
                 .min_by_key(|k| (self.nodes[i].ios[*k].due, self.nodes[i].ios[*k].io))
             {
                 let p = self.nodes[i].ios.remove(k);
                 self.complete_io(i, p);
+                if !batch {
+                    self.drain_all()?;
+                }
+            }
+            if batch {
+                if let Some(r) = &mut self.nodes[i].r {
+                    r.end_batch();
+                }
                 self.drain_all()?;
             }
         }
-        // Frame deliveries.
+        // Frame deliveries (batched half the time, as local I/O above).
         for k in 0..self.links.len() {
             for d in 0..2 {
+                let to = if d == 0 {
+                    self.links[k].b
+                } else {
+                    self.links[k].a
+                };
+                let batch = self.rng.chance(1, 2);
+                if batch {
+                    if let Some(r) = &mut self.nodes[to].r {
+                        r.begin_batch();
+                    }
+                }
                 loop {
                     let l = &mut self.links[k];
                     if !l.up || l.partitioned_until.is_some() {
@@ -1068,6 +1095,14 @@ impl World {
                                 frame,
                             },
                         );
+                    }
+                    if !batch {
+                        self.drain_all()?;
+                    }
+                }
+                if batch {
+                    if let Some(r) = &mut self.nodes[to].r {
+                        r.end_batch();
                     }
                     self.drain_all()?;
                 }

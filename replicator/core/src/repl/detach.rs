@@ -37,7 +37,7 @@ use super::frame::{Frame, Hello, MAX_DATA};
 use super::peer::{PeerSet, PeerSync};
 use super::replica::Replica;
 use super::state::{ConnState, DiskState, Role};
-use super::write_path::{IoOwner, LocalState};
+use super::write_path::IoOwner;
 use super::{errno, Event, IoId, Output, PeerId, ReqId};
 
 /// Detach state and reads served through peers.
@@ -369,16 +369,8 @@ impl Replica {
         for io in std::mem::take(&mut self.dt.failed_ios) {
             changed = true;
             match self.ios.remove(&io) {
-                Some(IoOwner::Request(seq)) => {
-                    if let Some(r) = self.requests.get_mut(&seq) {
-                        r.local = LocalState::Done(Err(errno::EIO));
-                    }
-                }
-                Some(IoOwner::Apply(n)) => {
-                    if let Some(a) = self.applies.get_mut(&n) {
-                        a.local = LocalState::Done(Err(errno::EIO));
-                    }
-                }
+                Some(IoOwner::Request(seq)) => self.request_done(seq, Err(errno::EIO)),
+                Some(IoOwner::Apply(n)) => self.apply_done(n, Err(errno::EIO)),
                 Some(IoOwner::AlFlush) => self.al_flush_in_flight = false,
                 _ => {}
             }

@@ -7,7 +7,7 @@ use super::frame::Frame;
 use super::peer::{Peer, PeerSet, PeerStatus, PeerSync, SyncProgress};
 use super::state::{ConnState, DiskState, Role};
 use super::sync::{seed_for, LoadedMeta, MetaTracker, SyncRole};
-use super::write_path::{Apply, IoOwner, Request};
+use super::write_path::{Apply, IoOwner, Request, WriteIndex};
 use super::{Event, Input, IoId, OutdatedReason, Output, PeerId, Time};
 use crate::meta::{Bitmap, MetaRecord, PeerSlot, SLOTS};
 
@@ -61,9 +61,14 @@ pub struct Replica {
     pub(crate) requests: BTreeMap<u64, Request>,
     /// Peer operations being applied locally, by arrival order.
     pub(crate) applies: BTreeMap<u64, Apply>,
+    /// `requests` and `applies` by state, so the write path looks only at
+    /// those that can move.
+    pub(crate) wx: WriteIndex,
     pub(crate) ios: BTreeMap<IoId, IoOwner>,
     /// Dual-primary conflicts detected (R9), for status.
     pub(crate) conflicts: u64,
+    /// Inside [`Replica::begin_batch`] .. [`Replica::end_batch`].
+    pub(crate) batching: bool,
     /// The metadata record as it is (or is about to be) on disk.
     pub(crate) meta: MetaRecord,
     /// The record copy the next update goes to.
@@ -249,8 +254,10 @@ impl Replica {
             next_apply: 1,
             requests: BTreeMap::new(),
             applies: BTreeMap::new(),
+            wx: WriteIndex::default(),
             ios: BTreeMap::new(),
             conflicts: 0,
+            batching: false,
         };
         r.recover_activity_log(&al_loaded.extents);
         Ok(r)
@@ -277,6 +284,25 @@ impl Replica {
                 local_error,
             } => self.on_frontend_read(req, offset, len, local_error),
         }
+        if !self.batching {
+            self.progress();
+        }
+    }
+
+    /// Starts a batch: until [`Replica::end_batch`], [`Replica::handle`]
+    /// only records its input, and the write path runs once at the end for
+    /// all of them. A driver that finds several inputs waiting (completions,
+    /// frames, requests) hands them over in one batch instead of running the
+    /// write path after each. The outcome is one the inputs could have had
+    /// arriving one by one at the same instant; other calls (timeouts, role
+    /// changes) run the write path as always.
+    pub fn begin_batch(&mut self) {
+        self.batching = true;
+    }
+
+    /// Ends a batch and runs the write path (see [`Replica::begin_batch`]).
+    pub fn end_batch(&mut self) {
+        self.batching = false;
         self.progress();
     }
 
@@ -470,7 +496,7 @@ impl Replica {
                 });
             }
             if r.peers_pending.is_empty() {
-                self.requests.remove(&seq);
+                self.remove_request(seq);
             }
         }
         self.progress();

@@ -5,6 +5,8 @@
 //! what is no longer blocked and completes what is finished until nothing
 //! changes. The rules it implements are numbered in `docs/replication.md`.
 
+use std::collections::BTreeSet;
+
 use super::frame::{Frame, MAX_DATA};
 use super::peer::{PeerSet, PeerSync};
 use super::replica::Replica;
@@ -129,6 +131,48 @@ pub(crate) enum IoOwner {
     },
 }
 
+/// Which requests and peer operations are in which state, so that
+/// [`Replica::progress`] looks at the few that can move instead of scanning
+/// every one in flight on every event.
+///
+/// Kept in step wherever a request or peer operation is added, changes
+/// `local` or `reapply`, or is removed. An entry whose operation has moved
+/// on (or is gone) is skipped and dropped when it is used, so a stale entry
+/// costs a lookup, never a wrong decision; only a missing entry could stall
+/// an operation, and every insertion point adds one.
+#[derive(Debug, Default)]
+pub(crate) struct WriteIndex {
+    /// Requests with `local == NotSubmitted`.
+    pub(crate) req_waiting: BTreeSet<u64>,
+    /// Requests with `local == Done(_)`.
+    pub(crate) req_done: BTreeSet<u64>,
+    /// Requests with `reapply` set (dual-primary, R9).
+    pub(crate) req_reapply: BTreeSet<u64>,
+    /// Peer operations with `local == NotSubmitted`.
+    pub(crate) apply_waiting: BTreeSet<u64>,
+    /// Peer operations with `local == Done(_)`.
+    pub(crate) apply_done: BTreeSet<u64>,
+    /// Reused for snapshots of the sets above.
+    scratch: Vec<u64>,
+}
+
+impl WriteIndex {
+    /// A snapshot of `set` in ascending order, in the reusable buffer
+    /// (hand it back with [`WriteIndex::give_back`]).
+    fn snapshot(set: &BTreeSet<u64>, scratch: &mut Vec<u64>) -> Vec<u64> {
+        let mut v = std::mem::take(scratch);
+        v.clear();
+        v.extend(set.iter().copied());
+        v
+    }
+
+    fn give_back(&mut self, v: Vec<u64>) {
+        if v.capacity() > self.scratch.capacity() {
+            self.scratch = v;
+        }
+    }
+}
+
 fn overlaps(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> bool {
     match (a, b) {
         (Some((s1, e1)), Some((s2, e2))) => s1 < e2 && s2 < e1,
@@ -239,6 +283,7 @@ impl Replica {
                 internal: false,
             },
         );
+        self.wx.req_waiting.insert(seq);
     }
 
     /// Starts a flush nobody waits for, so peers make the writes they
@@ -268,6 +313,7 @@ impl Replica {
                 internal: true,
             },
         );
+        self.wx.req_waiting.insert(seq);
     }
 
     pub(crate) fn on_local_done(&mut self, io: IoId, result: Result<(), i32>) {
@@ -278,16 +324,8 @@ impl Replica {
             self.event(Event::LocalIoError { errno });
         }
         match owner {
-            IoOwner::Request(seq) => {
-                if let Some(r) = self.requests.get_mut(&seq) {
-                    r.local = LocalState::Done(result);
-                }
-            }
-            IoOwner::Apply(n) => {
-                if let Some(a) = self.applies.get_mut(&n) {
-                    a.local = LocalState::Done(result);
-                }
-            }
+            IoOwner::Request(seq) => self.request_done(seq, result),
+            IoOwner::Apply(n) => self.apply_done(n, result),
             IoOwner::Meta(key) => self.on_meta_done(key, result),
             // An error detached the disk (on_local_done_checked): the log
             // no longer matters. Either way this flush is over.
@@ -404,6 +442,7 @@ impl Replica {
                 meta_wait: self.target_wait,
             },
         );
+        self.wx.apply_waiting.insert(n);
     }
 
     pub(crate) fn on_peer_data(&mut self, peer: PeerId, frame: Frame) {
@@ -499,6 +538,7 @@ impl Replica {
                 meta_wait: self.gen_wait,
             },
         );
+        self.wx.apply_waiting.insert(n);
     }
 
     /// A frontend request must wait while an earlier overlapping request is
@@ -576,21 +616,154 @@ impl Replica {
             r.local = LocalState::Pending;
             r.peers_pending = pending;
         }
+        self.wx.req_waiting.remove(&seq);
+    }
+
+    /// The local I/O of request `seq` finished.
+    pub(crate) fn request_done(&mut self, seq: u64, result: Result<(), i32>) {
+        if let Some(r) = self.requests.get_mut(&seq) {
+            r.local = LocalState::Done(result);
+            self.wx.req_done.insert(seq);
+        }
+    }
+
+    /// The local I/O of peer operation `n` finished.
+    pub(crate) fn apply_done(&mut self, n: u64, result: Result<(), i32>) {
+        if let Some(a) = self.applies.get_mut(&n) {
+            a.local = LocalState::Done(result);
+            self.wx.apply_done.insert(n);
+        }
+    }
+
+    /// Retires request `seq`.
+    pub(crate) fn remove_request(&mut self, seq: u64) -> Option<Request> {
+        self.wx.req_waiting.remove(&seq);
+        self.wx.req_done.remove(&seq);
+        self.wx.req_reapply.remove(&seq);
+        self.requests.remove(&seq)
+    }
+
+    /// Answers the peer for an applied operation (R4).
+    fn acknowledge(&mut self, a: Apply, result: Result<(), i32>) {
+        let p = &self.peers[a.peer.0 as usize];
+        let live = p.epoch == a.epoch && p.conn == ConnState::Connected;
+        let status = match result {
+            Ok(()) => 0,
+            Err(e) => u32::try_from(e).unwrap_or(errno::EIO as u32).max(1),
+        };
+        match a.kind {
+            ApplyKind::Data => {
+                if live {
+                    self.send(a.peer, Frame::Ack { id: a.id, status });
+                }
+                if result.is_err() && self.disk == DiskState::UpToDate {
+                    // This replica missed a write: it needs a resync.
+                    self.set_disk(DiskState::Outdated);
+                }
+            }
+            ApplyKind::Resync => {
+                if live {
+                    if let (PeerSync::Target { received }, Some((s, e))) =
+                        (&mut self.peers[a.peer.0 as usize].sync, a.range)
+                    {
+                        if result.is_ok() {
+                            *received += e - s;
+                        }
+                    }
+                    self.send(a.peer, Frame::ResyncAck { id: a.id, status });
+                }
+            }
+            ApplyKind::SyncDone { current, history } => {
+                if !live {
+                    return;
+                }
+                if result.is_err() {
+                    self.disconnect(a.peer, "flush at the end of the resync failed".into());
+                } else {
+                    self.adopt_sync(a.peer, current, history);
+                }
+            }
+        }
+    }
+
+    /// R1–R3: completes and retires the frontend requests that are done
+    /// locally. Returns whether anything changed.
+    fn complete_requests(&mut self) -> bool {
+        if self.wx.req_done.is_empty() {
+            return false;
+        }
+        let mut changed = false;
+        // R23: once detached, only a peer's ack makes a request good.
+        let detached = self.disk == DiskState::Diskless;
+        let early = self.cfg.protocol == Protocol::A && !detached;
+        let may_complete = self.may_complete();
+        let ready = WriteIndex::snapshot(&self.wx.req_done, &mut self.wx.scratch);
+        for &seq in &ready {
+            let Some(r) = self.requests.get_mut(&seq) else {
+                self.wx.req_done.remove(&seq);
+                continue;
+            };
+            let LocalState::Done(mut result) = r.local else {
+                self.wx.req_done.remove(&seq);
+                continue;
+            };
+            if r.reapply
+                || r.pins != 0
+                || !(self.mt.durable(r.meta_wait) || self.mt.failed(r.meta_wait))
+            {
+                continue;
+            }
+            if detached {
+                result = if r.peer_ok { Ok(()) } else { Err(errno::EIO) };
+            }
+            if self.cfg.diskless
+                && !(0..self.peers.len()).all(|i| r.acked_ok.contains(PeerId(i as u8)))
+            {
+                // R28: only data on every replica counts.
+                result = Err(errno::EIO);
+            }
+            let all_acked = r.peers_pending.is_empty();
+            // R25: an error may always be reported; a success waits for
+            // quorum.
+            if r.internal {
+                if !r.completed {
+                    r.completed = true;
+                    changed = true;
+                }
+            } else if !r.completed && (early || all_acked) && (may_complete || result.is_err()) {
+                r.completed = true;
+                let req = r.req;
+                self.out.push_back(Output::Complete { req, result });
+                changed = true;
+            }
+            if all_acked && r.completed {
+                self.remove_request(seq);
+                changed = true;
+            }
+        }
+        self.wx.give_back(ready);
+        changed
     }
 
     /// Runs the write path to a fixed point.
+    ///
+    /// Each round looks only at the operations [`WriteIndex`] lists in the
+    /// state a rule applies to (in issue/arrival order, as a scan of all of
+    /// them would): the cost of an event does not grow with the queue depth.
     pub(crate) fn progress(&mut self) {
         loop {
             let mut changed = false;
 
             // R7: submit frontend requests that are no longer blocked.
-            let waiting: Vec<u64> = self
-                .requests
-                .iter()
-                .filter(|(_, r)| r.local == LocalState::NotSubmitted)
-                .map(|(s, _)| *s)
-                .collect();
-            for seq in waiting {
+            let waiting = WriteIndex::snapshot(&self.wx.req_waiting, &mut self.wx.scratch);
+            for &seq in &waiting {
+                match self.requests.get(&seq) {
+                    Some(r) if r.local == LocalState::NotSubmitted => {}
+                    _ => {
+                        self.wx.req_waiting.remove(&seq);
+                        continue;
+                    }
+                }
                 if self.request_blocked(seq) {
                     continue;
                 }
@@ -630,7 +803,7 @@ impl Replica {
                 let wait = self.requests[&seq].meta_wait;
                 if !self.mt.durable(wait) {
                     if self.mt.failed(wait) {
-                        let r = self.requests.remove(&seq).expect("listed above");
+                        let r = self.remove_request(seq).expect("listed above");
                         self.out.push_back(Output::Complete {
                             req: r.req,
                             result: Err(errno::EIO),
@@ -642,159 +815,95 @@ impl Replica {
                 self.submit_request(seq);
                 changed = true;
             }
+            self.wx.give_back(waiting);
 
             // R9: re-apply local writes after a conflicting peer write.
-            let again: Vec<u64> = self
-                .requests
-                .iter()
-                .filter(|(_, r)| r.reapply && matches!(r.local, LocalState::Done(_)))
-                .map(|(s, _)| *s)
-                .collect();
-            for seq in again {
-                let r = self.requests.get_mut(&seq).expect("listed above");
-                r.reapply = false;
-                r.local = LocalState::Pending;
-                let op = r.op.clone();
-                self.new_io(IoOwner::Request(seq), op);
-                changed = true;
+            if !self.wx.req_reapply.is_empty() {
+                let again = WriteIndex::snapshot(&self.wx.req_reapply, &mut self.wx.scratch);
+                for &seq in &again {
+                    let Some(r) = self.requests.get_mut(&seq) else {
+                        self.wx.req_reapply.remove(&seq);
+                        continue;
+                    };
+                    if !r.reapply {
+                        self.wx.req_reapply.remove(&seq);
+                        continue;
+                    }
+                    if !matches!(r.local, LocalState::Done(_)) {
+                        continue;
+                    }
+                    r.reapply = false;
+                    r.local = LocalState::Pending;
+                    let op = r.op.clone();
+                    self.wx.req_reapply.remove(&seq);
+                    self.wx.req_done.remove(&seq);
+                    self.new_io(IoOwner::Request(seq), op);
+                    changed = true;
+                }
+                self.wx.give_back(again);
             }
 
             // Submit peer operations that are no longer blocked.
-            let waiting: Vec<u64> = self
-                .applies
-                .iter()
-                .filter(|(_, a)| a.local == LocalState::NotSubmitted)
-                .map(|(n, _)| *n)
-                .collect();
-            for n in waiting {
-                if !self.apply_blocked(n) {
-                    let a = self.applies.get_mut(&n).expect("listed above");
-                    a.local = LocalState::Pending;
-                    let op = a.op.clone();
-                    self.new_io(IoOwner::Apply(n), op);
-                    changed = true;
+            if !self.wx.apply_waiting.is_empty() {
+                let waiting = WriteIndex::snapshot(&self.wx.apply_waiting, &mut self.wx.scratch);
+                for &n in &waiting {
+                    match self.applies.get(&n) {
+                        Some(a) if a.local == LocalState::NotSubmitted => {}
+                        _ => {
+                            self.wx.apply_waiting.remove(&n);
+                            continue;
+                        }
+                    }
+                    if !self.apply_blocked(n) {
+                        let a = self.applies.get_mut(&n).expect("listed above");
+                        a.local = LocalState::Pending;
+                        let op = a.op.clone();
+                        self.wx.apply_waiting.remove(&n);
+                        self.new_io(IoOwner::Apply(n), op);
+                        changed = true;
+                    }
                 }
+                self.wx.give_back(waiting);
             }
 
             // R4: acknowledge peer operations once locally done.
-            let done: Vec<(u64, Result<(), i32>)> = self
-                .applies
-                .iter()
-                .filter_map(|(n, a)| match a.local {
-                    LocalState::Done(r) => Some((*n, r)),
-                    _ => None,
-                })
-                .collect();
-            for (n, result) in done {
-                let a = &self.applies[&n];
-                if !a.reapply_marked && !a.reapply_after.is_empty() {
-                    let seqs = a.reapply_after.clone();
-                    for s in seqs {
-                        if let Some(r) = self.requests.get_mut(&s) {
-                            r.reapply = true;
-                            r.pins = r.pins.saturating_sub(1);
-                        }
-                    }
-                    self.applies.get_mut(&n).expect("listed").reapply_marked = true;
-                    changed = true;
-                    continue;
-                }
-                if !a.reapply_after.iter().all(|s| self.local_settled(*s)) {
-                    continue;
-                }
-                let a = self.applies.remove(&n).expect("listed above");
-                changed = true;
-                let p = &self.peers[a.peer.0 as usize];
-                let live = p.epoch == a.epoch && p.conn == ConnState::Connected;
-                let status = match result {
-                    Ok(()) => 0,
-                    Err(e) => u32::try_from(e).unwrap_or(errno::EIO as u32).max(1),
-                };
-                match a.kind {
-                    ApplyKind::Data => {
-                        if live {
-                            self.send(a.peer, Frame::Ack { id: a.id, status });
-                        }
-                        if result.is_err() && self.disk == DiskState::UpToDate {
-                            // This replica missed a write: it needs a resync.
-                            self.set_disk(DiskState::Outdated);
-                        }
-                    }
-                    ApplyKind::Resync => {
-                        if live {
-                            if let (PeerSync::Target { received }, Some((s, e))) =
-                                (&mut self.peers[a.peer.0 as usize].sync, a.range)
-                            {
-                                if result.is_ok() {
-                                    *received += e - s;
-                                }
+            if !self.wx.apply_done.is_empty() {
+                let done = WriteIndex::snapshot(&self.wx.apply_done, &mut self.wx.scratch);
+                for &n in &done {
+                    let Some(a) = self.applies.get(&n) else {
+                        self.wx.apply_done.remove(&n);
+                        continue;
+                    };
+                    let LocalState::Done(result) = a.local else {
+                        self.wx.apply_done.remove(&n);
+                        continue;
+                    };
+                    if !a.reapply_marked && !a.reapply_after.is_empty() {
+                        let seqs = a.reapply_after.clone();
+                        for s in seqs {
+                            if let Some(r) = self.requests.get_mut(&s) {
+                                r.reapply = true;
+                                r.pins = r.pins.saturating_sub(1);
+                                self.wx.req_reapply.insert(s);
                             }
-                            self.send(a.peer, Frame::ResyncAck { id: a.id, status });
                         }
+                        self.applies.get_mut(&n).expect("listed").reapply_marked = true;
+                        changed = true;
+                        continue;
                     }
-                    ApplyKind::SyncDone { current, history } => {
-                        if !live {
-                            continue;
-                        }
-                        if result.is_err() {
-                            self.disconnect(a.peer, "flush at the end of the resync failed".into());
-                        } else {
-                            self.adopt_sync(a.peer, current, history);
-                        }
+                    if !a.reapply_after.iter().all(|s| self.local_settled(*s)) {
+                        continue;
                     }
+                    let a = self.applies.remove(&n).expect("listed above");
+                    self.wx.apply_done.remove(&n);
+                    changed = true;
+                    self.acknowledge(a, result);
                 }
+                self.wx.give_back(done);
             }
 
             // R1–R3: complete and retire frontend requests.
-            // R23: once detached, only a peer's ack makes a request good.
-            let detached = self.disk == DiskState::Diskless;
-            let early = self.cfg.protocol == Protocol::A && !detached;
-            let ready: Vec<u64> = self
-                .requests
-                .iter()
-                .filter(|(_, r)| {
-                    matches!(r.local, LocalState::Done(_))
-                        && !r.reapply
-                        && r.pins == 0
-                        && (self.mt.durable(r.meta_wait) || self.mt.failed(r.meta_wait))
-                })
-                .map(|(s, _)| *s)
-                .collect();
-            let may_complete = self.may_complete();
-            for seq in ready {
-                let r = self.requests.get_mut(&seq).expect("listed above");
-                let LocalState::Done(mut result) = r.local else {
-                    continue;
-                };
-                if detached {
-                    result = if r.peer_ok { Ok(()) } else { Err(errno::EIO) };
-                }
-                if self.cfg.diskless
-                    && !(0..self.peers.len()).all(|i| r.acked_ok.contains(PeerId(i as u8)))
-                {
-                    // R28: only data on every replica counts.
-                    result = Err(errno::EIO);
-                }
-                let all_acked = r.peers_pending.is_empty();
-                // R25: an error may always be reported; a success waits for
-                // quorum.
-                if r.internal {
-                    if !r.completed {
-                        r.completed = true;
-                        changed = true;
-                    }
-                } else if !r.completed && (early || all_acked) && (may_complete || result.is_err())
-                {
-                    r.completed = true;
-                    let req = r.req;
-                    self.out.push_back(Output::Complete { req, result });
-                    changed = true;
-                }
-                if all_acked && r.completed {
-                    self.requests.remove(&seq);
-                    changed = true;
-                }
-            }
+            changed |= self.complete_requests();
 
             changed |= self.pump_resync();
             changed |= self.pump_verify();

@@ -653,7 +653,17 @@ where
             // Coalesce every reply that is already waiting into one write.
             match rx.try_recv() {
                 Ok(next) => reply = next,
-                Err(_) => break,
+                Err(_) => {
+                    // Let the tasks that are ready run first: at a high
+                    // queue depth completions arrive in bursts (one peer
+                    // datagram acknowledges several writes), and their
+                    // replies then go out in one send instead of one each.
+                    tokio::task::yield_now().await;
+                    match rx.try_recv() {
+                        Ok(next) => reply = next,
+                        Err(_) => break,
+                    }
+                }
             }
         }
         w.flush().await?;
