@@ -1038,9 +1038,7 @@ impl World {
         for i in 0..self.nodes.len() {
             let batch = self.rng.chance(1, 2);
             if batch {
-                if let Some(r) = &mut self.nodes[i].r {
-                    r.begin_batch();
-                }
+                self.batch(i, true);
             }
             while let Some(k) = (0..self.nodes[i].ios.len())
                 .filter(|k| self.nodes[i].ios[*k].due <= now)
@@ -1053,9 +1051,7 @@ impl World {
                 }
             }
             if batch {
-                if let Some(r) = &mut self.nodes[i].r {
-                    r.end_batch();
-                }
+                self.batch(i, false);
                 self.drain_all()?;
             }
         }
@@ -1069,9 +1065,7 @@ impl World {
                 };
                 let batch = self.rng.chance(1, 2);
                 if batch {
-                    if let Some(r) = &mut self.nodes[to].r {
-                        r.begin_batch();
-                    }
+                    self.batch(to, true);
                 }
                 loop {
                     let l = &mut self.links[k];
@@ -1101,9 +1095,7 @@ impl World {
                     }
                 }
                 if batch {
-                    if let Some(r) = &mut self.nodes[to].r {
-                        r.end_batch();
-                    }
+                    self.batch(to, false);
                     self.drain_all()?;
                 }
             }
@@ -1130,6 +1122,17 @@ impl World {
             self.drain_all()?;
         }
         Ok(())
+    }
+
+    /// Begins (`begin`) or ends a batch of inputs on node `i`, if it runs.
+    fn batch(&mut self, i: usize, begin: bool) {
+        if let Some(r) = &mut self.nodes[i].r {
+            if begin {
+                r.begin_batch();
+            } else {
+                r.end_batch();
+            }
+        }
     }
 
     fn complete_io(&mut self, i: usize, p: PendingIo) {

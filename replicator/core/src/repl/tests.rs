@@ -699,6 +699,18 @@ fn status_reports_missed_writes_as_their_dirty_chunks() {
     assert_eq!((s.in_flight, s.out_of_sync_bytes), (0, chunk));
 }
 
+/// The first data byte of every write node `n` performed, in order (the
+/// tests write each request with a distinct byte).
+fn data_writes(n: &Node) -> Vec<u8> {
+    n.log
+        .iter()
+        .filter_map(|o| match o {
+            Op::Write { data, .. } => Some(data[0]),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn r7_overlapping_writes_wait_for_earlier_ones() {
     let mut c = Cluster::connected(2, |_, _| {});
@@ -708,21 +720,12 @@ fn r7_overlapping_writes_wait_for_earlier_ones() {
     c.submit(0, 3, w(4096, 3, 1, false)); // disjoint
     c.run();
     // Overlapping write submitted neither locally nor to the peer.
-    let writes = |n: &Node| {
-        n.log
-            .iter()
-            .filter_map(|o| match o {
-                Op::Write { data, .. } => Some(data[0]),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(writes(&c.nodes[0]), vec![1, 3]);
-    assert_eq!(writes(&c.nodes[1]), vec![1, 3]);
+    assert_eq!(data_writes(&c.nodes[0]), vec![1, 3]);
+    assert_eq!(data_writes(&c.nodes[1]), vec![1, 3]);
     c.links[1][0].hold = false;
     c.run();
-    assert_eq!(writes(&c.nodes[0]), vec![1, 3, 2]);
-    assert_eq!(writes(&c.nodes[1]), vec![1, 3, 2]);
+    assert_eq!(data_writes(&c.nodes[0]), vec![1, 3, 2]);
+    assert_eq!(data_writes(&c.nodes[1]), vec![1, 3, 2]);
     assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
     for r in 1..=3 {
         assert_eq!(c.done(0, r), Some(Ok(())));
@@ -768,17 +771,8 @@ fn batched_inputs_end_as_they_would_one_by_one() {
             break;
         }
     }
-    let writes = |n: &Node| {
-        n.log
-            .iter()
-            .filter_map(|o| match o {
-                Op::Write { data, .. } => Some(data[0]),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(writes(&c.nodes[0]), vec![1, 3, 2]);
-    assert_eq!(writes(&c.nodes[1]), vec![1, 3, 2]);
+    assert_eq!(data_writes(&c.nodes[0]), vec![1, 3, 2]);
+    assert_eq!(data_writes(&c.nodes[1]), vec![1, 3, 2]);
     assert_eq!(c.nodes[0].disk[512], 2, "the later overlapping write wins");
     assert_eq!(c.nodes[0].disk, c.nodes[1].disk);
     for r in 1..=4 {
